@@ -1,0 +1,47 @@
+"""Rollout engines and the weight transport between trainer and engines."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+from maspo_megatron.config.fields import option
+
+
+@dataclasses.dataclass
+class SGLangConfig:
+    urls: List[str] = option(factory=list, help="external servers (or a router) to use instead of launching")
+    num_servers: int = option(1, ge=1, help="servers to launch when urls is empty")
+    tp_size: int = option(1, ge=1)
+    dp_size: int = option(1, ge=1)
+    mem_fraction_static: float = option(0.8, gt=0, le=1)
+    enable_memory_saver: bool = option(False, help="needed to release/resume memory when colocated")
+    quantization: Optional[str] = option(None, help="e.g. fp8")
+    host: str = option("127.0.0.1", help="interface servers bind to; never 0.0.0.0 by default")
+    api_key: Optional[str] = None
+    router: bool = option(False, help="start sglang_router in front of the servers")
+    extra_args: List[str] = option(factory=list, help="passed verbatim to sglang.launch_server")
+    startup_timeout_s: float = option(600.0, gt=0)
+    request_timeout_s: float = option(600.0, gt=0)
+    max_concurrency: int = option(256, ge=1)
+    max_retries: int = option(3, ge=0)
+
+
+@dataclasses.dataclass
+class WeightSyncConfig:
+    transport: str = option("auto", choices=("auto", "local", "tensor", "distributed", "disk"))
+    bucket_bytes: int = option(512 * 1024**2, ge=1)
+    verify_weights: bool = option(False, help="checksum what the engine holds after each sync")
+    disk_dir: Optional[str] = option(None, help="shared directory for the disk transport")
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    engine: str = option("local", choices=("local", "sglang"))
+    n_samples_per_prompt: int = option(8, ge=1)
+    temperature: float = option(1.0, gt=0)
+    top_p: float = option(1.0, gt=0, le=1)
+    top_k: int = option(-1, ge=-1, help="-1: off")
+    max_new_tokens: int = option(256, ge=1)
+    local_batch_size: int = option(64, ge=1, help="sequences per forward in the local CPU engine")
+    sglang: SGLangConfig = option(factory=SGLangConfig)
+    weight_sync: WeightSyncConfig = option(factory=WeightSyncConfig)

@@ -1,0 +1,27 @@
+"""The top-level `Config`: one section per concern."""
+from __future__ import annotations
+
+import dataclasses
+
+from maspo_megatron.config.algorithm import AlgorithmConfig
+from maspo_megatron.config.data import DataConfig, RewardConfig
+from maspo_megatron.config.fields import option
+from maspo_megatron.config.model import ModelConfig
+from maspo_megatron.config.parallel import ParallelConfig
+from maspo_megatron.config.rollout import RolloutConfig
+from maspo_megatron.config.trainer import TrainerConfig
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = option(factory=ModelConfig)
+    parallel: ParallelConfig = option(factory=ParallelConfig)
+    rollout: RolloutConfig = option(factory=RolloutConfig)
+    algorithm: AlgorithmConfig = option(factory=AlgorithmConfig)
+    data: DataConfig = option(factory=DataConfig)
+    reward: RewardConfig = option(factory=RewardConfig)
+    trainer: TrainerConfig = option(factory=TrainerConfig)
+
+    def validate(self) -> None:
+        if self.algorithm.aggregation == "seq-mean-token-sum-norm" and self.algorithm.norm_length is None:
+            self.algorithm.norm_length = self.rollout.max_new_tokens

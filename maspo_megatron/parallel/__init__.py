@@ -1,0 +1,1 @@
+"""maspo_megatron."""
