@@ -29,6 +29,8 @@ def option(
 
 def check_bounds(key: str, value: Any, metadata: dict) -> str | None:
     """Returns a message if `value` violates the field's metadata, else None."""
+    if value is None:
+        return None
     choices = metadata.get("choices")
     if choices is not None and value not in choices:
         return f"{key}: {value!r} is not one of {list(choices)}"
