@@ -1,0 +1,154 @@
+"""Per-step metrics: console (progress bar + one-line summary), metrics.jsonl, TensorBoard, W&B.
+
+Only the driver (global rank 0) writes; every other rank gets a `MetricsLogger` whose methods do
+nothing, so callers never branch on the rank.
+
+`<output_dir>/metrics.jsonl` holds one JSON object per step, with at least `step` and
+`rollout/reward_mean`. On resume from step k the file is cut back to the lines with step <= k, so
+that a run killed after logging but before checkpointing does not log those steps twice.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, TextIO
+
+# The summary line shows these keys (when present) in this order, with short labels.
+SUMMARY_KEYS = (
+    ("rollout/reward_mean", "reward"),
+    ("rollout/accuracy", "acc"),
+    ("rollout/response_length_mean", "len"),
+    ("train/loss", "loss"),
+    ("train/grad_norm", "gnorm"),
+    ("train/lr", "lr"),
+    ("maspo/gated_pos_frac", "gated+"),
+    ("maspo/gated_neg_frac", "gated-"),
+    ("train/entropy", "ent"),
+    ("rollout/dropped_groups", "dropped"),
+    ("time/step_s", "s"),
+)
+
+
+def _jsonable(value: Any) -> Any:
+    """floats stay floats (NaN/inf as strings so that every line is strict JSON), tensors -> float."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def format_summary(step: int, total_steps: int, metrics: Dict[str, Any]) -> str:
+    """`step 3/50 [###.......] reward 0.412 acc 0.375 ...` (one line)."""
+    width = 20
+    filled = int(round(width * step / max(total_steps, 1)))
+    parts = [f"step {step}/{total_steps} [{'#' * filled}{'.' * (width - filled)}]"]
+    for key, label in SUMMARY_KEYS:
+        if key in metrics:
+            value = metrics[key]
+            if isinstance(value, float):
+                text = f"{value:.3g}" if abs(value) < 1e-2 and value != 0 else f"{value:.3f}"
+            else:
+                text = str(value)
+            parts.append(f"{label} {text}")
+    if metrics.get("train/skipped_steps"):
+        parts.append(f"SKIPPED {metrics['train/skipped_steps']} optimizer step(s): non-finite grad norm")
+    return " ".join(parts)
+
+
+class MetricsLogger:
+    """Writes one record per step to every enabled sink. `enabled=False` (non-driver ranks): no-op."""
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        total_steps: int,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        wandb_project: Optional[str] = None,
+        run_config: Optional[dict] = None,
+        resume_step: int = 0,
+        stream: TextIO = sys.stdout,
+    ) -> None:
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.stream = stream
+        self._tb = None
+        self._wandb = None
+        self._phase_started = time.monotonic()
+        if not enabled:
+            return
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.output_dir / "metrics.jsonl"
+        self._truncate_after(resume_step)
+        self._jsonl = self.jsonl_path.open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=resume_step + 1)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError(
+                    "trainer.wandb_project: W&B logging needs the wandb package (pip install 'maspo_megatron[wandb]')"
+                ) from None
+            self._wandb = wandb.init(project=wandb_project, config=run_config or {}, dir=str(self.output_dir),
+                                     resume="allow")
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.jsonl_path.exists():
+            return
+        kept = []
+        for line in self.jsonl_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        self.jsonl_path.write_text("".join(k + "\n" for k in kept))
+
+    def phase(self, step: int, name: str) -> None:
+        """Console progress inside a step (`step 3/50 | rollout ...`), overwritten in place on a TTY."""
+        if not self.enabled:
+            return
+        if self.stream.isatty():
+            self.stream.write(f"\rstep {step}/{self.total_steps} | {name} ...\033[K")
+            self.stream.flush()
+
+    def log(self, step: int, metrics: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(record, step=step)
+        prefix = "\r" if self.stream.isatty() else ""
+        self.stream.write(prefix + format_summary(step, self.total_steps, metrics) + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
