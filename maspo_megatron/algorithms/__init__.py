@@ -1,1 +1,31 @@
-"""maspo_megatron."""
+"""Pure tensor math of the RL objective: policy losses, aggregation, advantages, statistics.
+
+No torch.distributed and no Megatron here: callers reduce the global normalisers and the
+statistics sums across ranks (maspo_megatron/parallel) and pass them in.
+"""
+from maspo_megatron.algorithms import losses  # noqa: F401  (registers the built-in losses)
+from maspo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS, group_advantages, keep_groups, overlong_penalty
+from maspo_megatron.algorithms.aggregation import AGGREGATION_MODES, aggregate_loss
+from maspo_megatron.algorithms.registry import (
+    POLICY_LOSSES,
+    loss_hyperparameters,
+    policy_loss,
+    register_policy_loss,
+)
+from maspo_megatron.algorithms.statistics import P_OLD_BUCKETS, finalize_statistics, maspo_statistics
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AGGREGATION_MODES",
+    "P_OLD_BUCKETS",
+    "POLICY_LOSSES",
+    "aggregate_loss",
+    "finalize_statistics",
+    "group_advantages",
+    "keep_groups",
+    "loss_hyperparameters",
+    "maspo_statistics",
+    "overlong_penalty",
+    "policy_loss",
+    "register_policy_loss",
+]

@@ -1,0 +1,69 @@
+"""Clipped-surrogate baselines: GRPO, clip-higher (DAPO), dual-clip PPO, DAC (DCPO).
+
+All share `loss_tok = max(-r A, -clip(r, low, high) A)`; they differ in the bounds:
+    grpo:        [1 - eps, 1 + eps]
+    clip_higher: [1 - eps_low, 1 + eps_high]
+    dual_clip:   [1 - eps, 1 + eps], and for A < 0 the loss is capped at -A c
+    dac:         q = p_old = exp(old_logp);
+                 [0.5 + 0.5 sqrt(max(1 - 4 eps_low / q, 0)), 0.5 + 0.5 sqrt(1 + 4 eps_high / q)]
+"""
+from __future__ import annotations
+
+import torch
+
+from maspo_megatron.algorithms.ratio import clamped_log_ratio, clipped_surrogate, dual_clip_bound
+from maspo_megatron.algorithms.registry import register_policy_loss
+
+
+def _ppo(log_prob, old_log_prob, advantages, low, high):
+    ratio = torch.exp(clamped_log_ratio(log_prob, old_log_prob))
+    loss, clipped = clipped_surrogate(ratio, advantages, low, high)
+    return ratio, loss, clipped
+
+
+@register_policy_loss("grpo")
+def grpo_loss(log_prob, old_log_prob, advantages, mask, *, eps: float = 0.2):
+    """GRPO/PPO clip. Inputs [B, T]; metrics per token: ratio, clipped."""
+    ratio, loss, clipped = _ppo(log_prob, old_log_prob, advantages, 1 - eps, 1 + eps)
+    return loss, {"ratio": ratio, "clipped": clipped.to(ratio.dtype)}
+
+
+@register_policy_loss("clip_higher")
+def clip_higher_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float = 0.2, eps_high: float = 0.28):
+    """DAPO's decoupled clip. Inputs [B, T]; metrics per token: ratio, clipped."""
+    ratio, loss, clipped = _ppo(log_prob, old_log_prob, advantages, 1 - eps_low, 1 + eps_high)
+    return loss, {"ratio": ratio, "clipped": clipped.to(ratio.dtype)}
+
+
+@register_policy_loss("dual_clip")
+def dual_clip_loss(log_prob, old_log_prob, advantages, mask, *, eps: float = 0.2, c: float = 3.0):
+    """Dual-clip PPO. Inputs [B, T]; metrics per token: ratio, clipped (either clip), dual_clipped."""
+    if not c > 1:
+        raise ValueError(f"policy_loss 'dual_clip': c must be > 1, got {c!r}")
+    ratio, loss, clipped = _ppo(log_prob, old_log_prob, advantages, 1 - eps, 1 + eps)
+    loss, capped = dual_clip_bound(loss, advantages, c)
+    return loss, {
+        "ratio": ratio,
+        "clipped": (clipped | capped).to(ratio.dtype),
+        "dual_clipped": capped.to(ratio.dtype),
+    }
+
+
+def dac_bounds(old_log_prob: torch.Tensor, eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DCPO's probability-dependent ratio bounds (low[B, T], high[B, T]) from old_log_prob[B, T].
+
+    4 eps / q is computed as 4 eps * exp(-old_logp): for p_old -> 0 the upper bound grows to
+    inf and the lower one to 0.5, without NaN.
+    """
+    inv_q = torch.exp(-old_log_prob)
+    low = 0.5 + 0.5 * torch.sqrt((1 - 4 * eps_low * inv_q).clamp(min=0))
+    high = 0.5 + 0.5 * torch.sqrt(1 + 4 * eps_high * inv_q)
+    return low, high
+
+
+@register_policy_loss("dac")
+def dac_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float = 0.16, eps_high: float = 0.2):
+    """Dynamic adaptive clipping (DCPO). Inputs [B, T]; metrics per token: ratio, clipped, low, high."""
+    low, high = dac_bounds(old_log_prob, eps_low, eps_high)
+    ratio, loss, clipped = _ppo(log_prob, old_log_prob, advantages, low, high)
+    return loss, {"ratio": ratio, "clipped": clipped.to(ratio.dtype), "low": low, "high": high}

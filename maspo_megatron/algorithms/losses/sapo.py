@@ -1,0 +1,30 @@
+"""SAPO: a soft sigmoid gate instead of the hard clip.
+
+    f(r) = sigmoid(tau (r - 1)) * 4 / tau,   tau = tau_pos if A > 0 else tau_neg
+    loss_tok = -A f(r)
+d loss_tok / d logp = -A r * 4 sigmoid(tau (r - 1)) (1 - sigmoid(tau (r - 1))): at r = 1 this
+is the plain policy gradient -A, and it decays smoothly as r moves away from 1.
+"""
+from __future__ import annotations
+
+import torch
+
+from maspo_megatron.algorithms.ratio import clamped_log_ratio
+from maspo_megatron.algorithms.registry import register_policy_loss
+
+
+@register_policy_loss("sapo")
+def sapo_loss(log_prob, old_log_prob, advantages, mask, *, tau_pos: float = 1.0, tau_neg: float = 1.05):
+    """SAPO per-token loss. Inputs [B, T]; metrics per token: ratio, gate_weight (f'(r), 1 at r = 1)."""
+    if not (tau_pos > 0 and tau_neg > 0):
+        raise ValueError(f"policy_loss 'sapo': tau_pos and tau_neg must be > 0, got {tau_pos!r}, {tau_neg!r}")
+    ratio = torch.exp(clamped_log_ratio(log_prob, old_log_prob))
+    tau = torch.where(
+        advantages > 0,
+        torch.as_tensor(tau_pos, dtype=ratio.dtype, device=ratio.device),
+        torch.as_tensor(tau_neg, dtype=ratio.dtype, device=ratio.device),
+    )
+    gate = torch.sigmoid(tau * (ratio - 1))
+    loss = -advantages * gate * (4 / tau)
+    slope = (4 * gate * (1 - gate)).detach()
+    return loss, {"ratio": ratio, "gate_weight": slope}
