@@ -1,0 +1,188 @@
+"""A pool of reward worker processes with limits enforced from outside.
+
+The driver scores every RL step, so workers start once and are reused. Each sample has a
+deadline: the worker's own timer (worker.py) answers "timeout" at `timeout_s`; a worker still busy
+at `timeout_s + kill_grace_s` (stuck in C code, or ignoring signals) is killed with SIGKILL and
+replaced, and its sample scores "timeout". A worker whose resident memory exceeds
+`memory_limit_mb` is killed the same way ("error: memory limit"). The batch goes on meanwhile;
+results come back in input order.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import deque
+from multiprocessing.connection import wait
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from maspo_megatron.rewards.result import RewardResult, RewardSample
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_POLL_S = 0.02  # how often busy workers' memory and deadlines are checked while waiting
+
+
+def resident_bytes(pid: int) -> int:
+    """Resident set size of `pid` from /proc (0 if it is gone or /proc is unavailable)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class _Worker:
+    def __init__(self, ctx, fn: Callable, options: Mapping[str, Any], timeout_s: float, values: Mapping[str, float]):
+        from maspo_megatron.rewards.worker import worker_main
+
+        self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(target=worker_main, args=(child_conn, fn, options, timeout_s, values), daemon=True)
+        self.process.start()
+        child_conn.close()
+        self.ready = False
+        self.index: Optional[int] = None  # sample being scored
+        self.started_at = 0.0
+        self.spawned_at = time.monotonic()
+
+    def assign(self, index: int, sample: RewardSample) -> None:
+        self.index, self.started_at = index, time.monotonic()
+        self.conn.send((index, sample))
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+class WorkerPool:
+    """Scores samples with a sync reward function in `num_workers` processes. Call `close()` (or use `with`)."""
+
+    def __init__(
+        self,
+        fn: Callable,
+        options: Mapping[str, Any],
+        *,
+        num_workers: int,
+        timeout_s: float,
+        memory_limit_mb: int,
+        values: Mapping[str, float],
+        start_method: str = "forkserver",
+        kill_grace_s: float = 0.5,
+        startup_timeout_s: float = 60.0,
+    ):
+        if num_workers < 1:
+            raise ValueError(f"num_workers: {num_workers} must be >= 1 for a worker pool")
+        self.fn, self.options, self.values = fn, dict(options), dict(values)
+        self.timeout_s, self.kill_grace_s, self.startup_timeout_s = timeout_s, kill_grace_s, startup_timeout_s
+        self.memory_limit_bytes = memory_limit_mb * 1024 * 1024
+        self.ctx = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            # Workers then fork from a server that already imported math-verify: a killed worker's
+            # replacement is ready in milliseconds instead of a full interpreter start.
+            self.ctx.set_forkserver_preload(["maspo_megatron.rewards.math_reward"])
+        self.workers_replaced = 0
+        self._workers = [self._spawn() for _ in range(num_workers)]
+
+    def _spawn(self) -> _Worker:
+        try:
+            return _Worker(self.ctx, self.fn, self.options, self.timeout_s, self.values)
+        except (AttributeError, TypeError) as exc:  # pickling a lambda / local function
+            from maspo_megatron.rewards.registry import RewardError
+
+            raise RewardError(f"reward {getattr(self.fn, '__qualname__', self.fn)!r}: cannot be sent to a worker process ({exc}); define it at module level") from None
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers[self._workers.index(worker)] = self._spawn()
+        self.workers_replaced += 1
+
+    def score(self, samples: Sequence[RewardSample]) -> list[RewardResult]:
+        results: list[Optional[RewardResult]] = [None] * len(samples)
+        queue = deque(range(len(samples)))
+        remaining = len(samples)
+        while remaining:
+            for worker in self._workers:
+                if worker.ready and worker.index is None and queue:
+                    index = queue.popleft()
+                    try:
+                        worker.assign(index, samples[index])
+                    except (BrokenPipeError, OSError):
+                        queue.appendleft(index)
+                        worker.index = None
+                        self._replace(worker)
+            remaining -= self._collect(results)
+            remaining -= self._enforce_limits(results)
+        return results  # type: ignore[return-value]
+
+    def _collect(self, results: list) -> int:
+        """Waits briefly for worker messages; stores results. Returns how many samples finished."""
+        finished = 0
+        conns = {w.conn: w for w in self._workers}
+        for conn in wait(list(conns), timeout=_POLL_S):
+            worker = conns[conn]
+            try:
+                index, reward, reason = conn.recv()
+            except (EOFError, OSError):
+                finished += self._worker_died(worker, results)
+                continue
+            if index == "ready":
+                worker.ready = True
+            elif index == worker.index:
+                results[index] = RewardResult(float(reward), reason)
+                worker.index = None
+                finished += 1
+        return finished
+
+    def _worker_died(self, worker: _Worker, results: list) -> int:
+        worker.process.join(timeout=1)
+        code = worker.process.exitcode
+        index = worker.index
+        if not worker.ready:
+            raise RuntimeError(f"reward worker failed to start (exit code {code}); is the reward function importable?")
+        self._replace(worker)
+        if index is None:
+            return 0
+        results[index] = RewardResult.make(self.values["error"], f"error: worker died (exit code {code})")
+        return 1
+
+    def _enforce_limits(self, results: list) -> int:
+        finished = 0
+        now = time.monotonic()
+        for worker in list(self._workers):
+            if not worker.ready and now - worker.spawned_at > self.startup_timeout_s:
+                raise RuntimeError(f"reward worker not ready after {self.startup_timeout_s:.0f} s")
+            if worker.index is None:
+                continue
+            if now - worker.started_at > self.timeout_s + self.kill_grace_s:
+                results[worker.index] = RewardResult.make(self.values["timed_out"], "timeout (worker killed)")
+            elif resident_bytes(worker.process.pid) > self.memory_limit_bytes:
+                results[worker.index] = RewardResult.make(self.values["error"], "error: memory limit exceeded (worker killed)")
+            else:
+                continue
+            worker.index = None
+            self._replace(worker)
+            finished += 1
+        return finished
+
+    def close(self) -> None:
+        for worker in self._workers:
+            try:
+                worker.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + 2.0
+        for worker in self._workers:
+            worker.process.join(timeout=max(0.0, deadline - time.monotonic()))
+            worker.kill()
+        self._workers = []
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
