@@ -1,1 +1,17 @@
-"""maspo_megatron."""
+"""Parallel building blocks for Megatron-Core: CPU (gloo) support, layout, vocab-parallel math.
+
+Knows collectives and layouts, never RL (see ../../docs/parallel.md).
+"""
+from maspo_megatron.parallel.cpu_shim import cpu_shim_enabled, enable_cpu_shim
+from maspo_megatron.parallel.state import (
+    ParallelDims,
+    check_layout,
+    destroy_distributed,
+    get_parallel_dims,
+    init_distributed,
+)
+
+__all__ = [
+    "ParallelDims", "check_layout", "cpu_shim_enabled", "destroy_distributed", "enable_cpu_shim",
+    "get_parallel_dims", "init_distributed",
+]

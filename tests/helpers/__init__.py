@@ -1,0 +1,1 @@
+"""Shared test helpers: multi-process launcher (multiproc) and tiny Megatron GPT (tiny_gpt)."""
