@@ -12,6 +12,9 @@ import logging
 import re
 from typing import Any, Mapping, Optional
 
+# Imported at module level so a forkserver that preloads this module hands it to every worker.
+import math_verify
+
 from maspo_megatron.rewards.extract import compile_pattern, extract_answer
 from maspo_megatron.rewards.registry import register_reward
 from maspo_megatron.rewards.result import RewardResult
@@ -19,8 +22,6 @@ from maspo_megatron.rewards.result import RewardResult
 
 @functools.lru_cache(maxsize=1)
 def _math_verify():
-    import math_verify
-
     # It warns once per process that its timeouts are off: they are, on purpose (module docstring).
     for name in ("math_verify", "math_verify.parser", "math_verify.grader"):
         logging.getLogger(name).setLevel(logging.ERROR)
