@@ -24,6 +24,14 @@ class SGLangConfig:
     request_timeout_s: float = option(600.0, gt=0)
     max_concurrency: int = option(256, ge=1)
     max_retries: int = option(3, ge=0)
+    connect_timeout_s: float = option(10.0, gt=0)
+    abort_grace_s: float = option(5.0, ge=0, help="how long an aborted request may take to return its partial output")
+    router_url: Optional[str] = option(None, help="external sglang_router in front of urls (generation goes there)")
+    router_extra_args: List[str] = option(factory=list, help="passed verbatim to sglang_router.launch_router")
+    launch_command: List[str] = option(factory=list, help="argv prefix replacing `python -m sglang.launch_server`")
+    base_gpu_id: int = option(0, ge=0, help="first GPU of server 0; server i starts at base + i * tp_size * dp_size")
+    log_dir: Optional[str] = option(None, help="server logs (default: a fresh temp dir)")
+    pause_mode: str = option("abort", choices=("abort", "retract", "in_place"), help="/pause_generation mode")
 
 
 @dataclasses.dataclass
@@ -43,5 +51,6 @@ class RolloutConfig:
     top_k: int = option(-1, ge=-1, help="-1: off")
     max_new_tokens: int = option(256, ge=1)
     local_batch_size: int = option(64, ge=1, help="sequences per forward in the local CPU engine")
+    seed: int = option(1234, ge=0, help="base seed of the local engine's per-sequence sampling streams")
     sglang: SGLangConfig = option(factory=SGLangConfig)
     weight_sync: WeightSyncConfig = option(factory=WeightSyncConfig)

@@ -1,0 +1,268 @@
+"""Asyncio HTTP client for a fleet of SGLang servers (aiohttp).
+
+- `generate`: one `/generate` request per sample, at most `max_concurrency` in flight, each sent to
+  the least-loaded live server (or the router); connection errors, timeouts and 5xx mark that server
+  down for a cooldown and retry the sample on another one, up to `max_retries` times; 4xx is a
+  schema bug and fails at once with the server's message.
+- `abort`: every in-flight `generate` returns promptly: the servers get `/abort_request
+  {"abort_all": true}` and answer with `finish_reason.type == "abort"`; what has not answered within
+  `abort_grace_s` (dead server) and what had not started becomes an empty "abort" sample.
+- `post` / `post_each` / `get`: control-plane calls to every worker (pause, flush, weight updates);
+  a 404 raises `EndpointMissing` so callers can detect servers without an endpoint.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from typing import Any, Mapping, Optional, Sequence
+
+import aiohttp
+
+from maspo_megatron.rollout.local.sampling import sequence_seed
+from maspo_megatron.rollout.sglang.protocol import generate_payload, parse_generate_response
+from maspo_megatron.rollout.types import RolloutError, Sample, SamplingParams
+
+_RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, ConnectionError)
+
+
+class EndpointMissing(RolloutError):
+    """The server answered 404: it has no such endpoint (e.g. an SGLang older than the feature)."""
+
+
+@dataclasses.dataclass
+class _Server:
+    url: str
+    in_flight: int = 0
+    down_until: float = 0.0
+    failures: int = 0
+
+
+def _aborted(weight_version: int) -> Sample:
+    return Sample(token_ids=[], log_probs=[], finish_reason="abort", weight_version=weight_version)
+
+
+class SGLangClient:
+    """Talks to `worker_urls` (control plane) and to `router_url` or the workers (generation).
+
+    Create and use it inside one event loop; `close()` when done.
+    """
+
+    def __init__(
+        self,
+        worker_urls: Sequence[str],
+        *,
+        router_url: Optional[str] = None,
+        api_key: Optional[str] = None,
+        max_concurrency: int = 256,
+        request_timeout_s: float = 600.0,
+        connect_timeout_s: float = 10.0,
+        max_retries: int = 3,
+        down_cooldown_s: float = 2.0,
+        abort_grace_s: float = 5.0,
+    ) -> None:
+        if not worker_urls and not router_url:
+            raise ValueError("rollout.sglang.urls: no server URL to talk to")
+        self.worker_urls = [u.rstrip("/") for u in worker_urls]
+        self.router_url = router_url.rstrip("/") if router_url else None
+        self._servers = [_Server(u) for u in ([self.router_url] if self.router_url else self.worker_urls)]
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.max_concurrency = max_concurrency
+        self.request_timeout_s = request_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.max_retries = max_retries
+        self.down_cooldown_s = down_cooldown_s
+        self.abort_grace_s = abort_grace_s
+        self._session: Optional[aiohttp.ClientSession] = None
+        self._semaphore: Optional[asyncio.Semaphore] = None
+        self._abort_events: set[asyncio.Event] = set()
+        self._round_robin = 0
+        self.weight_update_session_supported: Optional[bool] = None
+
+    async def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, force_close=False)
+            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
+            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+    def _timeout(self, total_s: Optional[float] = None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=total_s or self.request_timeout_s, sock_connect=self.connect_timeout_s)
+
+    @staticmethod
+    async def _read_body(response: aiohttp.ClientResponse) -> Any:
+        text = await response.text()
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    # ---- generation ------------------------------------------------------------------------------
+    async def generate(
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams, *, weight_version: int = 0
+    ) -> list[list[Sample]]:
+        """prompts[P][len] -> P lists of n samples, in order. Raises RolloutError if a sample fails."""
+        await self._get_session()
+        abort_event = asyncio.Event()
+        self._abort_events.add(abort_event)
+        tasks = []
+        for p, prompt in enumerate(prompts):
+            for s in range(n):
+                seed = sequence_seed(sampling.seed, p, s) if sampling.seed is not None else None
+                payload = generate_payload(prompt, sampling, seed)
+                tasks.append(asyncio.ensure_future(self._generate_one(payload, abort_event, weight_version)))
+        try:
+            samples = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            self._abort_events.discard(abort_event)
+        return [list(samples[p * n : (p + 1) * n]) for p in range(len(prompts))]
+
+    def _pick_server(self) -> tuple[_Server, float]:
+        """The least-loaded live server, or (when all are down) the first to come back and its wait."""
+        now = time.monotonic()
+        live = [s for s in self._servers if s.down_until <= now]
+        if live:
+            self._round_robin += 1
+            rotated = live[self._round_robin % len(live) :] + live[: self._round_robin % len(live)]
+            return min(rotated, key=lambda s: s.in_flight), 0.0
+        soonest = min(self._servers, key=lambda s: s.down_until)
+        return soonest, soonest.down_until - now
+
+    def _mark_down(self, server: _Server) -> None:
+        server.failures += 1
+        server.down_until = time.monotonic() + self.down_cooldown_s * 2 ** min(server.failures - 1, 5)
+
+    async def _generate_one(self, payload: dict, abort_event: asyncio.Event, weight_version: int) -> Sample:
+        assert self._semaphore is not None
+        async with self._semaphore:
+            errors = []
+            for _attempt in range(self.max_retries + 1):
+                if abort_event.is_set():
+                    return _aborted(weight_version)
+                server, wait_s = self._pick_server()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                server.in_flight += 1
+                try:
+                    status, body = await self._post_abortable(server.url + "/generate", payload, abort_event)
+                except _RETRYABLE as exc:
+                    self._mark_down(server)
+                    errors.append(f"{server.url}: {type(exc).__name__}: {exc}")
+                    continue
+                finally:
+                    server.in_flight -= 1
+                if status is None:  # aborted and the server did not answer within the grace period
+                    return _aborted(weight_version)
+                if status == 200:
+                    server.failures = 0
+                    return parse_generate_response(body, url=server.url, default_weight_version=weight_version)
+                if 400 <= status < 500:
+                    raise RolloutError(f"{server.url}/generate: HTTP {status} (request rejected): {str(body)[:300]}")
+                self._mark_down(server)
+                errors.append(f"{server.url}: HTTP {status}: {str(body)[:200]}")
+            raise RolloutError(f"/generate failed {self.max_retries + 1} times; errors: {'; '.join(errors)}")
+
+    async def _post_abortable(self, url: str, payload: dict, abort_event: asyncio.Event) -> tuple[Optional[int], Any]:
+        session = await self._get_session()
+
+        async def request() -> tuple[int, Any]:
+            async with session.post(url, json=payload, timeout=self._timeout()) as response:
+                return response.status, await self._read_body(response)
+
+        request_task = asyncio.ensure_future(request())
+        abort_task = asyncio.ensure_future(abort_event.wait())
+        try:
+            await asyncio.wait({request_task, abort_task}, return_when=asyncio.FIRST_COMPLETED)
+            if request_task.done():
+                return request_task.result()
+            # Aborted: the server should now answer with finish_reason "abort" and partial output.
+            done, _ = await asyncio.wait({request_task}, timeout=self.abort_grace_s)
+            if done and request_task.exception() is None:
+                return request_task.result()
+            return None, None
+        finally:
+            abort_task.cancel()
+            if not request_task.done():
+                request_task.cancel()
+                await asyncio.gather(request_task, return_exceptions=True)
+
+    async def abort(self) -> None:
+        """Ends every in-flight `generate` (see the module docstring)."""
+        for event in list(self._abort_events):
+            event.set()
+        await self.post("/abort_request", {"abort_all": True}, ignore_errors=True, timeout_s=self.connect_timeout_s)
+
+    # ---- control plane ---------------------------------------------------------------------------
+    async def _call(self, method: str, url: str, payload: Any, timeout_s: Optional[float]) -> Any:
+        session = await self._get_session()
+        async with session.request(method, url, json=payload, timeout=self._timeout(timeout_s)) as response:
+            body = await self._read_body(response)
+            if response.status == 404:
+                raise EndpointMissing(f"{url}: HTTP 404 (the server has no such endpoint)")
+            if response.status != 200:
+                raise RolloutError(f"{url}: HTTP {response.status}: {str(body)[:500]}")
+            return body
+
+    async def post_each(
+        self, endpoint: str, payloads: Mapping[str, Any], *, ignore_errors: bool = False, timeout_s: Optional[float] = None
+    ) -> dict[str, Any]:
+        """POSTs `payloads[url]` to `url + endpoint` for every url, concurrently -> {url: parsed body}."""
+        urls = [u.rstrip("/") for u in payloads]
+        results = await asyncio.gather(
+            *(self._call("POST", u + endpoint, payloads[raw], timeout_s) for u, raw in zip(urls, payloads, strict=True)),
+            return_exceptions=True,
+        )
+        if not ignore_errors:
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+        return dict(zip(urls, results, strict=True))
+
+    async def post(
+        self,
+        endpoint: str,
+        payload: Any = None,
+        *,
+        urls: Optional[Sequence[str]] = None,
+        ignore_errors: bool = False,
+        timeout_s: Optional[float] = None,
+    ) -> dict[str, Any]:
+        """POSTs the same `payload` to every worker (or `urls`) -> {url: parsed body}."""
+        targets = list(urls) if urls is not None else self.worker_urls
+        return await self.post_each(endpoint, {u: payload for u in targets}, ignore_errors=ignore_errors, timeout_s=timeout_s)
+
+    async def get(self, endpoint: str, *, urls: Optional[Sequence[str]] = None) -> dict[str, Any]:
+        targets = [u.rstrip("/") for u in (urls if urls is not None else self.worker_urls)]
+        results = await asyncio.gather(*(self._call("GET", u + endpoint, None, None) for u in targets))
+        return dict(zip(targets, results, strict=True))
+
+    async def begin_weight_update(self) -> bool:
+        """Opens a weight-update session on every worker; False when the servers predate the endpoint
+        (sglang < 0.5.23: updates are then sent without a session)."""
+        if self.weight_update_session_supported is False:
+            return False
+        results = await self.post("/begin_weight_update", {}, ignore_errors=True)
+        missing = [u for u, r in results.items() if isinstance(r, EndpointMissing)]
+        failed = [r for r in results.values() if isinstance(r, BaseException) and not isinstance(r, EndpointMissing)]
+        if failed:
+            raise failed[0]
+        if missing and len(missing) != len(results):
+            raise RolloutError(f"/begin_weight_update exists on some servers only (missing on {missing}): mixed SGLang versions")
+        self.weight_update_session_supported = not missing
+        return self.weight_update_session_supported
+
+    async def end_weight_update(self) -> None:
+        if self.weight_update_session_supported:
+            await self.post("/end_weight_update", {})
