@@ -23,6 +23,9 @@ class ModelConfig:
     tiny_heads: int = option(4, ge=1)
     tiny_kv_heads: int = option(2, ge=1)
     tiny_ffn: int = option(128, ge=8)
+    tiny_max_position_embeddings: int = option(4096, ge=16, help="RoPE length of the tiny policy")
+    tiny_tie_embeddings: bool = option(False, help="tie the tiny policy's lm_head to its embedding")
+    vocab_divisible_by: int = option(128, ge=1, help="Megatron pads the vocab to a multiple of this x TP")
 
     def validate(self) -> None:
         if self.tiny_hidden % self.tiny_heads:

@@ -10,7 +10,27 @@ from maspo_megatron.models.families import FAMILIES, LOCAL_TO_TE_NAMES, Family, 
 from maspo_megatron.models.meta import ModelMeta, load_hf_config_dict, model_meta
 from maspo_megatron.models.weight_map import MegatronTensor, WeightMap
 
-__all__ = [
+_LAZY = {
+    "build_model_config": "maspo_megatron.models.config_builder",
+    "gpt_model_provider": "maspo_megatron.models.provider",
+    "make_model_provider": "maspo_megatron.models.provider",
+    "layer_spec": "maspo_megatron.models.provider",
+    "tiny_hf_config": "maspo_megatron.models.tiny",
+    "validate_fp8": "maspo_megatron.models.fp8",
+    "load_hf_weights": "maspo_megatron.models.hf_loader",
+    "export_hf_weights": "maspo_megatron.models.hf_loader",
+}
+
+
+def __getattr__(name):  # PEP 562: Megatron / transformers are imported only when these are used
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'maspo_megatron.models' has no attribute {name!r}")
+
+
+__all__ = [*_LAZY,
     "FAMILIES", "LOCAL_TO_TE_NAMES", "Family", "MegatronTensor", "ModelMeta", "Rule", "WeightMap",
     "get_family", "load_hf_config_dict", "model_meta",
 ]
