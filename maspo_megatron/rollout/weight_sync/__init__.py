@@ -1,0 +1,1 @@
+"""Live weight sync Megatron -> rollout engines: HF-named tensor stream, buckets, transports, FP8, verification."""

@@ -1,0 +1,165 @@
+"""SGLang's `load_format="flattened_bucket"`: many tensors in one uint8 buffer plus per-tensor metadata.
+
+Wire format (sglang 0.5.23, `sglang.srt.weight_sync.tensor_bucket`): the engine receives, per SGLang
+TP rank, `MultiprocessingSerializer.serialize({"flattened_tensor": buf[B] uint8, "metadata": [
+FlattenedTensorMetadata(name, shape, dtype, start_idx, end_idx, numel), ...]}, output_str=True)`,
+i.e. a base64 string of a `ForkingPickler` pickle. `start_idx`/`end_idx`/`numel` count BYTES of the
+uint8 buffer (each tensor is `flatten().view(torch.uint8)`), so one bucket may mix dtypes. The
+receiver rebuilds each tensor as `buf[start_idx:end_idx].view(dtype).reshape(shape)`; that view
+needs the byte offset to be a multiple of the element size, so each tensor starts at a multiple of
+`ALIGN_BYTES` (the format allows gaps: only start/end are read).
+
+SGLang unpickles with an allowlist (`SafeUnpickler`): the metadata objects must be instances of
+`sglang.srt.weight_sync.tensor_bucket.FlattenedTensorMetadata`. When sglang is importable we use its
+class and serializer; otherwise `_SGLangNamePickler` writes that global by name so the payload is
+byte-for-byte what the real receiver accepts. `load_payload` is the strict receiving side, used by
+tests and the CPU stand-in server.
+"""
+from __future__ import annotations
+
+import base64
+import copyreg
+import dataclasses
+import io
+import pickle
+from typing import Any, Iterable, List, Sequence, Tuple
+
+import torch
+
+SGLANG_METADATA_MODULE = "sglang.srt.weight_sync.tensor_bucket"
+SGLANG_METADATA_CLASS = "FlattenedTensorMetadata"
+LOAD_FORMAT = "flattened_bucket"
+ALIGN_BYTES = 16  # >= every element size; an fp8 tensor of odd size must not misalign the fp32 one after it
+
+# Module prefixes SGLang's SafeUnpickler admits for weight payloads (sglang 0.5.23, utils/common.py).
+SGLANG_ALLOWED_MODULE_PREFIXES = (
+    "builtins.", "collections.", "copyreg.", "functools.", "itertools.", "operator.", "types.", "weakref.",
+    "torch.", "multiprocessing.resource_sharer.", "multiprocessing.reduction.", "pickletools.",
+    SGLANG_METADATA_MODULE + ".",
+)
+_DENIED = {("builtins", "eval"), ("builtins", "exec"), ("builtins", "compile"), ("types", "CodeType"),
+           ("types", "FunctionType")}
+
+
+@dataclasses.dataclass
+class FlattenedTensorMetadata:
+    """One tensor inside a flattened bucket; indices count bytes of the uint8 buffer."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    start_idx: int
+    end_idx: int
+    numel: int
+
+
+def flatten_tensors(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> Tuple[torch.Tensor, List[FlattenedTensorMetadata]]:
+    """[(name, tensor)] -> (buf[total_bytes] uint8, metadata). Always a fresh buffer (never aliases inputs)."""
+    if not named_tensors:
+        raise ValueError("flatten_tensors: cannot build an empty bucket")
+    metadata: List[FlattenedTensorMetadata] = []
+    offset_bytes = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        metadata.append(FlattenedTensorMetadata(name, tensor.shape, tensor.dtype, offset_bytes,
+                                                offset_bytes + nbytes, nbytes))
+        offset_bytes = -(-(offset_bytes + nbytes) // ALIGN_BYTES) * ALIGN_BYTES
+    device = named_tensors[0][1].device
+    buf = torch.empty(metadata[-1].end_idx, dtype=torch.uint8, device=device)
+    for meta, (_, tensor) in zip(metadata, named_tensors, strict=True):
+        # reshape(-1) of a non-contiguous tensor copies once; view(uint8) needs a contiguous 1-D tensor.
+        buf[meta.start_idx:meta.end_idx].copy_(tensor.reshape(-1).contiguous().view(torch.uint8))
+    return buf, metadata
+
+
+def reconstruct_tensors(buf: torch.Tensor, metadata: Iterable[Any]) -> List[Tuple[str, torch.Tensor]]:
+    """Inverse of `flatten_tensors` (views into `buf`, no copies); accepts any object with the metadata fields."""
+    if buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise ValueError(f"flattened bucket: expected a 1-D uint8 buffer, got {tuple(buf.shape)} {buf.dtype}")
+    out = []
+    for meta in metadata:
+        if not 0 <= meta.start_idx <= meta.end_idx <= buf.numel() or meta.end_idx - meta.start_idx != meta.numel:
+            raise ValueError(f"flattened bucket: metadata of {meta.name!r} ({meta.start_idx}:{meta.end_idx}, "
+                             f"numel {meta.numel}) does not fit a buffer of {buf.numel()} bytes")
+        out.append((meta.name, buf[meta.start_idx:meta.end_idx].view(meta.dtype).reshape(meta.shape)))
+    return out
+
+
+class _MetadataRef:
+    """Sentinel pickled as the global `sglang...tensor_bucket.FlattenedTensorMetadata`."""
+
+
+class _SGLangNamePickler(pickle._Pickler):  # the pure-Python pickler lets `save` write a global by name
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        from multiprocessing.reduction import ForkingPickler
+
+        import torch.multiprocessing  # noqa: F401  (registers torch's tensor/storage reducers)
+
+        table = copyreg.dispatch_table.copy()
+        table.update(ForkingPickler._extra_reducers)
+        self.dispatch_table = table
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is FlattenedTensorMetadata:
+            return (_MetadataRef, (obj.name, obj.shape, obj.dtype, obj.start_idx, obj.end_idx, obj.numel))
+        return NotImplemented
+
+    def save(self, obj: Any, save_persistent_id: bool = True) -> None:
+        if obj is _MetadataRef:
+            self.save(SGLANG_METADATA_MODULE)
+            self.save(SGLANG_METADATA_CLASS)
+            self.write(pickle.STACK_GLOBAL)
+            return
+        super().save(obj, save_persistent_id)
+
+
+def _sglang_serializer():
+    """(serializer, metadata class) from an installed sglang, or None."""
+    try:
+        from sglang.srt.utils import MultiprocessingSerializer
+        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata as SGLangMeta
+    except ImportError:
+        return None
+    return MultiprocessingSerializer, SGLangMeta
+
+
+def serialize_payload(buf: torch.Tensor, metadata: Sequence[FlattenedTensorMetadata]) -> str:
+    """One `serialized_named_tensors` entry (base64 str) for `/update_weights_from_tensor`.
+
+    A CUDA `buf` travels as a CUDA IPC handle (the receiver maps the same memory: keep `buf` alive
+    until the request returns); a CPU `buf` travels through shared memory.
+    """
+    real = _sglang_serializer()
+    if real is not None:
+        serializer, sglang_meta = real
+        converted = [sglang_meta(**dataclasses.asdict(m)) for m in metadata]
+        return serializer.serialize({"flattened_tensor": buf, "metadata": converted}, output_str=True)
+    stream = io.BytesIO()
+    _SGLangNamePickler(stream).dump({"flattened_tensor": buf, "metadata": list(metadata)})
+    return base64.b64encode(stream.getvalue()).decode("ascii")
+
+
+class _StrictUnpickler(pickle.Unpickler):
+    """SGLang's allowlist, with its metadata class resolved to ours (sglang is not installed on CPU)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DENIED:
+            raise pickle.UnpicklingError(f"flattened bucket payload: blocked {module}.{name}")
+        if module == SGLANG_METADATA_MODULE and name == SGLANG_METADATA_CLASS:
+            return FlattenedTensorMetadata
+        if not (module + ".").startswith(SGLANG_ALLOWED_MODULE_PREFIXES):
+            raise pickle.UnpicklingError(f"flattened bucket payload: {module}.{name} is not in SGLang's allowlist")
+        return super().find_class(module, name)
+
+
+def load_payload(payload: str) -> List[Tuple[str, torch.Tensor]]:
+    """Receiving side of one payload: base64 -> allowlisted unpickle -> [(name, tensor)] (views)."""
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"flattened bucket payload: not valid base64 ({exc})") from None
+    obj = _StrictUnpickler(io.BytesIO(data)).load()
+    if not isinstance(obj, dict) or set(obj) != {"flattened_tensor", "metadata"}:
+        raise ValueError("flattened bucket payload: expected a dict with keys flattened_tensor and metadata")
+    return reconstruct_tensors(obj["flattened_tensor"], obj["metadata"])
