@@ -10,8 +10,9 @@ from maspo_megatron.parallel.state import (
     get_parallel_dims,
     init_distributed,
 )
+from maspo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs_entropy
 
 __all__ = [
     "ParallelDims", "check_layout", "cpu_shim_enabled", "destroy_distributed", "enable_cpu_shim",
-    "get_parallel_dims", "init_distributed",
+    "get_parallel_dims", "init_distributed", "vocab_parallel_logprobs_entropy",
 ]
