@@ -24,7 +24,11 @@ def sapo_loss(log_prob, old_log_prob, advantages, mask, *, tau_pos: float = 1.0,
         torch.as_tensor(tau_pos, dtype=ratio.dtype, device=ratio.device),
         torch.as_tensor(tau_neg, dtype=ratio.dtype, device=ratio.device),
     )
-    gate = torch.sigmoid(tau * (ratio - 1))
+    z = tau * (ratio - 1)
+    # exp(logsigmoid(z)) instead of sigmoid(z): same value, but autograd then forms the slope
+    # sigmoid(z) sigmoid(-z) without the cancellation in sigmoid's own backward, y (1 - y), which
+    # loses all digits once y rounds to 1 in fp32 (z > ~17).
+    gate = torch.exp(torch.nn.functional.logsigmoid(z))
     loss = -advantages * gate * (4 / tau)
-    slope = (4 * gate * (1 - gate)).detach()
+    slope = (4 * gate * torch.sigmoid(-z)).detach()
     return loss, {"ratio": ratio, "gate_weight": slope}
