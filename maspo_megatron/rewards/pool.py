@@ -44,9 +44,10 @@ class _Worker:
         self.started_at = 0.0
         self.spawned_at = time.monotonic()
 
-    def assign(self, index: int, sample: RewardSample) -> None:
+    def assign(self, index: int, sample: RewardSample) -> float:
         self.index, self.started_at = index, time.monotonic()
         self.conn.send((index, sample))
+        return self.started_at
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -82,6 +83,8 @@ class WorkerPool:
             # replacement is ready in milliseconds instead of a full interpreter start.
             self.ctx.set_forkserver_preload(["maspo_megatron.rewards.math_reward"])
         self.workers_replaced = 0
+        self.last_latencies_s: list[float] = []  # per sample of the last batch: sent to a worker -> result
+        self._sent_at: list[float] = []
         self._workers = [self._spawn() for _ in range(num_workers)]
 
     def _spawn(self) -> _Worker:
@@ -103,6 +106,8 @@ class WorkerPool:
 
     def score(self, samples: Sequence[RewardSample]) -> list[RewardResult]:
         results: list[Optional[RewardResult]] = [None] * len(samples)
+        self._sent_at = [0.0] * len(samples)
+        self.last_latencies_s = [0.0] * len(samples)
         queue = deque(range(len(samples)))
         remaining = len(samples)
         while remaining:
@@ -110,7 +115,7 @@ class WorkerPool:
                 if worker.ready and worker.index is None and queue:
                     index = queue.popleft()
                     try:
-                        worker.assign(index, samples[index])
+                        self._sent_at[index] = worker.assign(index, samples[index])
                     except (BrokenPipeError, OSError):
                         queue.appendleft(index)
                         worker.index = None
@@ -118,6 +123,10 @@ class WorkerPool:
             remaining -= self._collect(results)
             remaining -= self._enforce_limits(results)
         return results  # type: ignore[return-value]
+
+    def _finish(self, results: list, index: int, result: RewardResult) -> None:
+        results[index] = result
+        self.last_latencies_s[index] = time.monotonic() - self._sent_at[index]
 
     def _collect(self, results: list) -> int:
         """Waits briefly for worker messages; stores results. Returns how many samples finished."""
@@ -133,7 +142,7 @@ class WorkerPool:
             if index == "ready":
                 worker.ready = True
             elif index == worker.index:
-                results[index] = RewardResult(float(reward), reason)
+                self._finish(results, index, RewardResult(float(reward), reason))
                 worker.index = None
                 finished += 1
         return finished
@@ -147,7 +156,7 @@ class WorkerPool:
         self._replace(worker)
         if index is None:
             return 0
-        results[index] = RewardResult.make(self.values["error"], f"error: worker died (exit code {code})")
+        self._finish(results, index, RewardResult.make(self.values["error"], f"error: worker died (exit code {code})"))
         return 1
 
     def _enforce_limits(self, results: list) -> int:
@@ -159,9 +168,9 @@ class WorkerPool:
             if worker.index is None:
                 continue
             if now - worker.started_at > self.timeout_s + self.kill_grace_s:
-                results[worker.index] = RewardResult.make(self.values["timed_out"], "timeout (worker killed)")
+                self._finish(results, worker.index, RewardResult.make(self.values["timed_out"], "timeout (worker killed)"))
             elif resident_bytes(worker.process.pid) > self.memory_limit_bytes:
-                results[worker.index] = RewardResult.make(self.values["error"], "error: memory limit exceeded (worker killed)")
+                self._finish(results, worker.index, RewardResult.make(self.values["error"], "error: memory limit exceeded (worker killed)"))
             else:
                 continue
             worker.index = None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from maspo_megatron.rewards.async_runner import score_async
@@ -54,6 +55,7 @@ class RewardScorer:
         workers = fields["num_workers"]
         self.num_workers = _default_workers() if workers is None else int(workers)
         self._pool: Optional[WorkerPool] = None
+        self._inline_latencies_s: list[float] = []
         if not self.is_async and self.num_workers > 0:
             self._pool = WorkerPool(
                 self.fn, self.options, num_workers=self.num_workers, timeout_s=self.timeout_s,
@@ -76,6 +78,11 @@ class RewardScorer:
         return options
 
     @property
+    def last_latencies_s(self) -> list[float]:
+        """Per sample of the last batch: seconds from being handed to a worker (or started inline) to its result."""
+        return list(self._pool.last_latencies_s) if self._pool is not None else list(self._inline_latencies_s)
+
+    @property
     def workers_replaced(self) -> int:
         return self._pool.workers_replaced if self._pool is not None else 0
 
@@ -91,7 +98,12 @@ class RewardScorer:
             return self._pool.score(batch)
         if not install_timer():
             raise RewardError("reward num_workers=0: in-process scoring needs the main thread (signal-based time limit)")
-        return [score_one(self.fn, s, self.options, self.timeout_s, self.values) for s in batch]
+        results, self._inline_latencies_s = [], []
+        for sample in batch:
+            started = time.monotonic()
+            results.append(score_one(self.fn, sample, self.options, self.timeout_s, self.values))
+            self._inline_latencies_s.append(time.monotonic() - started)
+        return results
 
     def close(self) -> None:
         if self._pool is not None:
