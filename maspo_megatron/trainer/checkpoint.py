@@ -102,12 +102,13 @@ def _rng_object(state: Optional[dict]) -> ShardedObject:
 
 
 def capture_rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-        state["cuda_tracker"] = get_cuda_rng_tracker().get_states()
+    # Megatron's model-parallel RNG streams (on CPU the shim keeps them as CPU generator states).
+    state["cuda_tracker"] = {name: s.clone() for name, s in get_cuda_rng_tracker().get_states().items()}
     return state
 
 
@@ -117,6 +118,7 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    if state.get("cuda_tracker"):
         from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
         get_cuda_rng_tracker().set_states(state["cuda_tracker"])
@@ -220,6 +222,49 @@ def _prune(root: Path, keep_last: int, keep: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _ensure_optimizer_state(optimizer) -> None:
+    """Gives a fresh torch Adam its (zero) state so that Megatron can describe it for loading.
+
+    Without apex/Transformer Engine, Megatron's optimizers read the Adam `step` from the torch
+    optimizer's per-param state, which is empty until the first step (the distributed optimizer
+    then fails `assert len(steps) == 1`). Zero moments and step 0 are what Adam starts from, and
+    the checkpoint load overwrites them.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(inner, "optimizer", None)
+        if torch_opt is None or len(torch_opt.state) > 0:
+            continue
+        for group in torch_opt.param_groups:
+            for param in group["params"]:
+                torch_opt.state[param] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(param.data),
+                    "exp_avg_sq": torch.zeros_like(param.data),
+                }
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Gives every param its own, correct Adam `step` tensor after a load.
+
+    Megatron's distributed optimizer on the torch-Adam path (no apex/TE) keeps the step count in
+    the param groups (`group["step"]`) and restores per-param `state["step"]` as ONE tensor object
+    shared by all params, which then stays at the dummy value after the dp-reshardable parameter
+    state is loaded (and torch Adam would increment a shared tensor once per param). Setting a
+    fresh tensor per param from the group's count makes a resumed run's bias correction exact.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_opt = getattr(inner, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for group in torch_opt.param_groups:
+            for param in group["params"]:
+                state = torch_opt.state.get(param)
+                if not state or not isinstance(state.get("step"), torch.Tensor):
+                    continue
+                count = group.get("step")
+                state["step"] = torch.tensor(float(count)) if count is not None else state["step"].clone()
+
+
 def load_checkpoint(
     path: str | Path,
     model_chunks: Sequence[torch.nn.Module],
@@ -239,6 +284,8 @@ def load_checkpoint(
     saved_layout = read_trainer_state(path)["layout"]
     now = _layout()
     with_rng = saved_layout["tp"] == now["tp"] and saved_layout["pp"] == now["pp"]
+    if load_optimizer and optimizer is not None:
+        _ensure_optimizer_state(optimizer)
     request = _sharded_state_dict(model_chunks, optimizer if load_optimizer else None, is_loading=True, with_rng=with_rng)
     loaded = dist_checkpointing.load(request, str(path))
     for key, chunk in zip(_model_keys(model_chunks), model_chunks, strict=True):
@@ -246,6 +293,7 @@ def load_checkpoint(
     if load_optimizer and optimizer is not None:
         with torch.no_grad():  # fp32 main params are leaves that require grad (CPU_NOTES.md)
             optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     if scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if with_rng:
