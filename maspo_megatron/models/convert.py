@@ -1,0 +1,271 @@
+"""Checkpoint conversion HF <-> Megatron dist checkpoint (torch_dist), tensor by tensor.
+
+Both directions keep about one full tensor (HF -> Megatron) or one layer plus one output shard
+(Megatron -> HF) in memory, write into a hidden temporary directory next to the output and
+rename it into place only when everything succeeded (no partial output on error). The tools/
+scripts are thin CLIs over `hf_to_megatron` / `megatron_to_hf`.
+
+Megatron dir layout written here: the torch_dist checkpoint (`metadata.json`, `common.pt`,
+`.metadata`, `__<rank>_0.distcp`), plus `hf_config/` (the source config, generation config and
+tokenizer files, for the way back) and `maspo_conversion.json` (what was converted, how).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from maspo_megatron.models.dist_ckpt import DistCheckpointReader, extra_state_object, meta_sharded_tensor, save_lazy
+from maspo_megatron.models.families import FAMILIES
+from maspo_megatron.models.hf_io import DTYPES, CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter
+from maspo_megatron.models.meta import load_hf_config_dict, model_meta
+from maspo_megatron.models.weight_map import MegatronTensor, WeightMap
+
+HF_CONFIG_SUBDIR = "hf_config"
+CONVERSION_FILE = "maspo_conversion.json"
+# per-layer modules that keep an `_extra_state` (FP8 metadata under Transformer Engine; None here)
+EXTRA_STATE_KEYS = (
+    "decoder.layers.self_attention.linear_qkv._extra_state",
+    "decoder.layers.self_attention.linear_proj._extra_state",
+    "decoder.layers.self_attention.core_attention._extra_state",
+    "decoder.layers.mlp.linear_fc1._extra_state",
+    "decoder.layers.mlp.linear_fc2._extra_state",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".distcp")
+
+
+class Progress:
+    """One line per ~5% of bytes on stderr (rank 0 only): done/total, GB/s."""
+
+    def __init__(self, label: str, total_bytes: int, enabled: bool):
+        self.label, self.total, self.enabled = label, max(total_bytes, 1), enabled
+        self.done, self.start, self._next = 0, time.perf_counter(), 0.05
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.enabled and self.done / self.total >= self._next:
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            print(f"[{self.label}] {100 * self.done / self.total:5.1f}%  {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB"
+                  f"  {self.done / 1e9 / elapsed:.2f} GB/s", file=sys.stderr, flush=True)
+            self._next = self.done / self.total + 0.05
+
+
+def ensure_process_group() -> bool:
+    """Initialises torch.distributed (gloo) if needed: from torchrun/srun env, else a 1-process group.
+    Returns True when this call created it (the caller then destroys it)."""
+    if dist.is_initialized():
+        return False
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    if out_dir.exists():
+        raise CheckpointError(f"{out_dir}: output directory already exists (choose a new one)")
+    if not out_dir.parent.is_dir():
+        raise CheckpointError(f"{out_dir.parent}: parent of the output directory does not exist")
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def _copy_side_files(src: Path, dst: Path, dtype: Optional[str]) -> None:
+    """config.json, generation config, tokenizer and template files (everything but weights)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in sorted(src.iterdir()):
+        if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and not path.name.endswith(".index.json"):
+            shutil.copy2(path, dst / path.name)
+    if dtype is not None and (dst / "config.json").is_file():
+        cfg = json.loads((dst / "config.json").read_text())
+        name = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+        cfg["torch_dtype" if "torch_dtype" in cfg else "dtype"] = name
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _check_hf_tensors(reader: HFCheckpointReader, wmap: WeightMap) -> dict[str, torch.dtype]:
+    """Every tensor the table needs exists with the config's shape; returns their dtypes."""
+    dtypes = {}
+    for mt in wmap.megatron_tensors():
+        names = [n.format(i=mt.layer) for n in mt.rule.hf]
+        for name, shape in zip(names, wmap.hf_shapes(mt.rule), strict=True):
+            if name not in reader.weight_map:
+                raise CheckpointError(f"{name}: tensor missing from {reader.dir} (needed for {mt.name})")
+            found, dtype = reader.shape_dtype(name)
+            if found != shape:
+                raise CheckpointError(f"{name}: shape {found} in {reader.file_of(name)}, expected {shape} from config.json")
+            dtypes[name] = dtype
+    return dtypes
+
+
+@dataclasses.dataclass
+class _Chunking:
+    key: str
+    global_shape: tuple[int, ...]
+    chunk_shape: tuple[int, ...]
+    rank_offsets: list[tuple]  # per chunk: tuple of (axis, fragment index, fragments)
+    tp_ranks: list[int]
+    prepend: int
+
+
+def _chunking(mt: MegatronTensor, wmap: WeightMap, tp: int) -> _Chunking:
+    """How a full tensor is cut into the checkpoint's chunks (one per TP rank; fc1: gate and up apart)."""
+    dim = mt.rule.tp_dim
+    prepend = 0 if mt.layer is None else 1
+    global_shape = mt.shape if mt.layer is None else (wmap.meta.num_layers, *mt.shape)
+    layer_axis = () if mt.layer is None else ((0, mt.layer, wmap.meta.num_layers),)
+    if dim is None:
+        return _Chunking(mt.ckpt_key, global_shape, mt.shape, [layer_axis], [0], prepend)
+    # a fused gate/up tensor is saved as [gate; up], each TP-split: 2 x TP equal pieces
+    fragments = 2 * tp if mt.rule.tp_glu else tp
+    chunk_shape = tuple(s // fragments if d == dim else s for d, s in enumerate(mt.shape))
+    offsets = [layer_axis + ((prepend + dim, j, fragments),) for j in range(fragments)]
+    return _Chunking(mt.ckpt_key, global_shape, chunk_shape, offsets, [j % tp for j in range(fragments)], prepend)
+
+
+def hf_to_megatron(
+    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
+    dtype: Optional[str] = None, vocab_divisible_by: int = 128, progress: bool = True,
+) -> Path:
+    """Converts an HF checkpoint dir into a Megatron torch_dist checkpoint for TP=tp, PP=pp.
+
+    The checkpoint loads at any other TP/PP too (dist checkpoints reshard on load); tp sets the
+    vocab padding (multiple of vocab_divisible_by x tp) and the chunking, pp is validated.
+    Under torchrun/srun the chunks are divided among the processes.
+    """
+    from maspo_megatron.config.parallel import ParallelConfig
+    from maspo_megatron.models.config_builder import check_parallel_fit
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    created = ensure_process_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tmp = _prepare_out_dir(out_dir)
+    try:
+        cfg = load_hf_config_dict(hf_dir)
+        meta = model_meta(cfg, tp=tp, vocab_divisible_by=vocab_divisible_by)
+        check_parallel_fit(meta, ParallelConfig(tp=tp, pp=pp))
+        wmap = WeightMap(FAMILIES[meta.family], meta)
+        reader = HFCheckpointReader(hf_dir)
+        src_dtypes = _check_hf_tensors(reader, wmap)
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        dist.barrier()
+        state, producers, total = {}, {}, 0
+        layers_per_stage = meta.num_layers // pp
+        cache: dict[str, torch.Tensor] = {}
+
+        def full_of(mt: MegatronTensor) -> torch.Tensor:
+            if mt.name not in cache:
+                cache.clear()  # keep one full tensor alive at a time
+                cache[mt.name] = wmap.hf_to_megatron(mt.name, reader.get)
+            return cache[mt.name]
+
+        def make_producer(mt: MegatronTensor, piece: int, pieces: int, dim: Optional[int]) -> Callable[[], torch.Tensor]:
+            def produce() -> torch.Tensor:
+                full = full_of(mt)
+                return full if dim is None else torch.chunk(full, pieces, dim=dim)[piece]
+            return produce
+
+        for mt in wmap.megatron_tensors():
+            stage = 0 if mt.name.startswith("embedding.") else (pp - 1 if mt.layer is None else mt.layer // layers_per_stage)
+            target = DTYPES[dtype] if dtype else src_dtypes[mt.rule.hf[0].format(i=mt.layer)]
+            ch = _chunking(mt, wmap, tp)
+            for j, (offsets, tp_rank) in enumerate(zip(ch.rank_offsets, ch.tp_ranks, strict=True)):
+                if (stage * tp + tp_rank) % world != rank:
+                    continue
+                sh = meta_sharded_tensor(ch.key, ch.chunk_shape, target, *offsets, prepend_axis_num=ch.prepend)
+                state[f"{mt.name}#{j}"] = sh
+                producers[(ch.key, tuple(sh.global_offset))] = make_producer(mt, j, len(ch.rank_offsets), mt.rule.tp_dim)
+                total += sh.data.numel() * sh.data.element_size()
+            if mt.layer is not None and mt.rule.megatron == "self_attention.linear_qkv.weight" and (stage * tp) % world == rank:
+                for key in EXTRA_STATE_KEYS:
+                    state[f"{key}#{mt.layer}"] = extra_state_object(key, mt.layer, meta.num_layers)
+        meter = Progress("hf->megatron", total, progress and rank == 0)
+        save_lazy(state, producers, tmp, on_write=meter.add)
+        reader.close()
+        if rank == 0:
+            _copy_side_files(hf_dir, tmp / HF_CONFIG_SUBDIR, dtype)
+            record = {"source": str(hf_dir), "family": meta.family, "tp": tp, "pp": pp, "dtype": dtype,
+                      "vocab_size": meta.vocab_size, "padded_vocab_size": meta.padded_vocab_size, "world_size": world}
+            (tmp / CONVERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, out_dir)
+        dist.barrier()
+        return out_dir
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _check_megatron_tensors(reader: DistCheckpointReader, wmap: WeightMap) -> None:
+    for mt in wmap.megatron_tensors():
+        if mt.ckpt_key not in reader.tensors:
+            raise CheckpointError(f"{mt.ckpt_key}: tensor missing from {reader.dir} (needed for {mt.name})")
+        found = reader.global_shape(mt.ckpt_key)
+        expected = mt.shape if mt.layer is None else (wmap.meta.num_layers, *mt.shape)
+        vocab = mt.rule.layout == "vocab"
+        ok = (found[1:] == expected[1:] and found[0] >= wmap.meta.vocab_size) if vocab else found == expected
+        if not ok:
+            raise CheckpointError(f"{mt.ckpt_key}: shape {found} in {reader.dir}, expected {expected} from config.json")
+
+
+def megatron_to_hf(
+    megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, hf_config_dir: Optional[str | os.PathLike] = None,
+    dtype: Optional[str] = None, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
+) -> Path:
+    """Converts a Megatron torch_dist checkpoint (any TP/PP it was saved at) into HF safetensors shards."""
+    megatron_dir, out_dir = Path(megatron_dir), Path(out_dir)
+    cfg_dir = Path(hf_config_dir) if hf_config_dir else megatron_dir / HF_CONFIG_SUBDIR
+    if not (cfg_dir / "config.json").is_file():
+        raise CheckpointError(f"{cfg_dir / 'config.json'}: missing; pass --hf-config-dir with the model's config.json")
+    created = ensure_process_group()
+    tmp = _prepare_out_dir(out_dir)
+    try:
+        if dist.get_rank() != 0:
+            return out_dir  # the reading side is single-process: other ranks have nothing to do
+        wmap = WeightMap.from_hf_config(cfg_dir)
+        reader = DistCheckpointReader(megatron_dir)
+        _check_megatron_tensors(reader, wmap)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, DTYPES[dtype] if dtype else None)
+        tensors = list(wmap.megatron_tensors())
+        total = sum(torch.Size(t.shape).numel() * reader.dtype(t.ckpt_key).itemsize for t in tensors)
+        meter = Progress("megatron->hf", total, progress)
+        # one read per group: each global tensor alone, each layer's tensors together
+        groups: list[list[MegatronTensor]] = []
+        for mt in tensors:
+            if mt.layer is not None and groups and groups[-1][0].layer == mt.layer:
+                groups[-1].append(mt)
+            else:
+                groups.append([mt])
+        for group in groups:
+            loaded = reader.load([(mt.ckpt_key, mt.layer) for mt in group])
+            for mt, full in zip(group, loaded, strict=True):
+                for hf_name, tensor in wmap.megatron_to_hf(mt.name, full):
+                    writer.add(hf_name, tensor)
+                meter.add(full.numel() * full.element_size())
+            del loaded
+        writer.finish()
+        _copy_side_files(cfg_dir, tmp, dtype)
+        os.replace(tmp, out_dir)
+        return out_dir
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -1,0 +1,228 @@
+"""Megatron dist checkpoints (torch_dist format) written and read one tensor chunk at a time.
+
+Writing: the checkpoint is described with Megatron's own `ShardedTensor`s whose `data` are META
+tensors (shape/dtype only) and saved through `dist_checkpointing.save` with a sharded strategy
+that hands torch.distributed.checkpoint a planner resolving each chunk lazily: a chunk is
+produced (read from HF, fused, padded) right before it is written and dropped after, so peak
+memory is about one full tensor whatever the model size. Megatron writes `common.pt` and
+`metadata.json`; the layout is exactly what `dist_checkpointing.load` expects at any TP/PP.
+
+Reading: `DistCheckpointReader` loads the chunks overlapping one requested slice (e.g. layer i
+of a stacked tensor), with the `.metadata` file unpickled by an allow-list (plain `pickle.load`
+would run any object it names) and tensor chunks read with `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreLoadPlanner,
+    MCoreSavePlanner,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import WriteItemType
+
+from maspo_megatron.models.hf_io import CheckpointError
+
+ChunkProducer = Callable[[], torch.Tensor]
+
+
+class _LazySavePlanner(MCoreSavePlanner):
+    """Megatron's save planner, except tensor data comes from producers keyed by (key, offsets)."""
+
+    def __init__(self, producers: dict[tuple[str, tuple[int, ...]], ChunkProducer], on_write: Callable[[int], None]):
+        super().__init__(flatten_state_dict=False)
+        self._producers = producers
+        self._on_write = on_write
+
+    def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        key = (write_item.index.fqn, tuple(write_item.index.offset))
+        chunk = self._producers.pop(key)()
+        expected = tuple(write_item.tensor_data.chunk.sizes)
+        if chunk.dim() < len(expected) and tuple(chunk.shape) == expected[len(expected) - chunk.dim():]:
+            chunk = chunk.reshape(expected)  # add the stacked-layer axis
+        if tuple(chunk.shape) != expected:
+            raise CheckpointError(f"{key[0]}: chunk at {key[1]} has shape {tuple(chunk.shape)}, expected {expected}")
+        chunk = chunk.to(write_item.tensor_data.properties.dtype).contiguous()
+        self._on_write(chunk.numel() * chunk.element_size())
+        return chunk
+
+
+class _LazyTorchDistStrategy(SaveShardedStrategy):
+    """A synchronous torch_dist (version 1) save strategy over `_LazySavePlanner`."""
+
+    def __init__(self, producers: dict, on_write: Callable[[int], None]):
+        super().__init__("torch_dist", 1)
+        self._producers = producers
+        self._on_write = on_write
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:
+        return True
+
+    def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
+        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+        pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
+        dcp.save(
+            pyt_state_dict,
+            storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=False),
+            planner=_LazySavePlanner(self._producers, self._on_write),
+        )
+
+
+def meta_sharded_tensor(key: str, chunk_shape: tuple[int, ...], dtype: torch.dtype, *rank_offsets, prepend_axis_num: int = 0) -> ShardedTensor:
+    """A ShardedTensor chunk without data: `rank_offsets` as in ShardedTensor.from_rank_offsets."""
+    return ShardedTensor.from_rank_offsets(
+        key, torch.empty(chunk_shape, dtype=dtype, device="meta"), *rank_offsets, replica_id=0, prepend_axis_num=prepend_axis_num
+    )
+
+
+def save_lazy(
+    sharded_state_dict: dict,
+    producers: dict[tuple[str, tuple[int, ...]], ChunkProducer],
+    out_dir: Path,
+    on_write: Callable[[int], None] = lambda nbytes: None,
+) -> None:
+    """Saves a sharded state dict of meta ShardedTensors (+ ShardedObjects); chunk data from `producers`.
+
+    producers: {(checkpoint key, global offsets incl. the stacked-layer axis): () -> chunk tensor}.
+    """
+    dist_checkpointing.save(sharded_state_dict, str(out_dir), sharded_strategy=_LazyTorchDistStrategy(producers, on_write))
+    if producers:
+        leftover = next(iter(producers))
+        raise CheckpointError(f"{leftover[0]}: chunk at {leftover[1]} was planned but never written")
+
+
+def extra_state_object(key: str, layer: int, num_layers: int) -> ShardedObject:
+    """The (empty) `_extra_state` a Megatron linear layer keeps per layer (FP8 meta under TE)."""
+    return ShardedObject(key, None, (num_layers,), (layer,), replica_id=0)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("torch.serialization", "_get_layout"),  # layout by name, e.g. 'torch.strided'
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+}
+_ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Allows DCP metadata classes, torch dtypes/layouts/formats and plain containers; nothing else."""
+
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in _ALLOWED_GLOBALS or module.startswith(_ALLOWED_MODULE_PREFIXES)
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            allowed = True
+        if not allowed:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+        return super().find_class(module, name)
+
+
+class _SafeFileSystemReader(dcp.FileSystemReader):
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing (not a torch_dist checkpoint?)") from None
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{path}: refusing to unpickle: {exc}") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not a torch.distributed.checkpoint Metadata")
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class DistCheckpointReader:
+    """Slices of tensors from a torch_dist checkpoint dir (needs torch.distributed initialised)."""
+
+    def __init__(self, ckpt_dir: str | Path):
+        self.dir = Path(ckpt_dir)
+        if not (self.dir / "metadata.json").is_file():
+            raise CheckpointError(f"{self.dir / 'metadata.json'}: missing (not a Megatron dist checkpoint)")
+        self.metadata = _SafeFileSystemReader(str(self.dir)).read_metadata()
+        self.tensors: dict[str, TensorStorageMetadata] = {
+            k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
+        }
+        for key, md in self.tensors.items():
+            for chunk in md.chunks:
+                if any(o + s > g for o, s, g in zip(chunk.offsets, chunk.sizes, md.size, strict=True)):
+                    raise CheckpointError(f"{self.dir}: chunk of {key} at {tuple(chunk.offsets)} lies outside its shape {tuple(md.size)}")
+
+    def global_shape(self, key: str) -> tuple[int, ...]:
+        if key not in self.tensors:
+            raise CheckpointError(f"{key}: tensor not found in {self.dir}")
+        return tuple(self.tensors[key].size)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].properties.dtype
+
+    def load(self, requests: Iterable[tuple[str, Optional[int]]]) -> list[torch.Tensor]:
+        """Loads [key, layer] slices in one read: layer=None -> the whole tensor, else tensor[layer]."""
+        state, targets = {}, []
+        for idx, (key, layer) in enumerate(requests):
+            shape = self.global_shape(key)
+            if layer is None:
+                sh = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=self.dtype(key)), replica_id=0)
+            else:
+                if not 0 <= layer < shape[0]:
+                    raise CheckpointError(f"{key}: layer {layer} out of range (checkpoint has {shape[0]})")
+                # a [1, ...] slice of the stacked tensor; without a prepended axis Megatron takes
+                # the path that reads one fragment of a grid in a single process
+                data = torch.empty((1, *shape[1:]), dtype=self.dtype(key))
+                sh = ShardedTensor.from_rank_offsets(key, data, (0, layer, shape[0]), replica_id=0)
+            state[f"t{idx}"] = sh
+            targets.append(sh.data if layer is None else sh.data[0])  # filled in place
+        sharded, _, _ = _replace_state_dict_keys_with_sharded_keys(state)
+        pyt_state = mcore_to_pyt_state_dict(sharded, True)
+        dcp.load(pyt_state, storage_reader=_SafeFileSystemReader(str(self.dir)), planner=MCoreLoadPlanner())
+        return targets
+
+
+def load_model_weights(model_chunks: list, ckpt_dir: str | Path) -> None:
+    """Collective: loads model weights only (any saved TP/PP) from a converted or trainer checkpoint.
+
+    Works on the parallel layout the chunks were built with; vocab tensors saved with other padding
+    load their overlap (Megatron marks them allow_shape_mismatch) and the rest stays zero.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "metadata.json").is_file():
+        raise CheckpointError(f"{ckpt_dir}: not a Megatron dist checkpoint (no metadata.json)")
+    chunks = [_unwrap_model(c) for c in model_chunks]
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    request = {key: chunk.sharded_state_dict() for key, chunk in zip(keys, chunks, strict=True)}
+    loaded = dist_checkpointing.load(request, str(ckpt_dir))
+    for key, chunk in zip(keys, chunks, strict=True):
+        chunk.load_state_dict(loaded[key], strict=True)
+
+
+def _unwrap_model(chunk):
+    """DDP wrapper -> the module that owns `sharded_state_dict` (GPTModel or Float16Module)."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
