@@ -187,7 +187,7 @@ class StandinServer:
     async def _on_startup(self, app: web.Application) -> None:
         self._wakeup = asyncio.Event()
         if self.model is not None:
-            app["scheduler"] = asyncio.ensure_future(self._scheduler())
+            self._scheduler_task = asyncio.ensure_future(self._scheduler())
 
     @staticmethod
     async def _json(request: web.Request, allowed: Optional[set] = None, what: str = "") -> dict:
@@ -212,6 +212,7 @@ class StandinServer:
 
     # ---- generation ------------------------------------------------------------------------------
     async def generate(self, request: web.Request) -> web.Response:
+        self.generate_count += 1  # every /generate call, accepted or not
         body = await self._json(request)
         _check_fields(body, GENERATE_FIELDS, GENERATE_IMPLEMENTED, "GenerateReqInput")
         if body.get("stream"):
@@ -229,7 +230,6 @@ class StandinServer:
         n = params["n"]
         if n > 1:
             single = False
-        self.generate_count += 1
         jobs = [p for p in prompts for _ in range(n)]
         if self.zero_latency:
             outs = [self._fixed_output(p, params) for p in jobs]

@@ -137,12 +137,14 @@ class SGLangClient:
             self._round_robin += 1
             rotated = live[self._round_robin % len(live) :] + live[: self._round_robin % len(live)]
             return min(rotated, key=lambda s: s.in_flight), 0.0
+        # All down: retry the first to come back after a short backoff, not its full cooldown, so a
+        # dead fleet fails after max_retries quick attempts instead of sleeping.
         soonest = min(self._servers, key=lambda s: s.down_until)
-        return soonest, soonest.down_until - now
+        return soonest, min(soonest.down_until - now, 0.5)
 
     def _mark_down(self, server: _Server) -> None:
         server.failures += 1
-        server.down_until = time.monotonic() + self.down_cooldown_s * 2 ** min(server.failures - 1, 5)
+        server.down_until = time.monotonic() + self.down_cooldown_s * 2 ** min(server.failures - 1, 3)
 
     async def _generate_one(self, payload: dict, abort_event: asyncio.Event, weight_version: int) -> Sample:
         assert self._semaphore is not None
