@@ -36,10 +36,16 @@ class SGLangConfig:
 
 @dataclasses.dataclass
 class WeightSyncConfig:
-    transport: str = option("auto", choices=("auto", "local", "tensor", "distributed", "disk"))
-    bucket_bytes: int = option(512 * 1024**2, ge=1)
+    transport: str = option("auto", choices=("auto", "local", "tensor", "distributed", "disk"),
+                            help="auto: local for the CPU engine, tensor (CUDA) or disk for SGLang")
+    bucket_bytes: int = option(512 * 1024**2, ge=1, help="HF tensors per transfer; a fused group is never split")
     verify_weights: bool = option(False, help="checksum what the engine holds after each sync")
+    verify_rows: int = option(100, ge=1, help="rows per tensor compared on SGLang (/get_weights_by_name truncate_size)")
     disk_dir: Optional[str] = option(None, help="shared directory for the disk transport")
+    fp8: bool = option(False, help="blockwise FP8 (e4m3) linear weights + weight_scale_inv, for FP8 engines")
+    fp8_block_size: int = option(128, ge=1, help="FP8 scale block edge (HF weight_block_size [b, b])")
+    master_address: str = option("127.0.0.1", help="address the engines reach this node at (distributed transport)")
+    group_timeout_s: float = option(600.0, gt=0, help="rendezvous timeout of the distributed transport's groups")
 
 
 @dataclasses.dataclass

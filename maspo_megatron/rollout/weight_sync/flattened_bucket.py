@@ -90,14 +90,15 @@ class _MetadataRef:
 
 
 class _SGLangNamePickler(pickle._Pickler):  # the pure-Python pickler lets `save` write a global by name
-    def __init__(self, file: io.BytesIO):
+    def __init__(self, file: io.BytesIO, share_memory: bool):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        from multiprocessing.reduction import ForkingPickler
-
-        import torch.multiprocessing  # noqa: F401  (registers torch's tensor/storage reducers)
-
         table = copyreg.dispatch_table.copy()
-        table.update(ForkingPickler._extra_reducers)
+        if share_memory:  # torch's reducers: CUDA IPC handles instead of bytes
+            from multiprocessing.reduction import ForkingPickler
+
+            import torch.multiprocessing  # noqa: F401  (registers torch's tensor/storage reducers)
+
+            table.update(ForkingPickler._extra_reducers)
         self.dispatch_table = table
 
     def reducer_override(self, obj: Any) -> Any:
@@ -128,15 +129,16 @@ def serialize_payload(buf: torch.Tensor, metadata: Sequence[FlattenedTensorMetad
     """One `serialized_named_tensors` entry (base64 str) for `/update_weights_from_tensor`.
 
     A CUDA `buf` travels as a CUDA IPC handle (the receiver maps the same memory: keep `buf` alive
-    until the request returns); a CPU `buf` travels through shared memory.
+    until the request returns). A CPU `buf` travels by value: shared-memory file descriptors would
+    need the multiprocessing authkey, which an unrelated server process does not have.
     """
-    real = _sglang_serializer()
+    real = _sglang_serializer() if buf.is_cuda else None
     if real is not None:
         serializer, sglang_meta = real
         converted = [sglang_meta(**dataclasses.asdict(m)) for m in metadata]
         return serializer.serialize({"flattened_tensor": buf, "metadata": converted}, output_str=True)
     stream = io.BytesIO()
-    _SGLangNamePickler(stream).dump({"flattened_tensor": buf, "metadata": list(metadata)})
+    _SGLangNamePickler(stream, share_memory=buf.is_cuda).dump({"flattened_tensor": buf, "metadata": list(metadata)})
     return base64.b64encode(stream.getvalue()).decode("ascii")
 
 

@@ -1,0 +1,138 @@
+"""`WeightSyncer`: one call per training step pushes the policy's weights into the rollout engines.
+
+    syncer = WeightSyncer(cfg.rollout.weight_sync, chunks, wmap, dims, engine=engine_on_rank0,
+                          engine_kind=cfg.rollout.engine)
+    report = syncer.sync(weight_version=step)      # every rank calls it; the report is for rank 0
+
+One sync, read top to bottom:
+    rank 0: pause generation, flush the cache, open the weight-update session (if the servers have it)
+    every stage: HF-tensor stream (TP gather, own layers) -> [FP8] -> buckets -> transport.send
+    every rank: transport.finish (the last buckets land)
+    rank 0: close the session, set the weight version, [verify checksums], continue generation
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Dict, Optional, Sequence
+
+import torch.distributed as dist
+
+from maspo_megatron.rollout.weight_sync import verify
+from maspo_megatron.rollout.weight_sync.bucketing import bucket_nbytes, iter_buckets
+from maspo_megatron.rollout.weight_sync.fp8 import DEFAULT_BLOCK, fp8_stream
+from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source, megatron_hf_stream
+from maspo_megatron.rollout.weight_sync.transports import TRANSPORTS, WeightSyncError, resolve_transport_name
+
+
+@dataclasses.dataclass
+class SyncReport:
+    """What one sync moved (rank 0 sums over all stage sources)."""
+
+    weight_version: int
+    transport: str
+    num_tensors: int
+    total_bytes: int
+    num_buckets: int
+    max_bucket_bytes: int
+    seconds: float
+    verified: bool
+
+
+class WeightSyncer:
+    """cfg: `WeightSyncConfig`; chunks: this rank's model chunks; wmap: `WeightMap` of the policy;
+    dims: `ParallelDims`; engine: the rollout engine on global rank 0 (None elsewhere);
+    engine_kind: "local" | "sglang" (known on every rank, from `rollout.engine`)."""
+
+    def __init__(self, cfg, chunks: Sequence[Any], wmap, dims, *, engine: Optional[Any] = None,
+                 engine_kind: str = "local") -> None:
+        if engine_kind not in ("local", "sglang"):
+            raise WeightSyncError(f"rollout.engine: {engine_kind!r} is not one of ['local', 'sglang']")
+        if dist.get_rank() == 0 and engine is None:
+            raise WeightSyncError("WeightSyncer: rank 0 (the driver) needs the rollout engine")
+        self.cfg = cfg
+        self.chunks = list(chunks)
+        self.wmap = wmap
+        self.dims = dims
+        self.engine = engine if dist.get_rank() == 0 else None
+        self.engine_kind = engine_kind
+        self.transport_name = resolve_transport_name(cfg.transport, engine_kind)
+        self.transport = TRANSPORTS[self.transport_name](cfg, dims, self.engine)
+        # the CPU engine exposes whole tensors; SGLang returns the first rows only
+        self.verify_rows = None if engine_kind == "local" else cfg.verify_rows
+
+    # ---- the HF stream this rank feeds ---------------------------------------------------------
+    def hf_items(self):
+        items = megatron_hf_stream(self.chunks, self.wmap, self.dims)
+        if self.cfg.fp8:
+            block = (self.cfg.fp8_block_size, self.cfg.fp8_block_size) if self.cfg.fp8_block_size else DEFAULT_BLOCK
+            items = fp8_stream(items, block=block)
+        return items
+
+    # ---- one sync ---------------------------------------------------------------------------------
+    def sync(self, weight_version: int) -> Optional[SyncReport]:
+        start = time.perf_counter()
+        rank0 = dist.get_rank() == 0
+        session = False
+        if rank0:
+            self.engine.pause_generation()
+            self.engine.flush_cache()
+            session = bool(getattr(self.engine, "begin_weight_update", lambda: False)())
+        try:
+            dist.barrier()  # no stage may send before the engine is paused
+            self.transport.prepare(weight_version)
+            stats, sent = self._send_all(weight_version)
+            self.transport.finish(weight_version)
+            gathered = [None] * dist.get_world_size() if rank0 else None
+            dist.gather_object((stats, sent), gathered, dst=0)
+        finally:
+            if rank0 and session:
+                self.engine.end_weight_update()
+        report, error = None, [None]
+        if rank0:
+            try:
+                report = self._commit(weight_version, gathered, start)
+            except WeightSyncError as exc:  # every rank must stop, not only the driver
+                error[0] = str(exc)
+        dist.broadcast_object_list(error, src=0)  # also: nobody runs ahead before the engine has the weights
+        if error[0] is not None:
+            raise WeightSyncError(error[0])
+        return report
+
+    def _commit(self, weight_version: int, gathered, start: float) -> SyncReport:
+        """Rank 0, after every bucket landed: version, verification, resume generation."""
+        self.engine.set_weight_version(weight_version)
+        totals = {"num_tensors": 0, "total_bytes": 0, "num_buckets": 0, "max_bucket_bytes": 0}
+        all_sent: Dict[str, str] = {}
+        for part_stats, part_sent in gathered:
+            for key in ("num_tensors", "total_bytes", "num_buckets"):
+                totals[key] += part_stats[key]
+            totals["max_bucket_bytes"] = max(totals["max_bucket_bytes"], part_stats["max_bucket_bytes"])
+            all_sent.update(part_sent)
+        if self.cfg.verify_weights:
+            held = verify.engine_checksums(self.engine, all_sent, self.verify_rows)
+            verify.raise_on_mismatch(verify.compare(all_sent, held), weight_version)
+        self.engine.continue_generation()
+        return SyncReport(weight_version, self.transport_name, seconds=time.perf_counter() - start,
+                          verified=bool(self.cfg.verify_weights), **totals)
+
+    def _send_all(self, weight_version: int):
+        stats = {"num_tensors": 0, "total_bytes": 0, "num_buckets": 0, "max_bucket_bytes": 0}
+        sent: Dict[str, str] = {}
+        source = is_export_source(self.dims)
+        for bucket in iter_buckets(self.hf_items(), self.cfg.bucket_bytes):
+            if not source:  # TP peers only feed the gathers; the stream yields nothing here
+                raise WeightSyncError("weight sync: a non-source rank produced a bucket (TP layout mismatch)")
+            size = bucket_nbytes(bucket)
+            stats["num_tensors"] += len(bucket)
+            stats["total_bytes"] += size
+            stats["num_buckets"] += 1
+            stats["max_bucket_bytes"] = max(stats["max_bucket_bytes"], size)
+            if self.cfg.verify_weights:
+                sent.update(verify.sent_checksums(bucket, self.verify_rows))
+            self.transport.send(bucket, weight_version)
+            del bucket  # the bucketer's memory bound assumes the consumer lets go before the next one
+        return stats, sent
+
+    def close(self) -> None:
+        self.transport.close()

@@ -1,0 +1,56 @@
+"""What every transport implements, and the facts about the trainer's layout they share.
+
+Call order in one sync (the `WeightSyncer` drives it; every rank calls every step):
+    prepare(version)          collective: groups, URLs, directories
+    send(bucket, version)     on each pipeline stage's export source, once per bucket
+    finish(version)           collective: the last bucket has been sent by every source
+`engine` is the rollout engine handle and exists on global rank 0 only (the driver); HTTP calls to
+SGLang are made from there.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import torch.distributed as dist
+
+from maspo_megatron.rollout.weight_sync.bucketing import NamedTensor
+
+
+class WeightSyncError(RuntimeError):
+    """A weight sync failed or verification found a mismatch (the message names the tensors / server)."""
+
+
+def check_response(url_to_body: dict, what: str) -> None:
+    """SGLang answers weight updates with {"success": bool, "message": str}; success=false is an error."""
+    for url, body in url_to_body.items():
+        if isinstance(body, BaseException):
+            raise WeightSyncError(f"{what} on {url}: {type(body).__name__}: {body}")
+        if isinstance(body, dict) and body.get("success") is False:
+            raise WeightSyncError(f"{what} on {url} failed: {body.get('message')}")
+
+
+def stage_sources(dims) -> List[int]:
+    """Global ranks of the export sources of all pipeline stages, in stage order (valid on sources)."""
+    return dist.get_process_group_ranks(dims.pp_group) if dims.pp > 1 else [dist.get_rank()]
+
+
+class Transport:
+    name = "base"
+
+    def __init__(self, cfg, dims, engine: Optional[Any] = None) -> None:
+        self.cfg = cfg
+        self.dims = dims
+        self.engine = engine
+
+    def prepare(self, version: int) -> None:
+        """Collective, every rank."""
+
+    def send(self, bucket: List[NamedTensor], version: int) -> None:
+        """On export sources only."""
+        raise NotImplementedError
+
+    def finish(self, version: int) -> None:
+        """Collective, every rank."""
+
+    def close(self) -> None:
+        """Releases groups / files; collective."""

@@ -1,0 +1,63 @@
+"""`tensor` (colocated): flattened buckets handed to SGLang by reference (`/update_weights_from_tensor`).
+
+Each stage's source packs a bucket into a FRESH uint8 buffer (flattened_bucket.py) and serializes
+it: a CUDA buffer travels as a CUDA IPC handle, a CPU buffer through shared memory. Sources meet
+in rounds over the pipeline group: gather the payloads to rank 0, which posts them (one payload per
+SGLang TP rank, `load_format: "flattened_bucket"`), then releases the round; a source keeps its
+buffer alive until then, so the engine never reads freed memory. GPU: the engine's TP rank i maps
+the buffer from the source's GPU, which needs peer access between the GPUs when they differ.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch.distributed as dist
+
+from maspo_megatron.rollout.weight_sync.bucketing import NamedTensor
+from maspo_megatron.rollout.weight_sync.flattened_bucket import LOAD_FORMAT, flatten_tensors, serialize_payload
+from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source
+from maspo_megatron.rollout.weight_sync.transports.base import Transport, WeightSyncError, check_response
+
+
+class TensorTransport(Transport):
+    name = "tensor"
+
+    def prepare(self, version: int) -> None:
+        if dist.get_rank() == 0 and not hasattr(self.engine, "update_weights_from_tensor"):
+            raise WeightSyncError("weight_sync.transport: 'tensor' needs SGLang servers (rollout.engine=sglang)")
+
+    def _round(self, payload: Optional[str], version: int) -> bool:
+        """One exchange among stage sources; returns True when every source has finished."""
+        group = self.dims.pp_group if self.dims.pp > 1 else None
+        items = [None] * self.dims.pp if dist.get_rank() == 0 else None
+        if self.dims.pp > 1:
+            dist.gather_object(payload, items, dst=0, group=group)
+        else:
+            items = [payload]
+        all_done = [False]
+        if dist.get_rank() == 0:
+            for item in items:
+                if item is not None:
+                    self._post(item, version)
+            all_done[0] = all(item is None for item in items)
+        if self.dims.pp > 1:
+            dist.broadcast_object_list(all_done, src=0, group=group)
+        return all_done[0]
+
+    def _post(self, payload: str, version: int) -> None:
+        tp_size = int(getattr(self.engine.cfg, "tp_size", 1))
+        body = {"serialized_named_tensors": [payload] * tp_size, "load_format": LOAD_FORMAT,
+                "flush_cache": False, "weight_version": str(version)}
+        check_response(self.engine.update_weights_from_tensor({url: body for url in self.engine.worker_urls}),
+                       "update_weights_from_tensor")
+
+    def send(self, bucket: List[NamedTensor], version: int) -> None:
+        buf, metadata = flatten_tensors(bucket)
+        self._round(serialize_payload(buf, metadata), version)
+        del buf  # released only after rank 0's request returned: the engine has copied the weights
+
+    def finish(self, version: int) -> None:
+        if not is_export_source(self.dims):
+            return
+        while not self._round(None, version):
+            pass

@@ -1,0 +1,245 @@
+"""Multi-process cases (run by tests/helpers/multiproc.run_distributed): a TP2 x PP2 Megatron policy
+built from a tiny Qwen2 HF config, synced into the CPU engine or a stand-in SGLang server."""
+from __future__ import annotations
+
+import torch
+
+VOCAB = 100  # padded to 256 rows on the Megatron side at TP2: the sync must trim them
+SEED_POLICY, SEED_ENGINE = 11, 22
+
+
+def hf_config(tied: bool):
+    import transformers
+
+    return transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, use_sliding_window=False, hidden_act="silu",
+        eos_token_id=VOCAB + 5)  # no eos inside the vocab: sampled sequences run to max_new_tokens
+
+
+def hf_model(tied: bool, seed: int):
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(tied)).float().eval()
+    with torch.no_grad():  # HF zero-inits biases and ones-inits norms: randomise so every tensor is distinctive
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def reference_state(tied: bool) -> dict:
+    return {k: v.clone() for k, v in hf_model(tied, SEED_POLICY).state_dict().items()}
+
+
+def build_policy(tied: bool, tp: int = 2, pp: int = 2):
+    """(dims, chunks, wmap) with the policy's weights loaded from the reference HF model."""
+    from maspo_megatron.config.model import ModelConfig
+    from maspo_megatron.config.parallel import ParallelConfig
+    from maspo_megatron.models import WeightMap
+    from maspo_megatron.models.config_builder import build_model_config
+    from maspo_megatron.models.hf_loader import load_hf_weights
+    from maspo_megatron.models.provider import gpt_model_provider
+    from maspo_megatron.parallel import init_distributed
+
+    parallel = ParallelConfig(tp=tp, pp=pp)
+    dims = init_distributed(parallel, seed=1)
+    config, meta = build_model_config(hf_config(tied), ModelConfig(dtype="fp32"), parallel)
+    chunk = gpt_model_provider(config, meta, pre_process=dims.is_first_stage, post_process=dims.is_last_stage)
+    wmap = WeightMap.from_hf_config(hf_config(tied), tp=tp)
+    assert meta.padded_vocab_size > VOCAB
+    reference = reference_state(tied)
+    load_hf_weights(chunk, wmap, reference.__getitem__, dims.tp_rank, dims.tp)
+    return dims, [chunk], wmap
+
+
+def export_reference(dims, chunks, wmap) -> dict:
+    """The models package's own HF export (C's export_hf_weights with an all-gather), on rank 0."""
+    import torch.distributed as dist
+
+    from maspo_megatron.models.hf_loader import export_hf_weights
+
+    def gather(shard, name):
+        parts = [torch.empty_like(shard) for _ in range(dims.tp)]
+        dist.all_gather(parts, shard.contiguous(), group=dims.tp_group)
+        return parts
+
+    mine = {n: t.clone() for chunk in chunks for n, t in export_hf_weights(chunk, wmap, gather)}
+    if dims.tp_rank != 0:
+        mine = {}
+    everything = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, everything, dst=0)
+    if dist.get_rank() != 0:
+        return {}
+    return {k: v for part in everything for k, v in part.items()}
+
+
+def weight_sync_cfg(**overrides):
+    from maspo_megatron.config.rollout import WeightSyncConfig
+
+    cfg = WeightSyncConfig(bucket_bytes=6000, verify_weights=True)  # smaller than the 25.6 kB embedding
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+# ---- training step and trainer log-probs (Megatron pipeline schedule) ----------------------------
+def _forward_step_factory(dims, collect: list):
+    from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
+
+    def forward_step(data_iterator, model):
+        tokens, targets, mask = next(data_iterator)
+        length = tokens.shape[1]
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)[None, None]
+        output = model(tokens, torch.arange(length)[None], causal)
+
+        def loss_func(logits):
+            # Megatron's padded vocab rows produce real logits: mask them, the engine has no such tokens
+            logits = logits.float()
+            shard = logits.shape[-1]
+            global_ids = torch.arange(dims.tp_rank * shard, (dims.tp_rank + 1) * shard)
+            logits = logits.masked_fill(global_ids >= VOCAB, -1e30)
+            log_prob, _ = vocab_parallel_logprobs_entropy(logits, targets, dims.tp_group)
+            collect.append(log_prob.detach().clone())
+            loss = -(log_prob * mask).sum()
+            return loss, {"loss": loss.detach()}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def run_schedule(dims, chunks, tokens: list, prompt_len: int, forward_only: bool) -> torch.Tensor:
+    """Log-probs of tokens[prompt_len:] (on the last stage; empty elsewhere); backward too unless forward_only."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    ids = torch.tensor([tokens[:-1]])
+    targets = torch.tensor([tokens[1:]])
+    mask = torch.zeros_like(targets, dtype=torch.float32)
+    mask[0, prompt_len - 1:] = 1.0
+    collect: list = []
+    get_forward_backward_func()(
+        forward_step_func=_forward_step_factory(dims, collect), data_iterator=iter([(ids, targets, mask)]),
+        model=chunks, num_microbatches=1, seq_length=ids.shape[1], micro_batch_size=1, forward_only=forward_only)
+    if not collect:
+        return torch.empty(0)
+    return collect[0][0, prompt_len - 1:]
+
+
+def sgd_step(dims, chunks, tokens, prompt_len, lr: float = 0.5) -> None:
+    """One real training step: Megatron schedule backward + plain SGD on every local shard."""
+    for chunk in chunks:
+        chunk.zero_grad(set_to_none=True)
+    run_schedule(dims, chunks, tokens, prompt_len, forward_only=False)
+    with torch.no_grad():
+        for chunk in chunks:
+            for param in chunk.parameters():
+                if param.grad is not None:
+                    param.add_(param.grad, alpha=-lr)
+
+
+def _engine(tied: bool):
+    from maspo_megatron.rollout.local.engine import LocalEngine
+
+    return LocalEngine(hf_model(tied, SEED_ENGINE), batch_size=4, seed=5)
+
+
+# ---- cases -----------------------------------------------------------------------------------------
+def case_local(tied: bool, fp8: bool = False) -> dict:
+    """TP2 x PP2 -> CPU engine: bit-exact weights, version, then train + sync + log-prob agreement."""
+    import torch.distributed as dist
+
+    from maspo_megatron.rollout.types import SamplingParams
+    from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer
+
+    dims, chunks, wmap = build_policy(tied)
+    rank0 = dist.get_rank() == 0
+    engine = _engine(tied) if rank0 else None
+    syncer = WeightSyncer(weight_sync_cfg(transport="local"), chunks, wmap, dims, engine=engine, engine_kind="local")
+    out: dict = {}
+    report = syncer.sync(weight_version=1)
+    if rank0:
+        out["after_first"] = {k: v.clone() for k, v in engine.state_dict().items()}
+        out["version_1"] = engine.weight_version
+        out["report"] = report
+
+    prompt = [3, 17, 42, 8, 99]
+    sequence = [None]
+    if rank0:
+        sample = engine.generate([prompt], 1, SamplingParams(max_new_tokens=10, seed=7))[0][0]
+        sequence[0] = prompt + sample.token_ids
+    dist.broadcast_object_list(sequence, src=0)
+    sgd_step(dims, chunks, sequence[0], len(prompt))
+    syncer.sync(weight_version=2)
+    exported = export_reference(dims, chunks, wmap)
+
+    sampled = [None]
+    if rank0:
+        out["after_second"] = {k: v.clone() for k, v in engine.state_dict().items()}
+        out["export"] = exported
+        out["version_2"] = engine.weight_version
+        sample = engine.generate([prompt], 1, SamplingParams(max_new_tokens=12, seed=9))[0][0]
+        out["engine_log_probs"] = sample.log_probs.clone()
+        sampled[0] = prompt + sample.token_ids
+    dist.broadcast_object_list(sampled, src=0)
+    trainer_log_probs = run_schedule(dims, chunks, sampled[0], len(prompt), forward_only=True)
+    if dims.is_last_stage and dims.tp_rank == 0:
+        out["trainer_log_probs"] = trainer_log_probs
+    return out
+
+
+class _CorruptingEngine:
+    """A CPU engine that silently damages one tensor on load: verify_weights must notice."""
+
+    def __init__(self, engine, victim: str):
+        self._engine, self._victim = engine, victim
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def load_hf_state_dict(self, state_dict, weight_version=None):
+        self._engine.load_hf_state_dict(state_dict, weight_version)
+        if self._victim in state_dict:
+            with torch.no_grad():
+                dict(self._engine.model.named_parameters())[self._victim].view(-1)[3] += 1e-3
+
+
+def case_corrupted(victim: str) -> str:
+    import torch.distributed as dist
+
+    from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer
+    from maspo_megatron.rollout.weight_sync.transports import WeightSyncError
+
+    dims, chunks, wmap = build_policy(False)
+    engine = _CorruptingEngine(_engine(False), victim) if dist.get_rank() == 0 else None
+    syncer = WeightSyncer(weight_sync_cfg(transport="local"), chunks, wmap, dims, engine=engine, engine_kind="local")
+    try:
+        syncer.sync(weight_version=1)
+    except WeightSyncError as exc:
+        return str(exc)
+    return ""
+
+
+def case_sglang(url: str, transport: str, disk_dir: str, tied: bool = False) -> dict:
+    """TP2 x PP2 -> the stand-in SGLang server over `transport`; the test reads the server's weights."""
+    import torch.distributed as dist
+
+    from maspo_megatron.config.rollout import SGLangConfig
+    from maspo_megatron.rollout.sglang.engine import SGLangEngine
+    from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer
+
+    dims, chunks, wmap = build_policy(tied)
+    engine = SGLangEngine(SGLangConfig(urls=[url])) if dist.get_rank() == 0 else None
+    cfg = weight_sync_cfg(transport=transport, disk_dir=disk_dir)
+    syncer = WeightSyncer(cfg, chunks, wmap, dims, engine=engine, engine_kind="sglang")
+    out = {}
+    try:
+        out["report"] = syncer.sync(weight_version=3)
+        out["report2"] = syncer.sync(weight_version=4)
+    finally:
+        syncer.close()
+        if engine is not None:
+            engine.shutdown()
+    return out
