@@ -58,3 +58,12 @@ class RewardConfig:
     answer_pattern: Optional[str] = option(None, help="math: extra regex whose group 1 is the final answer")
     max_answer_chars: int = option(512, ge=1, help="math: longer extracted answers count as unparsable")
     options: Dict[str, Any] = option(factory=dict, help="keyword options passed to the reward function")
+
+    def validate(self) -> None:
+        if self.answer_pattern is not None:
+            import re
+
+            try:
+                re.compile(self.answer_pattern)
+            except re.error as exc:
+                raise ValueError(f"answer_pattern: invalid regex {self.answer_pattern!r} ({exc})") from None

@@ -108,3 +108,13 @@ def test_unknown_option_is_named():
         RewardScorer(name="reward_fixtures:exact_match", num_workers=0, options={"bogus": 1})
     with pytest.raises(RewardError, match="unknown option 'bogus_field'"):
         RewardScorer(name="math", bogus_field=1)
+
+
+def test_scorer_from_config_and_bad_pattern():
+    from maspo_megatron.config import ConfigError, load_config
+
+    cfg = load_config(overrides=["reward.num_workers=0", "reward.correct=3.0", r"reward.answer_pattern='Answer: (\d+)'"])
+    with RewardScorer(cfg.reward) as scorer:
+        assert [r.reward for r in scorer.score([("Answer: 4", "4"), ("Answer: 5", "4")])] == [3.0, 0.0]
+    with pytest.raises(ConfigError, match=r"reward.answer_pattern: invalid regex '\(a'"):
+        load_config(overrides=["reward.answer_pattern='(a'"])
