@@ -118,11 +118,13 @@ class StandinServer:
         startup_delay_s: float = 0.0,
         weight_session: bool = True,
         max_running: int = 256,
+        response_delay_s: float = 0.0,
     ) -> None:
         self.host, self.port, self.tp_size, self.api_key = host, port, tp_size, api_key
         self.enable_memory_saver, self.zero_latency = enable_memory_saver, zero_latency
         self.token_delay_s, self.weight_session, self.max_running = token_delay_s, weight_session, max_running
         self.ready_at = time.monotonic() + startup_delay_s
+        self.response_delay_s = response_delay_s
         self.model = None
         if not zero_latency:
             import transformers
@@ -232,6 +234,8 @@ class StandinServer:
             single = False
         jobs = [p for p in prompts for _ in range(n)]
         if self.zero_latency:
+            if self.response_delay_s:
+                await asyncio.sleep(self.response_delay_s)  # models server time without using CPU
             outs = [self._fixed_output(p, params) for p in jobs]
         else:
             for prompt in jobs:
@@ -605,6 +609,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     # stand-in only
     parser.add_argument("--zero-latency", action="store_true")
     parser.add_argument("--token-delay-s", type=float, default=0.0)
+    parser.add_argument("--response-delay-s", type=float, default=0.0, help="zero-latency mode: answer after this sleep")
     parser.add_argument("--startup-delay-s", type=float, default=0.0)
     parser.add_argument("--no-weight-session", action="store_true")
     parser.add_argument("--fail-startup", help="print this message and exit 1 (tests the launcher)")
@@ -616,7 +621,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     server = StandinServer(
         args.model_path, host=args.host, port=args.port, tp_size=args.tp_size, api_key=args.api_key,
         enable_memory_saver=args.enable_memory_saver, zero_latency=args.zero_latency,
-        token_delay_s=args.token_delay_s, startup_delay_s=args.startup_delay_s,
+        token_delay_s=args.token_delay_s, startup_delay_s=args.startup_delay_s, response_delay_s=args.response_delay_s,
         weight_session=not args.no_weight_session,
     )
     print(f"[standin] serving on {server.url}", flush=True)

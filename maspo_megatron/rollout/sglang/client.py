@@ -39,6 +39,15 @@ class _Server:
     failures: int = 0
 
 
+@dataclasses.dataclass(eq=False)
+class _Call:
+    """One `generate` call: its per-sample tasks and its abort state."""
+
+    tasks: list = dataclasses.field(default_factory=list)
+    aborted: bool = False
+    watchdog: Optional[asyncio.Task] = None
+
+
 def _aborted(weight_version: int) -> Sample:
     return Sample(token_ids=[], log_probs=[], finish_reason="abort", weight_version=weight_version)
 
@@ -76,7 +85,7 @@ class SGLangClient:
         self.abort_grace_s = abort_grace_s
         self._session: Optional[aiohttp.ClientSession] = None
         self._semaphore: Optional[asyncio.Semaphore] = None
-        self._abort_events: set[asyncio.Event] = set()
+        self._calls: set[_Call] = set()
         self._round_robin = 0
         self.weight_update_session_supported: Optional[bool] = None
 
@@ -110,24 +119,32 @@ class SGLangClient:
     ) -> list[list[Sample]]:
         """prompts[P][len] -> P lists of n samples, in order. Raises RolloutError if a sample fails."""
         await self._get_session()
-        abort_event = asyncio.Event()
-        self._abort_events.add(abort_event)
-        tasks = []
+        call = _Call()
+        self._calls.add(call)
         for p, prompt in enumerate(prompts):
             for s in range(n):
                 seed = sequence_seed(sampling.seed, p, s) if sampling.seed is not None else None
                 payload = generate_payload(prompt, sampling, seed)
-                tasks.append(asyncio.ensure_future(self._generate_one(payload, abort_event, weight_version)))
+                call.tasks.append(asyncio.ensure_future(self._generate_one(payload, call, weight_version)))
         try:
-            samples = await asyncio.gather(*tasks)
+            pending = set(call.tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+                if failed:
+                    raise failed[0].exception()
         except BaseException:
-            for task in tasks:
+            for task in call.tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*call.tasks, return_exceptions=True)
             raise
         finally:
-            self._abort_events.discard(abort_event)
-        return [list(samples[p * n : (p + 1) * n]) for p in range(len(prompts))]
+            self._calls.discard(call)
+            if call.watchdog is not None:
+                call.watchdog.cancel()
+        # Tasks cancelled by the abort watchdog (no answer within abort_grace_s) are empty aborts.
+        samples = [_aborted(weight_version) if t.cancelled() else t.result() for t in call.tasks]
+        return [samples[p * n : (p + 1) * n] for p in range(len(prompts))]
 
     def _pick_server(self) -> tuple[_Server, float]:
         """The least-loaded live server, or (when all are down) the first to come back and its wait."""
@@ -146,27 +163,25 @@ class SGLangClient:
         server.failures += 1
         server.down_until = time.monotonic() + self.down_cooldown_s * 2 ** min(server.failures - 1, 3)
 
-    async def _generate_one(self, payload: dict, abort_event: asyncio.Event, weight_version: int) -> Sample:
+    async def _generate_one(self, payload: dict, call: _Call, weight_version: int) -> Sample:
         assert self._semaphore is not None
         async with self._semaphore:
             errors = []
             for _attempt in range(self.max_retries + 1):
-                if abort_event.is_set():
+                if call.aborted:
                     return _aborted(weight_version)
                 server, wait_s = self._pick_server()
                 if wait_s > 0:
                     await asyncio.sleep(wait_s)
                 server.in_flight += 1
                 try:
-                    status, body = await self._post_abortable(server.url + "/generate", payload, abort_event)
+                    status, body = await self._post_json(server.url + "/generate", payload)
                 except _RETRYABLE as exc:
                     self._mark_down(server)
                     errors.append(f"{server.url}: {type(exc).__name__}: {exc}")
                     continue
                 finally:
                     server.in_flight -= 1
-                if status is None:  # aborted and the server did not answer within the grace period
-                    return _aborted(weight_version)
                 if status == 200:
                     server.failures = 0
                     return parse_generate_response(body, url=server.url, default_weight_version=weight_version)
@@ -174,37 +189,27 @@ class SGLangClient:
                     raise RolloutError(f"{server.url}/generate: HTTP {status} (request rejected): {str(body)[:300]}")
                 self._mark_down(server)
                 errors.append(f"{server.url}: HTTP {status}: {str(body)[:200]}")
+            if call.aborted:
+                return _aborted(weight_version)
             raise RolloutError(f"/generate failed {self.max_retries + 1} times; errors: {'; '.join(errors)}")
 
-    async def _post_abortable(self, url: str, payload: dict, abort_event: asyncio.Event) -> tuple[Optional[int], Any]:
+    async def _post_json(self, url: str, payload: Any) -> tuple[int, Any]:
         session = await self._get_session()
-
-        async def request() -> tuple[int, Any]:
-            async with session.post(url, json=payload, timeout=self._timeout()) as response:
-                return response.status, await self._read_body(response)
-
-        request_task = asyncio.ensure_future(request())
-        abort_task = asyncio.ensure_future(abort_event.wait())
-        try:
-            await asyncio.wait({request_task, abort_task}, return_when=asyncio.FIRST_COMPLETED)
-            if request_task.done():
-                return request_task.result()
-            # Aborted: the server should now answer with finish_reason "abort" and partial output.
-            done, _ = await asyncio.wait({request_task}, timeout=self.abort_grace_s)
-            if done and request_task.exception() is None:
-                return request_task.result()
-            return None, None
-        finally:
-            abort_task.cancel()
-            if not request_task.done():
-                request_task.cancel()
-                await asyncio.gather(request_task, return_exceptions=True)
+        async with session.post(url, json=payload, timeout=self._timeout()) as response:
+            return response.status, await self._read_body(response)
 
     async def abort(self) -> None:
         """Ends every in-flight `generate` (see the module docstring)."""
-        for event in list(self._abort_events):
-            event.set()
+        for call in list(self._calls):
+            call.aborted = True
+            if call.watchdog is None:
+                call.watchdog = asyncio.ensure_future(self._cancel_after_grace(call))
         await self.post("/abort_request", {"abort_all": True}, ignore_errors=True, timeout_s=self.connect_timeout_s)
+
+    async def _cancel_after_grace(self, call: _Call) -> None:
+        await asyncio.sleep(self.abort_grace_s)
+        for task in call.tasks:
+            task.cancel()
 
     # ---- control plane ---------------------------------------------------------------------------
     async def _call(self, method: str, url: str, payload: Any, timeout_s: Optional[float]) -> Any:

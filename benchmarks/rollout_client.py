@@ -1,0 +1,131 @@
+"""Rollout client throughput: the asyncio SGLang client vs a plain sequential `requests` loop.
+
+Both talk to the same stand-in server subprocess (tests/helpers/sglang_standin.py --zero-latency: it
+answers /generate with fixed tokens, no model). Two scenarios, each with its own sequential baseline:
+- zero-latency server: answers at once, so only client + server CPU cost is measured (requests per
+  second, and the latency the client adds per request at concurrency 1). Both sides are Python
+  processes on the same cores here, so this ratio is bounded by CPU, not by the client's design;
+- server answers after a fixed service time (an asyncio sleep, no CPU): what overlapping requests
+  buys, i.e. the rate the client sustains with many requests in flight (the 20x criterion).
+Rows are ratios against the sequential loop measured in the same run.
+
+    python benchmarks/rollout_client.py            # 4096 requests per concurrency level
+    python benchmarks/rollout_client.py --quick    # smoke size
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from maspo_megatron.config import SGLangConfig  # noqa: E402
+from maspo_megatron.rollout.sglang import SGLangEngine  # noqa: E402
+from maspo_megatron.rollout.sglang.launcher import free_port  # noqa: E402
+from maspo_megatron.rollout.sglang.protocol import generate_payload  # noqa: E402
+from maspo_megatron.rollout.types import SamplingParams  # noqa: E402
+
+STANDIN = ROOT / "tests" / "helpers" / "sglang_standin.py"
+SAMPLING = SamplingParams(max_new_tokens=8)
+PROMPT = list(range(1, 33))
+
+
+def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(STANDIN), "--zero-latency", "--port", str(port), *extra],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("zero-latency stand-in died during startup")
+        try:
+            if requests.get(url + "/health_generate", timeout=2).status_code == 200:
+                return process, url
+        except requests.RequestException:
+            time.sleep(0.2)
+    raise RuntimeError(f"stand-in at {url} not ready")
+
+
+def sequential_loop(url: str, count: int) -> float:
+    """Plain `requests.post` in a loop (one keep-alive session) -> seconds."""
+    payload = generate_payload(PROMPT, SAMPLING)
+    with requests.Session() as session:
+        started = time.perf_counter()
+        for _ in range(count):
+            response = session.post(url + "/generate", json=payload, timeout=30)
+            response.raise_for_status()
+            response.json()
+        return time.perf_counter() - started
+
+
+def client_run(url: str, count: int, concurrency: int) -> float:
+    engine = SGLangEngine(SGLangConfig(urls=[url], max_concurrency=concurrency, request_timeout_s=120))
+    try:
+        engine.generate([PROMPT] * concurrency, 1, SAMPLING)  # open the connection pool this run will use
+        started = time.perf_counter()
+        groups = engine.generate([PROMPT] * count, 1, SAMPLING)
+        elapsed = time.perf_counter() - started
+        assert len(groups) == count and all(len(g[0].token_ids) == SAMPLING.max_new_tokens for g in groups)
+        return elapsed
+    finally:
+        engine.shutdown()
+
+
+def measure(scenario: str, server_args: list[str], count: int, sequential_count: int) -> list[dict]:
+    process, url = start_server(server_args)
+    rows = []
+    try:
+        sequential_loop(url, 16)  # warm-up
+        seq_s = sequential_loop(url, sequential_count)
+        seq_rps = sequential_count / seq_s
+        seq_latency_ms = 1000 * seq_s / sequential_count
+        rows.append({"bench": "rollout_client", "scenario": scenario, "case": "sequential requests loop",
+                     "requests": sequential_count, "req_per_s": round(seq_rps, 1), "ms_per_req": round(seq_latency_ms, 3),
+                     "ratio_vs_sequential": 1.0})
+        for concurrency in (1, 64, 512):
+            n = sequential_count if concurrency == 1 else count
+            elapsed = client_run(url, n, concurrency)
+            rps = n / elapsed
+            row = {"bench": "rollout_client", "scenario": scenario, "case": f"asyncio client, concurrency {concurrency}",
+                   "requests": n, "req_per_s": round(rps, 1), "ms_per_req": round(1000 * elapsed / n, 3),
+                   "ratio_vs_sequential": round(rps / seq_rps, 2)}
+            if concurrency == 1:
+                # What the client adds per request over the plain loop (both wait for the same server).
+                row["added_latency_ms"] = round(1000 * elapsed / n - seq_latency_ms, 3)
+            rows.append(row)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke size")
+    parser.add_argument("--requests", type=int, default=None, help="requests per concurrent measurement")
+    parser.add_argument("--service-ms", type=float, default=20.0,
+                        help="server time per request of the second scenario (asyncio sleep in the stand-in)")
+    args = parser.parse_args(argv)
+    count = args.requests or (512 if args.quick else 4096)
+    rows = measure("zero-latency server", [], count, max(64, count // 8))
+    delay = ["--response-delay-s", str(args.service_ms / 1000)]
+    rows += measure(f"server answers after {args.service_ms:g} ms", delay, count, 32 if args.quick else 100)
+    print(f"{'scenario':<30} {'case':<30} {'requests':>8} {'req/s':>9} {'ms/req':>8} {'x seq':>7} {'added ms':>9}")
+    for row in rows:
+        print(f"{row['scenario']:<30} {row['case']:<30} {row['requests']:>8} {row['req_per_s']:>9} {row['ms_per_req']:>8} "
+              f"{row['ratio_vs_sequential']:>7} {row.get('added_latency_ms', ''):>9}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
