@@ -1,16 +1,20 @@
-"""Entry point: `python -m maspo_megatron.train --config FILE [dotted.key=value ...]`.
+"""Entry point: `python -m maspo_megatron.train --config FILE [dotted.key=value ...]` (console: maspo-train).
 
-PLACEHOLDER written by the lead until the RL loop (issue 8) lands: it loads and validates the
-config, then runs the MASPO loss on a synthetic batch and prints its mass-adaptive statistics.
-Contract kept by the real entry point (tests/config/test_config.py checks it): a ConfigError is
-printed as ONE line on stderr and the process exits with code 2.
+Runs as one process, or one process per rank under torchrun / srun (rank, world size and
+rendezvous from RANK/WORLD_SIZE/LOCAL_RANK or SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and
+MASTER_ADDR/MASTER_PORT). Exit codes: 0 done; 75 stopped by SIGUSR1/SIGTERM after writing a
+checkpoint (requeue and run the same command again: it resumes from `latest`); 2 bad config or
+setup value (one line on stderr, no traceback); anything else: a crash.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from maspo_megatron.config import ConfigError, load_config
+
+EXIT_BAD_CONFIG = 2
 
 
 def parse_args(argv=None):
@@ -26,27 +30,20 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         print(f"maspo-train: config error: {exc}", file=sys.stderr)
-        return 2
-    import torch
+        return EXIT_BAD_CONFIG
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from maspo_megatron.trainer.loop import Trainer
 
-    from maspo_megatron.algorithms import finalize_statistics, maspo_statistics, policy_loss
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError) as exc:  # setup problems that name their key/file
+        print(f"maspo-train: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    code = trainer.run()
+    from maspo_megatron.parallel import destroy_distributed
 
-    generator = torch.Generator().manual_seed(cfg.trainer.seed)
-    shape = (8, 32)
-    old_log_prob = -torch.rand(shape, generator=generator) * 4
-    log_prob = (old_log_prob + 0.3 * torch.randn(shape, generator=generator)).clamp(max=0).requires_grad_()
-    advantages = torch.randn(shape[0], 1, generator=generator).expand(shape)
-    mask = torch.ones(shape, dtype=torch.bool)
-    hyper = cfg.algorithm.loss_hyper()
-    loss_tok, _ = policy_loss(cfg.algorithm.loss, log_prob, old_log_prob, advantages, mask, **hyper)
-    loss = loss_tok.sum() / mask.sum()
-    loss.backward()
-    print(f"{cfg.algorithm.loss} loss on a synthetic batch {tuple(shape)}: {loss.item():.6f}")
-    if cfg.algorithm.loss == "maspo":
-        stats = finalize_statistics(maspo_statistics(log_prob.detach(), old_log_prob, advantages, mask, **hyper))
-        for key, value in sorted(stats.items()):
-            print(f"  {key}: {value:.4f}")
-    return 0
+    destroy_distributed()
+    return code
 
 
 if __name__ == "__main__":

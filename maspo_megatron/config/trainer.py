@@ -27,8 +27,15 @@ class TrainerConfig:
     keep_last: int = option(2, ge=1)
     resume: bool = option(True, help="resume from <output_dir>/checkpoints/latest when present")
     hf_export_every: int = option(0, ge=0, help="also export a HF checkpoint every k steps (0: only at the end)")
-    eval_every: int = option(0, ge=0)
-    eval_n_samples: int = option(4, ge=1)
+    eval_every: int = option(0, ge=0, help="evaluate every k steps (0: only at the end)")
+    eval_n_samples: int = option(4, ge=1, help="samples per validation prompt: Avg@n and Pass@n")
+    eval_greedy: bool = option(False, help="greedy decoding for evaluation (then n is forced to 1)")
+    eval_max_prompts: Optional[int] = option(None, ge=1, help="cap on prompts per validation set (default: all)")
+    eval_at_end: bool = option(True, help="evaluate after the last step")
+    hf_export_at_end: bool = option(True, help="write a HF checkpoint to <output_dir>/hf after the last step")
+    sft_warmup_steps: int = option(0, ge=0, help="supervised warm-up steps on the task's reference answers before RL (synthetic task only)")
+    sft_batch_size: int = option(32, ge=1, help="prompts per supervised warm-up step")
+    sft_lr: float = option(1e-3, gt=0, help="learning rate of the supervised warm-up (constant)")
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     log_every: int = option(1, ge=1)

@@ -1,0 +1,274 @@
+"""The RL loop: one `Trainer` per process; `Trainer(cfg).run()` returns the process exit code.
+
+One step, top to bottom (`rl_step`):
+    rollout (rank 0: engine -> rewards -> advantages, dynamic sampling)
+    -> broadcast the samples, pack micro-batches balanced by tokens across DP
+    -> old log-probs (trainer forward; engine drift measured; optional TIS)
+    -> ppo_epochs x mini_batches of forward/backward + optimizer step
+    -> weight sync into the engine -> metrics
+Around it: resume from `latest`, supervised warm-up on a fresh start, checkpoints every
+`save_every` steps, evaluation, SIGUSR1/SIGTERM -> checkpoint and exit 75, HF export at the end.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from maspo_megatron.config import Config, to_dict
+from maspo_megatron.trainer import checkpoint
+from maspo_megatron.trainer.evaluation import eval_metrics
+from maspo_megatron.trainer.metrics import MetricsLogger
+from maspo_megatron.trainer.rollout_phase import DriverContext, generate_groups, run_rollout, step_seed
+from maspo_megatron.trainer.signals import EXIT_CODE_REQUEUE, StopRequest
+from maspo_megatron.trainer.train_step import (
+    broadcast_samples,
+    compute_old_log_probs,
+    pack_mini_batches,
+    ppo_update,
+)
+
+EXIT_OK = 0
+_EVAL_ROUND = 1 << 20  # seeds evaluation sampling apart from the training rounds of the same step
+
+
+def check_sizes(cfg: Config) -> None:
+    """Refuses settings that could only fail later, with the keys to change."""
+    needed = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    if needed > cfg.trainer.micro_batch_tokens:
+        raise ValueError(f"trainer.micro_batch_tokens: {cfg.trainer.micro_batch_tokens} cannot hold a sample of "
+                         f"data.max_prompt_tokens + rollout.max_new_tokens = {needed} tokens")
+    if cfg.rollout.n_samples_per_prompt < 2:
+        raise ValueError("rollout.n_samples_per_prompt: group advantages need at least 2 samples per prompt")
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        from maspo_megatron.parallel import init_distributed
+        from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer
+        from maspo_megatron.trainer.optim import build_optimizer, build_scheduler
+        from maspo_megatron.trainer.setup import build_policy, build_tokenizer
+
+        check_sizes(cfg)
+        self.cfg = cfg
+        self.stop = StopRequest()
+        self.dims = init_distributed(cfg.parallel, cfg.trainer.seed)
+        self.is_driver = self.dims.rank == 0
+        self.output_dir = Path(cfg.trainer.output_dir)
+        self.tokenizer = build_tokenizer(cfg)
+        self.policy = build_policy(cfg, self.dims, self.tokenizer)
+        self.optimizer = build_optimizer(cfg, self.policy.chunks)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.step = 0
+        self.counters = {"samples_generated": 0, "prompts_served": 0, "skipped_steps": 0}
+        self.ctx: Optional[DriverContext] = None
+        self.val_sets: dict = {}
+        if self.is_driver:
+            self._build_driver()
+        engine = self.ctx.engine if self.ctx else None
+        self.syncer = WeightSyncer(cfg.rollout.weight_sync, self.policy.chunks, self.policy.wmap, self.dims,
+                                   engine=engine, engine_kind=cfg.rollout.engine)
+        resumed = self._maybe_resume()
+        self.metrics = MetricsLogger(self.output_dir, cfg.trainer.total_steps, enabled=self.is_driver,
+                                     tensorboard=cfg.trainer.tensorboard, wandb_project=cfg.trainer.wandb_project,
+                                     run_config=to_dict(cfg), resume_step=self.step)
+        self.metrics.message(f"maspo-train: {self.dims.describe()}; "
+                             + (f"resumed from step {self.step}" if resumed else "fresh start"))
+        if not resumed and cfg.trainer.sft_warmup_steps:
+            from maspo_megatron.trainer.warmup import supervised_warmup
+
+            supervised_warmup(self.policy, self.optimizer, cfg, self.dims,
+                              dataset=self.ctx.dataset if self.ctx else None, tokenizer=self.tokenizer,
+                              log=self.metrics.message)
+        self.syncer.sync(weight_version=self.step)  # engine <- trainer weights (fresh, warmed up or resumed)
+
+    # ---- construction ---------------------------------------------------------------------------
+    def _build_driver(self) -> None:
+        from maspo_megatron.data import PromptSampler, build_datasets
+        from maspo_megatron.rewards import RewardScorer
+        from maspo_megatron.trainer.setup import build_engine_on_driver
+
+        cfg = self.cfg
+        train, self.val_sets = build_datasets(cfg.data, self.tokenizer)
+        if len(train) == 0:
+            raise ValueError("data.train_files: no usable prompts (all filtered by data.max_prompt_tokens?)")
+        sampler = PromptSampler(len(train), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        engine = build_engine_on_driver(cfg, self.policy, self.dims, self.tokenizer)
+        self.ctx = DriverContext(cfg=cfg, engine=engine, scorer=RewardScorer(cfg.reward), tokenizer=self.tokenizer,
+                                 sampler=sampler, dataset=train)
+
+    def _maybe_resume(self) -> bool:
+        if not self.cfg.trainer.resume:
+            return False
+        latest = checkpoint.find_latest(checkpoint.checkpoint_root(self.output_dir))
+        if latest is None:
+            return False
+        driver = checkpoint.load_checkpoint(latest, self.policy.chunks, self.optimizer, self.scheduler)
+        self.step = int(driver["step"])
+        self.counters.update(driver.get("counters", {}))
+        if self.ctx is not None:
+            self.ctx.sampler.load_state_dict(driver["sampler"])
+        return True
+
+    def _driver_state(self) -> dict:
+        state = {"step": self.step, "counters": dict(self.counters)}
+        if self.ctx is not None:
+            state["sampler"] = self.ctx.sampler.state_dict()
+        return state
+
+    # ---- one RL step ----------------------------------------------------------------------------
+    def rl_step(self) -> dict:
+        cfg, dims, step = self.cfg, self.dims, self.step
+        timings, metrics = {}, {}
+        started = time.perf_counter()
+        samples = None
+        if self.is_driver:
+            self.metrics.phase(step, "rollout")
+            samples, metrics = run_rollout(self.ctx, step)
+            timings.update(self.ctx_timings())
+            self.counters["samples_generated"] += int(metrics.get("rollout/num_samples", 0))
+            self.counters["prompts_served"] = self.ctx.sampler.served if hasattr(self.ctx.sampler, "served") else 0
+        samples = broadcast_samples(samples, dims)
+        train_started = time.perf_counter()
+        if samples:
+            self.metrics.phase(step, "train")
+            mini_batches = pack_mini_batches(samples, cfg, dims)
+            drift = compute_old_log_probs(self.policy, mini_batches, cfg, dims)
+            train = ppo_update(self.policy, self.optimizer, self.scheduler, mini_batches, cfg, dims)
+            if self.is_driver:
+                metrics.update(drift or {})
+                metrics.update(train or {})
+                self.counters["skipped_steps"] += int(metrics.get("train/skipped_steps", 0))
+        elif self.is_driver:
+            metrics["train/no_data"] = 1  # every group dropped / aborted: nothing to learn from this step
+            self.metrics.message(f"step {step}: no trainable samples (all groups dropped or aborted); no update")
+        timings["time/train_s"] = time.perf_counter() - train_started
+        sync_started = time.perf_counter()
+        self.metrics.phase(step, "sync")
+        report = self.syncer.sync(weight_version=step)
+        timings["time/sync_s"] = time.perf_counter() - sync_started
+        if report is not None:
+            metrics["sync/bytes"] = report.total_bytes
+        timings["time/step_s"] = time.perf_counter() - started
+        metrics.update(timings)
+        return metrics
+
+    def ctx_timings(self) -> dict:
+        timer = getattr(self.ctx, "timings", None) or {}
+        self.ctx.timings = {}
+        return timer
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Avg@n / Pass@n / mean length per validation set, with the engine's current weights (rank 0)."""
+        if not self.is_driver or not self.val_sets:
+            return {}
+        from maspo_megatron.rollout import SamplingParams
+
+        cfg = self.cfg
+        greedy = cfg.trainer.eval_greedy
+        n = 1 if greedy else cfg.trainer.eval_n_samples
+        sampling = SamplingParams.from_config(cfg.rollout, seed=step_seed(cfg.trainer.seed, self.step, _EVAL_ROUND),
+                                              **({"top_k": 1} if greedy else {}))
+        out = {}
+        for name, dataset in self.val_sets.items():
+            count = len(dataset) if cfg.trainer.eval_max_prompts is None else min(len(dataset), cfg.trainer.eval_max_prompts)
+            items = [dataset[i] for i in range(count)]
+            groups = generate_groups(self.ctx, items, n, sampling)
+            correct = [[reason == "correct" for reason in g.reasons] for g in groups]
+            lengths = [[len(s.token_ids) for s in g.samples] for g in groups]
+            out.update(eval_metrics(name, correct, lengths))
+        return out
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def save(self) -> None:
+        checkpoint.save_checkpoint(self.output_dir, self.step, self.policy.chunks, self.optimizer, self.scheduler,
+                                   self._driver_state(), keep_last=self.cfg.trainer.keep_last)
+
+    def run(self) -> int:
+        cfg = self.cfg.trainer
+        saved_at = self.step if self.step else None
+        try:
+            while self.step < cfg.total_steps:
+                if self.stop.should_stop():
+                    return self._stop(saved_at)
+                self.step += 1
+                metrics = self.rl_step()
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    metrics.update(self.evaluate())
+                self.metrics.log(self.step, metrics)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+                    saved_at = self.step
+                if cfg.hf_export_every and self.step % cfg.hf_export_every == 0:
+                    self.export_hf(self.output_dir / "hf" / f"step_{self.step}")
+            if self.stop.should_stop():
+                return self._stop(saved_at)
+            if saved_at != self.step:
+                self.save()
+            if cfg.eval_at_end and not (cfg.eval_every and self.step % cfg.eval_every == 0):
+                final = self.evaluate()
+                if final:
+                    self.metrics.message("final evaluation: " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
+                    self._append_final_eval(final)
+            if cfg.hf_export_at_end:
+                self.export_hf(self.output_dir / "hf")
+            return EXIT_OK
+        finally:
+            self.close()
+
+    def _stop(self, saved_at: Optional[int]) -> int:
+        if saved_at != self.step:
+            self.save()
+        self.metrics.message(f"stop signal: checkpoint at step {self.step} written; exiting with {EXIT_CODE_REQUEUE}")
+        return EXIT_CODE_REQUEUE
+
+    def _append_final_eval(self, final: dict) -> None:
+        import json
+
+        with open(self.output_dir / "final_eval.json", "w") as handle:
+            json.dump({"step": self.step, **final}, handle, indent=1, sort_keys=True)
+
+    def export_hf(self, out_dir: Path) -> None:
+        """A HF checkpoint (config, safetensors, tokenizer) of the current policy, written atomically.
+
+        The weights come from the engine after the last sync when it is the local engine (it holds
+        exactly the HF tensors); otherwise from the latest dist checkpoint through the converter.
+        """
+        if self.cfg.rollout.engine == "local":
+            if self.is_driver:
+                tmp = out_dir.with_name(out_dir.name + ".tmp")
+                shutil.rmtree(tmp, ignore_errors=True)
+                self.ctx.engine.model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+                shutil.rmtree(out_dir, ignore_errors=True)
+                tmp.rename(out_dir)
+            if dist.is_initialized():
+                dist.barrier()
+            return
+        self._export_via_converter(out_dir)
+
+    def _export_via_converter(self, out_dir: Path) -> None:
+        from maspo_megatron.models.convert import HF_CONFIG_SUBDIR, megatron_to_hf
+
+        latest = checkpoint.find_latest(checkpoint.checkpoint_root(self.output_dir))
+        if latest is None or checkpoint.read_trainer_state(latest)["step"] != self.step:
+            self.save()
+            latest = checkpoint.find_latest(checkpoint.checkpoint_root(self.output_dir))
+        if self.is_driver:
+            self.policy.hf_config.save_pretrained(latest / HF_CONFIG_SUBDIR)
+            megatron_to_hf(latest, out_dir, progress=False)
+            self.tokenizer.save_pretrained(out_dir)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.stop.close()
+        if self.ctx is not None:
+            self.ctx.scorer.close()
+            self.ctx.engine.shutdown()
+        self.syncer.close()

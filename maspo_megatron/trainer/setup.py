@@ -1,0 +1,142 @@
+"""Building the pieces of a run: tokenizer, Megatron policy (DDP-wrapped chunks), rollout engine.
+
+Only model/engine construction lives here; the RL loop itself is in loop.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional
+
+import torch
+
+from maspo_megatron.config import Config
+
+
+@dataclasses.dataclass
+class Policy:
+    """The Megatron policy of this rank and what describes it.
+
+    chunks: DDP-wrapped model chunks (one per virtual pipeline stage); config: TransformerConfig;
+    meta: ModelMeta; wmap: WeightMap (HF <-> Megatron table); hf_config: the HF config object.
+    """
+
+    chunks: List[torch.nn.Module]
+    config: Any
+    meta: Any
+    wmap: Any
+    hf_config: Any
+
+
+def build_tokenizer(cfg: Config):
+    """The tiny character tokenizer for `model.hf_config: tiny`, else the HF tokenizer of the model dir."""
+    if cfg.model.hf_config == "tiny":
+        from maspo_megatron.data import build_tiny_tokenizer
+
+        return build_tiny_tokenizer()
+    import transformers
+
+    path = cfg.model.tokenizer or cfg.model.init_from_hf or cfg.model.hf_config
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model.tokenizer: cannot load a tokenizer from {path!r} ({str(exc).splitlines()[0]})") from None
+
+
+def resolve_hf_config(cfg: Config, tokenizer) -> Any:
+    """The HF config object of the policy ('tiny' is built from model.tiny_* and the tokenizer's vocab)."""
+    from maspo_megatron.models.config_builder import resolve_hf_config as resolve
+
+    source = cfg.model.hf_config
+    if source == "tiny":
+        hf_config = resolve(source, cfg.model, vocab_size=len(tokenizer))
+        hf_config.eos_token_id = tokenizer.eos_token_id
+        hf_config.pad_token_id = tokenizer.pad_token_id
+        return hf_config
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(source)
+
+
+def build_policy(cfg: Config, dims, tokenizer) -> Policy:
+    """Megatron GPTModel chunks for this rank's pipeline stage(s), wrapped in Megatron DDP.
+
+    `calculate_per_token_loss` is on (the loss normalises by the global token count itself, see
+    trainer/loss.py) and `finalize_model_grads` reduces gradients over DP x CP after each
+    forward/backward. Initial weights: `model.init_from_hf` (HF dir), `model.load` (dist
+    checkpoint), or Megatron's random init from `model.seed`.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
+
+    from maspo_megatron.models import FAMILIES, WeightMap
+    from maspo_megatron.models.config_builder import build_model_config
+    from maspo_megatron.models.provider import make_model_provider
+
+    hf_config = resolve_hf_config(cfg, tokenizer)
+    config, meta = build_model_config(hf_config, cfg.model, cfg.parallel)
+    config.calculate_per_token_loss = True
+    config.init_method_std = getattr(hf_config, "initializer_range", 0.02)
+    provider = make_model_provider(config, meta)
+    # The same model seed on every rank: use_cpu_initialization draws full tensors and slices them.
+    torch.manual_seed(cfg.model.seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(cfg.model.seed)
+    chunks = []
+    for vp_stage in range(cfg.parallel.vpp or 1):
+        stage = vp_stage if cfg.parallel.vpp else None
+        chunks.append(provider(
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage))
+    wmap = WeightMap(FAMILIES[meta.family], meta)
+    if cfg.model.init_from_hf:
+        _load_hf_into(chunks, wmap, cfg.model.init_from_hf, dims)
+    if cfg.model.dtype != "fp32":
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=cfg.parallel.distributed_optimizer)
+    chunks = [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0)
+              for index, chunk in enumerate(chunks)]
+    config.finalize_model_grads_func = finalize_model_grads
+    if cfg.model.load:
+        from maspo_megatron.models.dist_ckpt import load_model_weights
+
+        load_model_weights(chunks, cfg.model.load)
+    for chunk in chunks:
+        chunk.broadcast_params()  # DP replicas start identical whatever the init path
+    return Policy(chunks=chunks, config=config, meta=meta, wmap=wmap, hf_config=hf_config)
+
+
+def _load_hf_into(chunks, wmap, hf_dir: str, dims) -> None:
+    from maspo_megatron.models.hf_io import HFCheckpointReader
+    from maspo_megatron.models.hf_loader import load_hf_weights
+
+    reader = HFCheckpointReader(hf_dir)
+    try:
+        for chunk in chunks:
+            load_hf_weights(chunk, wmap, reader.get, dims.tp_rank, dims.tp)
+    finally:
+        reader.close()
+
+
+def build_engine_on_driver(cfg: Config, policy: Policy, dims, tokenizer) -> Optional[Any]:
+    """The rollout engine, on global rank 0 only (None elsewhere).
+
+    The local engine gets a fresh HF model built from the policy's HF config; its weights are set
+    by the first weight sync, so engine and trainer start from the same parameters.
+    """
+    if dims.rank != 0:
+        return None
+    from maspo_megatron.rollout import build_engine
+
+    if cfg.rollout.engine == "local":
+        import transformers
+
+        torch.manual_seed(cfg.model.seed)
+        model = transformers.AutoModelForCausalLM.from_config(policy.hf_config).float()
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return build_engine(cfg.rollout, model=model, weight_version=0)
+    model_path = cfg.model.init_from_hf or cfg.model.hf_config
+    return build_engine(cfg.rollout, model_path=model_path, weight_version=0)

@@ -1,0 +1,192 @@
+"""The Megatron half of an RL step, on every rank: batch -> old log-probs -> PPO updates.
+
+    samples = broadcast_samples(samples_on_rank0, dims)
+    mini = pack_mini_batches(samples, cfg, dims)                   # [mini][micro] PackedMicroBatch
+    sums = compute_old_log_probs(policy, mini, cfg, dims)          # in place, + drift metrics
+    train_metrics = ppo_update(policy, optimizer, scheduler, mini, cfg, dims)
+
+Every rank packs the same global batch deterministically and keeps its data-parallel share
+(balanced by tokens; trainer/batch.py), so only the sample list travels (one broadcast).
+Each mini-batch is packed on its own: its global normalisers are those of the mini-batch, the
+batch one optimizer step sees.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from maspo_megatron.trainer.batch import PackedMicroBatch, TrainSample, pack_micro_batches
+
+# A logit no token can win against: padded vocabulary rows get it so that the trainer's softmax
+# covers exactly the tokenizer's vocabulary, like the rollout engine's.
+_PADDED_LOGIT = -1e4
+
+
+def broadcast_samples(samples: Optional[List[TrainSample]], dims) -> List[TrainSample]:
+    box = [samples if dims.rank == 0 else None]
+    if dims.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def split_mini_batches(samples: List[TrainSample], mini_batches: int) -> List[List[TrainSample]]:
+    """Contiguous, near-equal slices (groups stay together when the count divides evenly)."""
+    count = min(mini_batches, len(samples))
+    bounds = [round(i * len(samples) / count) for i in range(count + 1)]
+    return [samples[bounds[i]:bounds[i + 1]] for i in range(count)]
+
+
+def pack_mini_batches(samples: List[TrainSample], cfg, dims, mini_batches: Optional[int] = None
+                      ) -> List[List[PackedMicroBatch]]:
+    """This rank's micro-batches, per mini-batch (default: algorithm.mini_batches; CP-sharded when cp > 1)."""
+    row_multiple = 1
+    if cfg.parallel.sequence_parallel:
+        row_multiple = dims.tp
+    if dims.cp > 1:
+        row_multiple = math.lcm(row_multiple, 2 * dims.cp)
+    out = []
+    for mini in split_mini_batches(samples, mini_batches or cfg.algorithm.mini_batches):
+        per_rank = pack_micro_batches(mini, row_tokens=cfg.trainer.micro_batch_tokens, rows_per_micro_batch=1,
+                                      dp_size=dims.dp, row_multiple=row_multiple, fixed_row_len=dims.pp > 1)
+        out.append([mb.cp_shard(dims.cp, dims.cp_rank) for mb in per_rank[dims.dp_rank]])
+    return out
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, dims) -> torch.Tensor:
+    """logits[..., V/TP] with the columns of ids >= vocab_size (Megatron's vocab padding) pushed out."""
+    local = logits.shape[-1]
+    start = dims.tp_rank * local
+    if start + local <= vocab_size:
+        return logits
+    ids = torch.arange(start, start + local, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, _PADDED_LOGIT)
+
+
+def _run(policy, batches: List[PackedMicroBatch], forward_step, *, forward_only: bool) -> list:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    iterators = [iter(batches) for _ in policy.chunks] if len(policy.chunks) > 1 else iter(batches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators, model=policy.chunks,
+        num_microbatches=len(batches), seq_length=batches[0].tokens.shape[1],
+        micro_batch_size=batches[0].tokens.shape[0], forward_only=forward_only)
+
+
+# ---- old log-probs ------------------------------------------------------------------------------
+def _logprob_loss(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, cfg, dims, vocab_size: int):
+    """Forward-only 'loss': writes the trainer's log-probs into the batch and measures engine drift.
+
+    On entry batch.old_log_probs hold the ENGINE's log-probs (from the rollout). Afterwards they
+    hold the trainer's (old_logprob_source=trainer) or stay the engine's (=engine); with TIS the
+    advantages are scaled by min(exp(trainer - engine), tis_cap) (truncated importance sampling).
+    """
+    from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
+
+    logits = mask_padded_vocab(output_tensor, vocab_size, dims)
+    with torch.no_grad():
+        trainer_lp, _ = vocab_parallel_logprobs_entropy(logits, batch.target, dims.tp_group,
+                                                        temperature=cfg.rollout.temperature)
+    mask = batch.loss_mask
+    engine_lp = batch.old_log_probs
+    diff = (trainer_lp - engine_lp)[mask].double()
+    sums = {"drift_abs_sum": diff.abs().sum(), "drift_sum": diff.sum(), "drift_max": diff.abs().max() if diff.numel()
+            else torch.zeros((), dtype=torch.float64), "drift_tokens": mask.sum().double()}
+    if cfg.algorithm.tis_cap is not None:
+        weight = torch.exp(trainer_lp - engine_lp).clamp(max=cfg.algorithm.tis_cap)
+        sums["tis_weight_sum"] = weight[mask].double().sum()
+        batch.advantages[mask] = batch.advantages[mask] * weight[mask]
+    if cfg.algorithm.old_logprob_source == "trainer":
+        batch.old_log_probs[mask] = trainer_lp[mask]
+    sums = {k: v.reshape(()) for k, v in sums.items()}
+    return torch.zeros((), requires_grad=False), torch.tensor(int(mask.sum()), dtype=torch.int), sums
+
+
+def compute_old_log_probs(policy, mini_batches: List[List[PackedMicroBatch]], cfg, dims) -> Optional[dict]:
+    """Collective. Fills old log-probs in place (last PP stage); returns drift metrics on rank 0."""
+    from maspo_megatron.parallel.metrics import reduce_sums
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch.tokens, batch.position_ids, batch.attention_mask())
+        return output, partial(_logprob_loss, batch, cfg=cfg, dims=dims, vocab_size=policy.meta.vocab_size)
+
+    reduced = []
+    with torch.no_grad():
+        for batches in mini_batches:
+            reduced.extend(_run(policy, batches, forward_step, forward_only=True))
+    # drift_max is a max, not a sum: reduce it apart from the sums.
+    maxima = torch.tensor([float(r.pop("drift_max")) for r in reduced] or [0.0]).max().reshape(1)
+    if dims.world_size > 1:
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+    sums = reduce_sums(reduced, dims)
+    if sums is None:
+        return None
+    tokens = max(sums.get("drift_tokens", 0.0), 1.0)
+    out = {"rollout/logprob_diff_abs_mean": sums.get("drift_abs_sum", 0.0) / tokens,
+           "rollout/logprob_diff_mean": sums.get("drift_sum", 0.0) / tokens,
+           "rollout/logprob_diff_abs_max": float(maxima.item())}
+    if "tis_weight_sum" in sums:
+        out["rollout/tis_weight_mean"] = sums["tis_weight_sum"] / tokens
+    return out
+
+
+# ---- PPO updates --------------------------------------------------------------------------------
+def _policy_loss(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, dims, vocab_size: int, **loss_kwargs):
+    from maspo_megatron.trainer.loss import megatron_loss_func
+
+    return megatron_loss_func(batch, mask_padded_vocab(output_tensor, vocab_size, dims), dims=dims, **loss_kwargs)
+
+
+def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicroBatch]], cfg, dims) -> Optional[dict]:
+    """Collective. ppo_epochs x mini-batches of forward/backward + optimizer step; metrics on rank 0.
+
+    A step whose gradients are not finite anywhere is skipped (no parameter or LR change) and
+    counted in train/skipped_steps.
+    """
+    from maspo_megatron.parallel.metrics import reduce_sums
+    from maspo_megatron.trainer.loss import LossSettings, finalize_metrics
+    from maspo_megatron.trainer.optim import all_grads_finite, current_lr
+
+    settings = LossSettings.from_config(cfg.algorithm, temperature=cfg.rollout.temperature)
+    per_step: List[dict] = []
+    grad_norms: List[float] = []
+    skipped = 0
+    for _epoch in range(cfg.algorithm.ppo_epochs):
+        for batches in mini_batches:
+            loss_kwargs = dict(settings=settings, num_microbatches=len(batches), calculate_per_token_loss=True)
+
+            def forward_step(data_iterator, model, loss_kwargs=loss_kwargs):
+                batch = next(data_iterator)
+                output = model(batch.tokens, batch.position_ids, batch.attention_mask())
+                return output, partial(_policy_loss, batch, dims=dims, vocab_size=policy.meta.vocab_size,
+                                       **loss_kwargs)
+
+            optimizer.zero_grad()
+            for chunk in policy.chunks:
+                chunk.zero_grad_buffer()
+            reduced = _run(policy, batches, forward_step, forward_only=False)
+            metrics = finalize_metrics(reduce_sums(reduced, dims))
+            if all_grads_finite(policy.chunks):
+                _, grad_norm, _ = optimizer.step()
+                scheduler.step(1)
+                grad_norms.append(float(grad_norm) if grad_norm is not None else math.nan)
+            else:
+                skipped += 1
+                optimizer.zero_grad()
+                grad_norms.append(math.nan)
+            if metrics is not None:
+                per_step.append(metrics)
+    if dims.rank != 0:
+        return None
+    out = {key: sum(m[key] for m in per_step) / len(per_step) for key in per_step[0]} if per_step else {}
+    finite = [g for g in grad_norms if math.isfinite(g)]
+    out["train/grad_norm"] = sum(finite) / len(finite) if finite else math.nan
+    out["train/grad_norm_max"] = max(finite) if finite else math.nan
+    out["train/skipped_steps"] = skipped
+    out["train/optimizer_steps"] = len(grad_norms) - skipped
+    out["train/lr"] = current_lr(optimizer)
+    return out
