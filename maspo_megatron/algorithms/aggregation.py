@@ -51,10 +51,6 @@ def _token_sample_counts(
             raise ValueError("aggregate_loss: sample_token_count needs sample_index (rows are samples otherwise)")
         counts = mask.sum(-1, keepdim=True).to(dtype).expand(mask.shape)
     else:
-        if sample_index.shape != mask.shape:
-            raise ValueError(
-                f"aggregate_loss: sample_index has shape {tuple(sample_index.shape)}, mask has {tuple(mask.shape)}"
-            )
         index = torch.where(mask, sample_index.long(), torch.zeros_like(sample_index, dtype=torch.long))
         if bool(mask.any()) and int(index[mask].min()) < 0:
             raise ValueError("aggregate_loss: sample_index must be >= 0 on unmasked tokens")
@@ -99,6 +95,10 @@ def aggregate_loss(
         raise ValueError(f"aggregate_loss: unknown mode {mode!r} (expected one of {list(AGGREGATION_MODES)})")
     if loss_tok.shape != mask.shape:
         raise ValueError(f"aggregate_loss: mask has shape {tuple(mask.shape)}, loss_tok has {tuple(loss_tok.shape)}")
+    if sample_index is not None and sample_index.shape != mask.shape:
+        raise ValueError(
+            f"aggregate_loss: sample_index has shape {tuple(sample_index.shape)}, mask has {tuple(mask.shape)}"
+        )
     mask = mask.bool()
     dtype = torch.promote_types(loss_tok.dtype, torch.float32)
     # where, not multiply: a NaN/inf at a masked position must not leak into the sum.

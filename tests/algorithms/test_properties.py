@@ -4,12 +4,15 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maspo_megatron.algorithms import POLICY_LOSSES, policy_loss
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True)
+# derandomize: the same examples on every CI run; the machine is shared, so no timing health checks
+SETTINGS = settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow],
+)
 ROWS, COLS = 3, 6
 N = ROWS * COLS
 
