@@ -27,6 +27,7 @@ import asyncio
 import base64
 import datetime
 import io
+import json
 import pickle
 import sys
 import threading
@@ -195,7 +196,7 @@ class StandinServer:
     async def _json(request: web.Request, allowed: Optional[set] = None, what: str = "") -> dict:
         text = await request.text()
         try:
-            body = __import__("json").loads(text) if text else {}
+            body = json.loads(text) if text else {}
         except ValueError as exc:
             raise BadRequest(f"{what or request.path}: body is not JSON: {exc}") from None
         if allowed is not None:
@@ -291,7 +292,7 @@ class StandinServer:
 
     def _abort_all(self, message: str) -> None:
         for req in self.waiting + self.running:
-            self._finish(req, {"type": "abort", "message": message, "status_code": 500})
+            self._finish(req, {"type": "abort", "message": message})
         self.waiting, self.running = [], []
 
     async def _scheduler(self) -> None:
@@ -348,7 +349,7 @@ class StandinServer:
             self._abort_all("Abort all requests")
         elif body.get("rid"):
             for req in [r for r in self.waiting + self.running if r.rid == body["rid"]]:
-                self._finish(req, {"type": "abort", "message": "Abort request", "status_code": 500})
+                self._finish(req, {"type": "abort", "message": "Abort request"})
             self.waiting = [r for r in self.waiting if not r.future.done()]
             self.running = [r for r in self.running if not r.future.done()]
         return web.Response(status=200)

@@ -81,7 +81,7 @@ def test_pause_continue_flush_and_memory(standin):
         time.sleep(0.3)
         engine.pause_generation()
         with pytest.raises(RolloutError, match="HTTP 400"):
-            engine.flush_cache()  # requests are still queued on the server
+            engine.flush_cache(timeout_s=0.3)  # requests are still queued on the server
         with pytest.raises(RolloutError, match="not idle"):
             engine.release_memory_occupation(["kv_cache"])
         engine.continue_generation()

@@ -41,7 +41,7 @@ def sample_next(
         mass_before = torch.cumsum(probs_sorted, dim=-1) - probs_sorted
         probs_sorted = torch.where(mass_before >= top_p, torch.zeros_like(probs_sorted), probs_sorted)
     cdf = torch.cumsum(probs_sorted, dim=-1)  # [B, V]; last column is the kept mass
-    uniforms = torch.stack([torch.rand((), generator=g) for g in generators]).to(cdf.dtype)  # [B]
+    uniforms = torch.stack([torch.rand((), generator=g) for g in generators]).to(cdf.device, cdf.dtype)  # [B]
     targets = (uniforms * cdf[:, -1]).unsqueeze(-1)  # [B, 1]
     positions = torch.searchsorted(cdf, targets, right=True).clamp_(max=vocab - 1)  # [B, 1]
     # Rounding can land on a zero-probability tail slot; step back to the last kept token.

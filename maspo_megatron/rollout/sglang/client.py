@@ -255,6 +255,22 @@ class SGLangClient:
         results = await asyncio.gather(*(self._call("GET", u + endpoint, None, None) for u in targets))
         return dict(zip(targets, results, strict=True))
 
+    async def flush_cache(self, timeout_s: float = 5.0) -> None:
+        """`/flush_cache` on every worker. SGLang refuses (400) while requests are queued or running,
+        e.g. for a moment after an abort-mode pause; retry until `timeout_s`, then raise."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.worker_urls)
+        while True:
+            results = await self.post("/flush_cache", None, urls=pending, ignore_errors=True)
+            errors = {u: r for u, r in results.items() if isinstance(r, BaseException)}
+            hard = [r for r in errors.values() if "HTTP 400" not in str(r)]
+            if not errors:
+                return
+            if hard or time.monotonic() > deadline:
+                raise next(iter(errors.values()))
+            pending = list(errors)
+            await asyncio.sleep(0.1)
+
     async def begin_weight_update(self) -> bool:
         """Opens a weight-update session on every worker; False when the servers predate the endpoint
         (sglang < 0.5.23: updates are then sent without a session)."""

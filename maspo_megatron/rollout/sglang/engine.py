@@ -76,9 +76,10 @@ class SGLangEngine:
     def continue_generation(self) -> None:
         self._run(self.client.post("/continue_generation", {}))
 
-    def flush_cache(self) -> None:
-        """Raises RolloutError while a server still has queued or running requests (SGLang refuses)."""
-        self._run(self.client.post("/flush_cache", None))
+    def flush_cache(self, timeout_s: float = 5.0) -> None:
+        """Raises RolloutError if a server still has queued or running requests after `timeout_s`
+        (SGLang refuses to flush then)."""
+        self._run(self.client.flush_cache(timeout_s))
 
     def release_memory_occupation(self, tags: Optional[Sequence[str]] = None) -> None:
         self._run(self.client.post("/release_memory_occupation", {"tags": list(tags) if tags else None}))
