@@ -92,7 +92,15 @@ def _copy_side_files(src: Path, dst: Path, dtype: Optional[str]) -> None:
 
 
 def _check_hf_tensors(reader: HFCheckpointReader, wmap: WeightMap) -> dict[str, torch.dtype]:
-    """Every tensor the table needs exists with the config's shape; returns their dtypes."""
+    """Every tensor the table needs exists with the config's shape, and no tensor is left
+    unexplained (a config that does not match its weights); returns their dtypes."""
+    expected = set(wmap.hf_tensor_names())
+    ignorable = {"lm_head.weight"} if wmap.meta.tied_embeddings else set()
+    unexpected = sorted(n for n in reader.weight_map if n not in expected and n not in ignorable
+                        and not n.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise CheckpointError(f"{unexpected[0]}: tensor in {reader.file_of(unexpected[0])} has no {wmap.family.name} "
+                              f"mapping rule for this config ({len(unexpected)} such tensors)")
     dtypes = {}
     for mt in wmap.megatron_tensors():
         names = [n.format(i=mt.layer) for n in mt.rule.hf]
@@ -210,6 +218,12 @@ def hf_to_megatron(
 
 
 def _check_megatron_tensors(reader: DistCheckpointReader, wmap: WeightMap) -> None:
+    """Every model tensor exists with the config's shape; no model tensor is left unexplained."""
+    expected = {mt.ckpt_key for mt in wmap.megatron_tensors()}
+    unexpected = sorted(k for k in reader.tensors if k.startswith(("decoder.", "embedding.", "output_layer.")) and k not in expected)
+    if unexpected:
+        raise CheckpointError(f"{unexpected[0]}: tensor in {reader.dir} has no {wmap.family.name} mapping rule "
+                              f"for the config used ({len(unexpected)} such tensors); wrong --hf-config-dir?")
     for mt in wmap.megatron_tensors():
         if mt.ckpt_key not in reader.tensors:
             raise CheckpointError(f"{mt.ckpt_key}: tensor missing from {reader.dir} (needed for {mt.name})")

@@ -43,10 +43,18 @@ class _LazySavePlanner(MCoreSavePlanner):
         super().__init__(flatten_state_dict=False)
         self._producers = producers
         self._on_write = on_write
+        self.error: Optional[BaseException] = None  # the producer's own error (DCP wraps it)
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
+        try:
+            return self._produce(write_item)
+        except BaseException as exc:
+            self.error = self.error or exc
+            raise
+
+    def _produce(self, write_item) -> torch.Tensor:
         key = (write_item.index.fqn, tuple(write_item.index.offset))
         chunk = self._producers.pop(key)()
         expected = tuple(write_item.tensor_data.chunk.sizes)
@@ -74,11 +82,17 @@ class _LazyTorchDistStrategy(SaveShardedStrategy):
     def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
         sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
         pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
-        dcp.save(
-            pyt_state_dict,
-            storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=False),
-            planner=_LazySavePlanner(self._producers, self._on_write),
-        )
+        planner = _LazySavePlanner(self._producers, self._on_write)
+        try:
+            dcp.save(
+                pyt_state_dict,
+                storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=False),
+                planner=planner,
+            )
+        except BaseException:  # DCP's CheckpointException derives from BaseException
+            if planner.error is not None:  # surface e.g. "tensor X: ..." instead of DCP's wrapper
+                raise planner.error from None
+            raise
 
 
 def meta_sharded_tensor(key: str, chunk_shape: tuple[int, ...], dtype: torch.dtype, *rank_offsets, prepend_axis_num: int = 0) -> ShardedTensor:
