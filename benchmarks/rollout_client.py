@@ -113,13 +113,13 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke size")
     parser.add_argument("--requests", type=int, default=None, help="requests per concurrent measurement")
-    parser.add_argument("--service-ms", type=float, default=20.0,
-                        help="server time per request of the second scenario (asyncio sleep in the stand-in)")
+    parser.add_argument("--service-ms", type=float, default=100.0,
+                        help="server time per request of the second scenario (asyncio sleep in the stand-in; real generation takes seconds)")
     args = parser.parse_args(argv)
     count = args.requests or (512 if args.quick else 4096)
     rows = measure("zero-latency server", [], count, max(64, count // 8))
     delay = ["--response-delay-s", str(args.service_ms / 1000)]
-    rows += measure(f"server answers after {args.service_ms:g} ms", delay, count, 32 if args.quick else 100)
+    rows += measure(f"server answers after {args.service_ms:g} ms", delay, count, 16 if args.quick else 50)
     print(f"{'scenario':<30} {'case':<30} {'requests':>8} {'req/s':>9} {'ms/req':>8} {'x seq':>7} {'added ms':>9}")
     for row in rows:
         print(f"{row['scenario']:<30} {row['case']:<30} {row['requests']:>8} {row['req_per_s']:>9} {row['ms_per_req']:>8} "

@@ -142,3 +142,15 @@ def test_api_key_is_sent(standin):
     finally:
         engine.shutdown()
         wrong.shutdown()
+
+
+def test_router_gets_generation_workers_get_control(standin):
+    router, worker = standin(), standin()
+    engine = engine_for(worker.url, router_url=router.url)
+    try:
+        engine.generate([[1, 2]], 3, SamplingParams(max_new_tokens=2))
+        engine.flush_cache()
+        assert (router.generate_count, worker.generate_count) == (3, 0)
+        assert engine.worker_urls == [worker.url]
+    finally:
+        engine.shutdown()
