@@ -168,7 +168,7 @@ class WorkerPool:
             if worker.index is None:
                 continue
             if now - worker.started_at > self.timeout_s + self.kill_grace_s:
-                self._finish(results, worker.index, RewardResult.make(self.values["timed_out"], "timeout (worker killed)"))
+                self._finish(results, worker.index, RewardResult.make(self.values["timed_out"], "timeout"))
             elif resident_bytes(worker.process.pid) > self.memory_limit_bytes:
                 self._finish(results, worker.index, RewardResult.make(self.values["error"], "error: memory limit exceeded (worker killed)"))
             else:

@@ -18,7 +18,8 @@ class RewardSample:
 
 @dataclasses.dataclass(frozen=True)
 class RewardResult:
-    """A scored sample. `reason` is e.g. "correct", "wrong", "unparsable", "timeout", "error: ...". """
+    """A scored sample. `reason` is "correct", "wrong", "unparsable[: why]", "timeout" or "error: why"
+    (a custom reward may return its own)."""
 
     reward: float
     reason: str
