@@ -13,6 +13,7 @@ holding -inf or NaN cannot leak into values or gradients), and zeroing the resul
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable
 
@@ -48,12 +49,13 @@ def register_policy_loss(name: str, *, replace: bool = False) -> Callable[[Polic
 
 def loss_hyperparameters(name: str) -> dict:
     """The hyperparameters a registered loss accepts, with their defaults: {key: default}."""
-    fn = _lookup(name)
-    return {
-        p.name: p.default
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind is p.KEYWORD_ONLY
-    }
+    return dict(_keyword_defaults(_lookup(name)))
+
+
+@functools.cache
+def _keyword_defaults(fn: PolicyLossFn) -> dict:
+    # cached: policy_loss checks the keys on every micro-batch
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
 
 
 def _lookup(name: str) -> PolicyLossFn:
@@ -91,7 +93,7 @@ def policy_loss(
         per-token [B, T] diagnostics (0 at masked positions).
     """
     fn = _lookup(name)
-    accepted = loss_hyperparameters(name)
+    accepted = _keyword_defaults(fn)
     for key in hyper:
         if key not in accepted:
             raise ValueError(f"policy_loss {name!r}: unknown hyperparameter {key!r} (accepted: {sorted(accepted)})")

@@ -30,6 +30,10 @@ def test_unknown_name_and_key_are_named():
         policy_loss("grpo", *_inputs(), eps_high=0.3)
     with pytest.raises(ValueError, match="gate_grad"):
         policy_loss("maspo", *_inputs(), gate_grad="partial")
+    with pytest.raises(ValueError, match="'maspo': sigma_high=0.5 is out of range"):
+        policy_loss("maspo", *_inputs(), sigma_high=0.5)
+    with pytest.raises(ValueError, match="dual_clip_c"):
+        policy_loss("maspo", *_inputs(), dual_clip_c=0.5)
 
 
 def test_shape_and_dtype_mismatches_are_named():

@@ -12,6 +12,7 @@ gate=False is the "no soft gate" ablation: the hard PPO clip with clip_eps inste
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -39,7 +40,7 @@ def maspo_sigma(
     The negative-side factor uses min(A, 0): it equals the formula wherever it is used (A < 0)
     and never divides by zero for large positive A.
     """
-    log_mass = torch.log(torch.as_tensor(sigma_base, dtype=old_log_prob.dtype)) - alpha * old_log_prob
+    log_mass = math.log(sigma_base) - alpha * old_log_prob
     mass = torch.exp(log_mass).clamp(sigma_base, sigma_high)
     sigma_pos = mass * (1 + beta_pos * advantages).clamp(adv_low, adv_high)
     sigma_neg = mass * (1 / (1 - beta_neg * advantages.clamp(max=0))).clamp(adv_low, adv_high)
@@ -93,6 +94,15 @@ def maspo_loss(
     """
     if gate_grad not in ("detached", "full"):
         raise ValueError(f"policy_loss 'maspo': gate_grad must be 'detached' or 'full', got {gate_grad!r}")
+    for key, value, ok in (
+        ("sigma_base", sigma_base, sigma_base > 0),
+        ("sigma_high", sigma_high, sigma_high >= sigma_base),
+        ("alpha", alpha, alpha >= 0),
+        ("adv_low", adv_low, adv_low > 0),
+        ("adv_high", adv_high, adv_high >= adv_low),
+    ):
+        if not ok:
+            raise ValueError(f"policy_loss 'maspo': {key}={value!r} is out of range (see MaspoConfig)")
     if dual_clip_c is not None and not dual_clip_c > 1:
         raise ValueError(f"policy_loss 'maspo': dual_clip_c must be > 1 or None, got {dual_clip_c!r}")
     ratio = torch.exp(clamped_log_ratio(log_prob, old_log_prob))
