@@ -499,7 +499,7 @@ class StandinServer:
             out = []
             for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
                 tensor = torch.empty(shape, dtype=getattr(torch, str(dtype).replace("torch.", "")))
-                group.broadcast([tensor], 0).wait()
+                group.broadcast(tensor, 0).wait()
                 out.append((name, tensor))
             return out
 

@@ -92,3 +92,37 @@ def test_api_key_memory_saver_and_old_servers(standin):
     assert post(no_saver, "/release_memory_occupation", {"tags": ["kv_cache"]}).status_code == 400
     old = standin(weight_session=False)
     assert post(old, "/begin_weight_update").status_code == 404
+
+
+def test_distributed_update_over_gloo(standin):
+    """The trainer side of SGLang's update group: TCPStore master + PrefixStore(group) + gloo rank 0."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from maspo_megatron.rollout.sglang.launcher import free_port
+
+    server = standin()
+    port = free_port()
+    store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+    init = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+            "group_name": "g0", "backend": "gloo"}
+    answers = {}
+    joiner = threading.Thread(target=lambda: answers.update(init=post(server, "/init_weights_update_group", init)))
+    joiner.start()
+    group = dist.ProcessGroupGloo(dist.PrefixStore("g0", store), 0, 2)
+    joiner.join(60)
+    assert answers["init"].status_code == 200
+    assert post(server, "/init_weights_update_group", dict(init, backend="nccl")).status_code == 400  # CPU: gloo only
+    new_norm = torch.full((32,), 0.25)
+    body = {"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[32]], "group_name": "g0", "weight_version": "5"}
+    assert post(server, "/update_weights_from_distributed", body).status_code == 400  # no session
+    assert post(server, "/begin_weight_update").status_code == 200
+    sender = threading.Thread(target=lambda: answers.update(update=post(server, "/update_weights_from_distributed", body)))
+    sender.start()
+    group.broadcast(new_norm, 0).wait()
+    sender.join(60)
+    assert answers["update"].status_code == 200
+    assert post(server, "/end_weight_update").status_code == 200
+    assert post(server, "/get_weights_by_name", {"name": "model.norm.weight", "truncate_size": 3}).json() == [0.25] * 3
+    assert post(server, "/destroy_weights_update_group", {"group_name": "g0"}).status_code == 200
