@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
+import sys
 import time
 from collections import deque
 from multiprocessing.connection import wait
@@ -31,12 +33,23 @@ def resident_bytes(pid: int) -> int:
         return 0
 
 
+def _reference(fn: Callable) -> Callable | str:
+    """"module:qualname" for an importable function (the worker imports it with the driver's
+    sys.path, which a forkserver started earlier by someone else would not have), else `fn`."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    found: Any = sys.modules.get(module) if module and module != "__main__" else None
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return f"{module}:{qualname}" if found is fn else fn
+
+
 class _Worker:
     def __init__(self, ctx, fn: Callable, options: Mapping[str, Any], timeout_s: float, values: Mapping[str, float]):
         from maspo_megatron.rewards.worker import worker_main
 
         self.conn, child_conn = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(target=worker_main, args=(child_conn, fn, options, timeout_s, values), daemon=True)
+        args = (child_conn, _reference(fn), list(sys.path), options, timeout_s, values)
+        self.process = ctx.Process(target=worker_main, args=args, daemon=True)
         self.process.start()
         child_conn.close()
         self.ready = False
@@ -90,7 +103,7 @@ class WorkerPool:
     def _spawn(self) -> _Worker:
         try:
             return _Worker(self.ctx, self.fn, self.options, self.timeout_s, self.values)
-        except (AttributeError, TypeError) as exc:  # pickling a lambda / local function
+        except (AttributeError, TypeError, pickle.PicklingError) as exc:  # pickling a lambda / local function
             from maspo_megatron.rewards.registry import RewardError
 
             raise RewardError(f"reward {getattr(self.fn, '__qualname__', self.fn)!r}: cannot be sent to a worker process ({exc}); define it at module level") from None

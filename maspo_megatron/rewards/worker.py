@@ -8,6 +8,7 @@ outside once the deadline plus a grace period has passed; this module is the che
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import traceback
 from typing import Any, Callable, Mapping
@@ -62,9 +63,24 @@ def _safe_str(exc: BaseException) -> str:
         return "(unprintable)"
 
 
-def worker_main(conn, fn: Callable, options: Mapping[str, Any], timeout_s: float, values: Mapping[str, float]) -> None:
+def resolve_in_worker(fn: Callable | str, sys_path: list[str]) -> Callable:
+    """The reward function: given as "module:qualname" (imported here, with the driver's sys.path
+    appended, so it works whichever way the worker was started) or as the function itself."""
+    if not isinstance(fn, str):
+        return fn
+    for entry in sys_path:
+        if entry not in sys.path:
+            sys.path.append(entry)
+    from maspo_megatron.rewards.registry import get_reward
+
+    return get_reward(fn)
+
+
+def worker_main(conn, fn: Callable | str, sys_path: list[str], options: Mapping[str, Any], timeout_s: float,
+                values: Mapping[str, float]) -> None:
     """Worker process: "ready", then for each (index, sample) received, send (index, reward, reason)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it then closes us
+    fn = resolve_in_worker(fn, sys_path)
     install_timer()
     warm_up = getattr(fn, "warm_up", None)
     if callable(warm_up):

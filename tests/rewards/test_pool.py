@@ -120,3 +120,16 @@ def test_scorer_from_config_and_bad_pattern():
         assert [r.reward for r in scorer.score([("Answer: 4", "4"), ("Answer: 5", "4")])] == [3.0, 0.0]
     with pytest.raises(ConfigError, match=r"reward.answer_pattern: invalid regex '\(a'"):
         load_config(overrides=["reward.answer_pattern='(a'"])
+
+
+def test_a_function_workers_cannot_import_is_refused_by_name():
+    from maspo_megatron.rewards import register_reward
+
+    @register_reward("test_local_reward")
+    def local_reward(response, ground_truth, metadata):
+        return 1.0
+
+    with pytest.raises(RewardError, match="reward '.*local_reward': cannot be sent to a worker process"):
+        RewardScorer(name="test_local_reward", num_workers=1)
+    # In-process scoring needs no pickling.
+    assert [r.reward for r in score_batch("test_local_reward", ["x"], [None], num_workers=0)] == [1.0]
