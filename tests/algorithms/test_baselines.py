@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from maspo_megatron.algorithms import aggregate_loss, policy_loss
+from maspo_megatron.algorithms.losses.ppo import dac_bounds
 
 
 def _row(name, p, p_old, adv, mask=None, **hyper):
@@ -64,7 +65,10 @@ def test_dac_bounds_depend_on_p_old():
     loss, grad, metrics = _row("dac", p, p_old, [1.0, -1.0, 1.0, -1.0, 1.0])
     assert loss == pytest.approx([-1.1708204, 0.8, -1.25, 0.6, -1.3062258], rel=1e-6)
     assert grad == pytest.approx([0.0, 0.0, -1.25, 0.6, 0.0], rel=1e-6)
-    assert metrics["low"] == pytest.approx([0.8, 0.8, 0.5, 0.5, 0.5], rel=1e-6)
+    assert metrics["clipped"] == [1, 1, 0, 0, 1]
+    low, high = dac_bounds(torch.tensor([0.0, math.log(0.5), -1e4]), 0.16, 0.2)
+    assert low.tolist() == pytest.approx([0.8, 0.5, 0.5], rel=1e-6)
+    assert high.tolist()[:2] == pytest.approx([1.1708204, 1.3062258], rel=1e-6) and high[2] == math.inf
 
 
 def test_sapo():

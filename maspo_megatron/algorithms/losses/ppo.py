@@ -63,7 +63,11 @@ def dac_bounds(old_log_prob: torch.Tensor, eps_low: float, eps_high: float) -> t
 
 @register_policy_loss("dac")
 def dac_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float = 0.16, eps_high: float = 0.2):
-    """Dynamic adaptive clipping (DCPO). Inputs [B, T]; metrics per token: ratio, clipped, low, high."""
+    """Dynamic adaptive clipping (DCPO). Inputs [B, T]; metrics per token: ratio, clipped.
+
+    The bounds themselves are not metrics: the upper one grows like p_old^-1/2 (inf for p_old = 0),
+    so its mean over tokens would say nothing; `dac_bounds` gives them when needed.
+    """
     low, high = dac_bounds(old_log_prob, eps_low, eps_high)
     ratio, loss, clipped = _ppo(log_prob, old_log_prob, advantages, low, high)
-    return loss, {"ratio": ratio, "clipped": clipped.to(ratio.dtype), "low": low, "high": high}
+    return loss, {"ratio": ratio, "clipped": clipped.to(ratio.dtype)}
