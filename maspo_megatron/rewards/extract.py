@@ -76,14 +76,15 @@ def last_pattern_answer(text: str, pattern: re.Pattern) -> Optional[tuple[int, s
 
 
 def extract_answer(text: str, pattern: Optional[re.Pattern] = None) -> Optional[str]:
-    """The final answer of `text` (the latest boxed / #### / pattern answer), or None if it gives none."""
+    """The final answer of `text` (the latest boxed / #### / pattern answer, stripped), or None if it gives none."""
     candidates = [last_boxed(text), last_hash_answer(text)]
     if pattern is not None:
         candidates.append(last_pattern_answer(text, pattern))
     found = [c for c in candidates if c is not None]
     if not found:
         return None
-    return max(found, key=lambda c: c[0])[1]
+    answer = max(found, key=lambda c: c[0])[1].strip()
+    return answer or None  # an empty final `\boxed{}` is no answer
 
 
 def compile_pattern(pattern: Optional[str]) -> Optional[re.Pattern]:

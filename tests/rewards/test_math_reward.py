@@ -2,6 +2,8 @@
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from maspo_megatron.rewards import extract_answer, math_reward
 
@@ -79,3 +81,32 @@ def test_configurable_values_and_reasons():
     assert too_long.reward == -0.5 and "longer than 100" in too_long.reason
     empty = math_reward("\\boxed{}", "4", **kwargs)
     assert empty.reason.startswith("unparsable")
+
+
+_FRAGMENTS = ["\\boxed{", "\\boxed", "\\fbox{", "{", "}", "\\{", "\\}", "####", " ", "\n", "7", "x", "\\frac{1}{2}"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_FRAGMENTS), st.text(max_size=5)), max_size=40))
+def test_extraction_never_raises_and_returns_a_balanced_answer(parts):
+    text = "".join(parts)
+    answer = extract_answer(text)
+    assert answer is None or (isinstance(answer, str) and answer.strip())
+    if answer is not None and "####" not in text:
+        depth = 0
+        for i, char in enumerate(answer):  # a boxed answer has balanced unescaped braces
+            if char in "{}" and (i == 0 or answer[i - 1] != "\\"):
+                depth += 1 if char == "{" else -1
+                assert depth >= 0
+        assert depth == 0
+
+
+def test_extraction_is_linear_on_hostile_text():
+    import time
+
+    hostile = ["\\boxed{" * 200_000, "{" * 1_000_000, "#### " * 200_000, "\\boxed{" + "{" * 500_000, "x" * 1_000_000]
+    for text in hostile:
+        started = time.process_time()
+        extract_answer(text, re.compile(r"Answer: (\d+)"))
+        # CPU seconds, not wall: a fixed budget far above the linear cost (~0.05 s) and far below quadratic (hours).
+        assert time.process_time() - started < 2.0, text[:20]
