@@ -30,10 +30,11 @@ def test_server_argv_passes_user_settings():
 
 
 def test_launch_generate_and_survive_a_server_killed_mid_batch(tiny_model_dir, tmp_path):
-    """Two launched servers (API key on). One is SIGKILLed mid-batch: its samples are retried on the
-    other. Then the last one dies too: generate fails with a clear error instead of hanging."""
+    """Two launched servers (API key on; zero-latency stand-ins answering after 0.5 s, so startup is
+    quick). One is SIGKILLed mid-batch: its samples are retried on the other. Then the last one dies
+    too: generate fails with a clear error instead of hanging."""
     cfg = RolloutConfig(engine="sglang")
-    cfg.sglang = SGLangConfig(num_servers=2, api_key="secret", launch_command=[sys.executable, STANDIN_SCRIPT, "--token-delay-s", "0.02"],
+    cfg.sglang = SGLangConfig(num_servers=2, api_key="secret", launch_command=[sys.executable, STANDIN_SCRIPT, "--zero-latency", "--response-delay-s", "0.5"],
                               startup_timeout_s=120, log_dir=str(tmp_path), request_timeout_s=60, max_retries=3)
     engine = build_engine(cfg, model_path=tiny_model_dir)
     processes = [p for _, p, _ in engine.launcher.processes]
@@ -46,12 +47,12 @@ def test_launch_generate_and_survive_a_server_killed_mid_batch(tiny_model_dir, t
         sampling = SamplingParams(max_new_tokens=40, ignore_eos=True)
         worker = threading.Thread(target=lambda: result.update(out=engine.generate([[5, 6], [7, 8, 9], [10]], 4, sampling)))
         worker.start()
-        time.sleep(0.5)
+        time.sleep(0.2)  # every request is in flight, none answered yet
         os.killpg(processes[0].pid, signal.SIGKILL)
         worker.join(60)
         assert not worker.is_alive(), "generate() hung after a server died"
         samples = [s for g in result["out"] for s in g]
-        assert len(samples) == 12 and all(s.finish_reason == "length" and len(s.token_ids) == 40 for s in samples)
+        assert len(samples) == 12 and all(s.finish_reason == "length" and len(s.token_ids) == 8 for s in samples)
 
         os.killpg(processes[1].pid, signal.SIGKILL)
         processes[1].wait(10)
