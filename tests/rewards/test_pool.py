@@ -74,6 +74,11 @@ def test_score_batch_one_call():
     assert [(r.reward, r.reason) for r in results] == [(1.0, "correct"), (0.0, "wrong"), (0.0, "unparsable: no final answer")]
     valued = score_batch("math", ["\\boxed{4}", "no idea"], ["4", "4"], timeout_s=2.0, num_workers=0, correct=2.0, unparsable=-1.0)
     assert [r.reward for r in valued] == [2.0, -1.0]
+    with_metadata = score_batch("reward_fixtures:uses_metadata", ["a", "b"], [None, None], num_workers=1, bonus=1.0,
+                                metadata=[{"weight": 2, "id": "p"}, {"weight": 3, "id": "q"}])
+    assert [(r.reward, r.reason) for r in with_metadata] == [(3.0, "weighted p"), (4.0, "weighted q")]
+    with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
+        score_batch("math", ["a", "b"], ["1"])
 
 
 def test_registered_name_and_import_path():
