@@ -2,8 +2,8 @@
 
 
 def raising_reward(response, ground_truth, metadata=None):
-    """Raises on every other answer length: the scorer must report it, the run must go on."""
-    if len(response) % 2:
+    """Raises on about half of the responses: the scorer must report it, the run must go on."""
+    if sum(map(ord, response)) % 2:
         raise RuntimeError("this reward function is broken on purpose")
     return 1.0
 
