@@ -154,3 +154,11 @@ def test_router_gets_generation_workers_get_control(standin):
         assert engine.worker_urls == [worker.url]
     finally:
         engine.shutdown()
+
+
+def test_use_after_shutdown_is_a_clear_error(standin):
+    engine = engine_for(standin().url)
+    engine.shutdown()
+    engine.shutdown()  # idempotent
+    with pytest.raises(RolloutError, match="after shutdown"):
+        engine.generate([[1]], 1, SamplingParams(max_new_tokens=1))

@@ -11,7 +11,7 @@ from typing import Any, Coroutine, Mapping, Optional, Sequence, TypeVar
 
 from maspo_megatron.rollout.sglang.client import EndpointMissing, SGLangClient
 from maspo_megatron.rollout.sglang.launcher import ServerLauncher
-from maspo_megatron.rollout.types import Sample, SamplingParams
+from maspo_megatron.rollout.types import RolloutError, Sample, SamplingParams
 
 T = TypeVar("T")
 
@@ -45,6 +45,9 @@ class SGLangEngine:
         )
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if self._loop.is_closed():
+            coroutine.close()
+            raise RolloutError("SGLangEngine: used after shutdown()")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     @property
