@@ -24,7 +24,6 @@ def gpu_model_dir(tmp_path_factory):
     config = transformers.Qwen2Config(
         vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=2, tie_word_embeddings=False,
-        torch_dtype="bfloat16",
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
@@ -50,7 +49,7 @@ def test_generate_with_logprobs_matches_hf(engine, gpu_model_dir):
 
     prompts = [[5, 6, 7, 8], [9, 10]]
     groups = engine.generate(prompts, 2, SamplingParams(temperature=0.7, max_new_tokens=16, ignore_eos=True))
-    model = transformers.AutoModelForCausalLM.from_pretrained(gpu_model_dir, dtype=torch.bfloat16).cuda().eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(gpu_model_dir).to(torch.bfloat16).cuda().eval()
     for prompt, group in zip(prompts, groups, strict=True):
         for sample in group:
             assert sample.finish_reason == "length" and len(sample.token_ids) == 16
