@@ -222,13 +222,18 @@ def get_parallel_dims() -> ParallelDims:
     return _DIMS
 
 
-def destroy_distributed() -> None:
-    """Tears down Megatron's parallel_state and the default process group (safe to call twice)."""
+def destroy_distributed(keep_process_group: bool = False) -> None:
+    """Tears down Megatron's parallel_state and the default process group (safe to call twice).
+
+    keep_process_group=True keeps torch.distributed's default group, so that init_distributed can
+    set up another layout in the same processes (re-creating the default group on the same
+    MASTER_PORT right away can hang while the old TCP store is still shutting down).
+    """
     global _DIMS
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()
     _DIMS = None

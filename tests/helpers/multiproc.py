@@ -21,11 +21,13 @@ What it guarantees:
 - If any rank raises, the others are killed after `grace_s` and `DistributedTestError` is raised
   with that rank's traceback (the first failing rank, plus every other rank's error that made it
   to disk). A rank that dies without a traceback (signal, os._exit) reports its exit code and
-  the tail of its output. On timeout: `DistributedTestError` naming the ranks still running.
+  the tail of its output. On timeout: `DistributedTestError` naming the ranks still running,
+  with each one's current Python stack (faulthandler on SIGUSR1) in its output tail.
 - `fn` must be a module-level function of an importable file; args/kwargs/results are pickled.
 """
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import os
 import pickle
@@ -137,7 +139,13 @@ def _wait_all(procs: list, logs: list, timeout_s: float, grace_s: float) -> None
             raise DistributedTestError(_failure_report(procs, logs, codes, failed))
         if now > deadline:
             running = [rank for rank, code in enumerate(codes) if code is None]
-            tails = "\n".join(f"--- rank {r} output tail ---\n{_tail(logs[r], 1500)}" for r in running)
+            for rank in running:  # ask for a Python stack dump (faulthandler) before the kill
+                try:
+                    procs[rank].send_signal(signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+            time.sleep(1.0)
+            tails = "\n".join(f"--- rank {r} output tail ---\n{_tail(logs[r], 3000)}" for r in running)
             raise DistributedTestError(f"timed out after {timeout_s:.0f} s; ranks still running: {running}\n{tails}")
         time.sleep(0.05)
 
@@ -158,6 +166,7 @@ def _failure_report(procs, logs, codes, failed) -> str:
 
 
 def _child_main(spec_path: str, out_path: str) -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=False)
     with open(spec_path, "rb") as handle:
         spec = pickle.load(handle)
     try:

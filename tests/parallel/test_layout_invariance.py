@@ -1,0 +1,258 @@
+"""MASPO on a tiny Megatron GPT: loss, gradients, statistics and one optimizer step are the same
+at every parallel layout (TP, PP, DP, sequence parallel, micro-batch count), fp32, 1e-5 relative.
+
+Launch 1 (one process) builds the reference: TP1/PP1/DP1, ONE micro-batch, Megatron's schedule.
+It also checks that reference against plain PyTorch: each sample run ALONE (no packing) through
+the same weights, full-vocab log_softmax, policy_loss, global-batch normalisers, autograd.
+Launch 2 (four processes) runs several layouts one after another in the same processes and
+compares each with the reference, for all four aggregation modes.
+"""
+import math
+
+import pytest
+import torch
+
+from tests.helpers.multiproc import run_distributed
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+ROW_TOKENS = 32
+NORM_LENGTH = 16
+SEED = 1234
+# Adam (the distributed optimizer supports only Adam) with eps far above |g|: the first update is
+# lr * g / (|g| + eps), close to proportional to the gradient, so a scaling error shows; clipping active.
+LR, CLIP, ADAM_EPS = 20.0, 0.05, 1.0  # a large step: the update is not lost in fp32 rounding of the params
+
+
+def _samples():
+    from maspo_megatron.trainer.batch import TrainSample
+
+    gen = torch.Generator().manual_seed(7)
+    samples = []
+    for index in range(12):
+        prompt = torch.randint(1, 96, (int(torch.randint(2, 8, (1,), generator=gen)),), generator=gen).tolist()
+        response = torch.randint(1, 96, (int(torch.randint(2, 14, (1,), generator=gen)),), generator=gen).tolist()
+        if index == 5:
+            response = response[:1]
+        advantage = float(torch.randn((), generator=gen)) * 1.5
+        samples.append(TrainSample(prompt, response, advantage))
+    return samples
+
+
+def _settings(mode):
+    from maspo_megatron.config import AlgorithmConfig
+    from maspo_megatron.trainer.loss import LossSettings
+
+    algorithm = AlgorithmConfig(aggregation=mode, norm_length=NORM_LENGTH)
+    algorithm.maspo.alpha = 0.5
+    return LossSettings.from_config(algorithm)
+
+
+def _pack(samples, dims, micro_batches):
+    from maspo_megatron.trainer.batch import pack_micro_batches
+
+    rows = pack_micro_batches(samples, row_tokens=ROW_TOKENS, rows_per_micro_batch=1000, dp_size=dims.dp)
+    rows_per_rank = max(b.tokens.shape[0] for b in (per_rank[0] for per_rank in rows))
+    per_mb = -(-rows_per_rank // micro_batches)
+    packed = pack_micro_batches(samples, row_tokens=ROW_TOKENS, rows_per_micro_batch=per_mb, dp_size=dims.dp,
+                                row_multiple=dims.tp, fixed_row_len=True, min_micro_batches=micro_batches)
+    return packed[dims.dp_rank]
+
+
+def _setup(tp, pp, sp, per_token, distributed_optimizer, full_state=None):
+    from megatron.core.distributed import finalize_model_grads
+
+    from maspo_megatron.config.parallel import ParallelConfig
+    from maspo_megatron.parallel import init_distributed
+    from tests.helpers.tiny_gpt import build_tiny_gpt, load_full_state_dict, wrap_ddp
+
+    dims = init_distributed(ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp), seed=SEED)
+    chunks = build_tiny_gpt(dims, calculate_per_token_loss=per_token)
+    if full_state is not None:
+        load_full_state_dict(chunks, full_state, dims.tp_rank, dims.tp)
+    chunks = wrap_ddp(chunks, distributed_optimizer=distributed_optimizer)
+    chunks[0].config.finalize_model_grads_func = finalize_model_grads
+    return dims, chunks
+
+
+def _train_step(dims, chunks, micro_batches, settings, per_token):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from maspo_megatron.parallel.metrics import reduce_sums
+    from maspo_megatron.trainer.loss import finalize_metrics, make_forward_step
+
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    forward_step = make_forward_step(settings, dims, len(micro_batches), calculate_per_token_loss=per_token)
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=chunks,
+        num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.shape[1],
+        micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=False)
+    return finalize_metrics(reduce_sums(losses, dims))
+
+
+def _optimizer(chunks):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = OptimizerConfig(optimizer="adam", lr=LR, adam_eps=ADAM_EPS, weight_decay=0.0, clip_grad=CLIP,
+                             use_distributed_optimizer=True, params_dtype=torch.float32)
+    return get_megatron_optimizer(config, chunks)
+
+
+def _plain_torch_reference(chunks, samples, settings):
+    """Loss and grads with each sample alone through the model and full-vocab log_softmax."""
+    from maspo_megatron.algorithms import aggregate_loss, policy_loss
+    from tests.helpers.tiny_gpt import local_grads
+
+    model = chunks[0]
+    model.zero_grad_buffer()
+    total_tokens = sum(len(s.response_ids) for s in samples)
+    counts = torch.tensor([len(s.response_ids) for s in samples])
+    loss = 0.0
+    for index, sample in enumerate(samples):
+        ids = torch.tensor([list(sample.prompt_ids) + list(sample.response_ids)])
+        length, p = ids.shape[1], len(sample.prompt_ids)
+        mask = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)[None, None]
+        logits = model(ids, torch.arange(length)[None], mask)[0, p - 1:length - 1].float()
+        log_prob = torch.log_softmax(logits, -1).gather(1, ids[0, p:, None]).squeeze(1)[None]
+        ones = torch.ones_like(log_prob, dtype=torch.bool)
+        old = torch.tensor(sample.old_log_probs)[None]
+        adv = torch.full_like(log_prob, float(sample.advantage))
+        loss_tok, _ = policy_loss(settings.loss, log_prob, old, adv, ones, **settings.hyper)
+        loss = loss + aggregate_loss(
+            loss_tok, ones, settings.aggregation, global_token_count=total_tokens,
+            global_sample_count=len(samples), sample_index=torch.full_like(ones, index, dtype=torch.long),
+            sample_token_count=counts, norm_length=settings.norm_length)
+    loss.backward()
+    # DDP hooks accumulate into main_grad; read it like the Megatron path does.
+    return float(loss), local_grads(chunks)
+
+
+def _reference_case():
+    import dataclasses
+
+    from maspo_megatron.parallel import destroy_distributed
+    from tests.helpers.tiny_gpt import local_grads, named_local_params
+
+    dims, chunks = _setup(1, 1, False, True, False)
+    full_state = {name: param.detach().clone() for name, param in named_local_params(chunks)}
+    samples = _samples()
+    # Old log-probs: the current policy's, perturbed, so that MASPO's gate acts on some tokens.
+    with torch.no_grad():
+        batch = _pack(samples, dims, 1)[0]
+        from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
+
+        logits = chunks[0](batch.tokens, batch.position_ids, batch.attention_mask())
+        log_prob, _ = vocab_parallel_logprobs_entropy(logits, batch.target)
+    gen = torch.Generator().manual_seed(3)
+    for index, sample in enumerate(samples):
+        where = batch.loss_mask & (batch.segment_ids == index)
+        noise = torch.randn(int(where.sum()), generator=gen) * 0.4
+        sample.old_log_probs = (log_prob[where] + noise).tolist()
+    out = {"full_state": full_state, "samples": samples, "modes": {}}
+    micro_batches = _pack(samples, dims, 1)
+    for mode in AGGREGATIONS:
+        settings = _settings(mode)
+        metrics = _train_step(dims, chunks, micro_batches, settings, True)
+        grads = local_grads(chunks)
+        plain_loss, plain_grads = _plain_torch_reference(chunks, samples, settings)
+        out["modes"][mode] = {"metrics": metrics, "grads": grads, "plain_loss": plain_loss,
+                              "plain_grad_err": max(_rel(plain_grads[k], grads[k]) for k in grads)}
+    destroy_distributed(keep_process_group=True)
+    dims, chunks = _setup(1, 1, False, True, True, full_state)
+    _train_step(dims, chunks, micro_batches, _settings("token-mean"), True)
+    _optimizer(chunks).step()
+    out["after_step"] = {name: param.detach().clone() for name, param in named_local_params(chunks)}
+    out["settings"] = dataclasses.asdict(_settings("token-mean"))
+    destroy_distributed()
+    return out
+
+
+def _rel(value, ref):
+    return float((value.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12))
+
+
+def _metric_err(metrics, ref):
+    assert set(metrics) == set(ref), set(metrics) ^ set(ref)
+    worst = 0.0
+    for key, expected in ref.items():
+        got = metrics[key]
+        if math.isnan(expected):
+            assert math.isnan(got), key
+            continue
+        worst = max(worst, abs(got - expected) / max(abs(expected), 1e-6))
+    return worst
+
+
+LAYOUTS = [  # (name, tp, pp, sequence_parallel, micro_batches, calculate_per_token_loss)
+    ("tp2xpp2_sp_mb4", 2, 2, True, 4, True),
+    ("tp2xdp2_mb1_legacy_scaling", 2, 1, False, 1, False),
+    ("pp2xdp2_mb4", 1, 2, False, 4, True),
+    ("tp4_sp_mb4_legacy_scaling", 4, 1, True, 4, False),
+]
+
+
+def _layouts_case(reference, only=None):
+    import torch.distributed as dist
+
+    from maspo_megatron.parallel import destroy_distributed
+    from tests.helpers.tiny_gpt import local_grads, local_slice_of, named_local_params
+
+    results = {}
+    for name, tp, pp, sp, micro_batches, per_token in LAYOUTS:
+        if only is not None and name not in only:
+            continue
+        dims, chunks = _setup(tp, pp, sp, per_token, False, reference["full_state"])
+        batches = _pack(reference["samples"], dims, micro_batches)
+        assert len(batches) == micro_batches
+        errors = {}
+        for mode in AGGREGATIONS:
+            ref = reference["modes"][mode]
+            metrics = _train_step(dims, chunks, batches, _settings(mode), per_token)
+            ref_grads = local_slice_of(chunks, ref["grads"], dims.tp_rank, dims.tp)
+            grads = local_grads(chunks)
+            errors[f"{mode}/grad"] = max(_rel(grads[k], ref_grads[k]) for k in grads)
+            if metrics is not None:
+                errors[f"{mode}/metrics"] = _metric_err(metrics, ref["metrics"])
+        destroy_distributed(keep_process_group=True)
+        dims, chunks = _setup(tp, pp, sp, per_token, True, reference["full_state"])
+        _train_step(dims, chunks, batches, _settings("token-mean"), per_token)
+        _optimizer(chunks).step()
+        after = local_slice_of(chunks, reference["after_step"], dims.tp_rank, dims.tp)
+        before = local_slice_of(chunks, reference["full_state"], dims.tp_rank, dims.tp)
+        params = dict(named_local_params(chunks))
+        # The parameters themselves (per tensor), and the update over all local tensors together
+        # (sensitive to any gradient-scale error; per-tensor updates of norm weights are tiny).
+        errors["step/params"] = max(_rel(param.detach(), after[k]) for k, param in params.items())
+        update = torch.cat([(param.detach() - before[k]).flatten() for k, param in params.items()])
+        ref_update = torch.cat([(after[k] - before[k]).flatten() for k in params])
+        errors["step/update"] = _rel(update, ref_update)
+        results[name] = errors
+        dist.barrier()
+        destroy_distributed(keep_process_group=True)
+    return results
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_distributed(_reference_case, 1, timeout_s=240)[0]
+
+
+def test_reference_matches_plain_pytorch_per_sample(reference):
+    for mode, ref in reference["modes"].items():
+        assert ref["plain_grad_err"] < 1e-5, mode
+        assert abs(ref["metrics"]["train/loss"] - ref["plain_loss"]) <= 1e-5 * abs(ref["plain_loss"]), mode
+    # the gate acted (old log-probs differ from current ones), so MASPO is not plain PG here
+    metrics = reference["modes"]["token-mean"]["metrics"]
+    assert metrics["maspo/gated_pos_frac"] + metrics["maspo/gated_neg_frac"] > 0.05
+    assert metrics["maspo/token_count"] == sum(len(s.response_ids) for s in reference["samples"])
+
+
+def test_layouts_match_reference(reference):
+    results = run_distributed(_layouts_case, 4, reference, timeout_s=420)
+    for rank, per_layout in enumerate(results):
+        assert set(per_layout) == {layout[0] for layout in LAYOUTS}
+        for layout, errors in per_layout.items():
+            assert "step/params" in errors and "step/update" in errors
+            for key, value in errors.items():
+                assert value < 1e-5, f"rank {rank} {layout} {key}: relative error {value:.2e}"
+    assert all(f"{mode}/metrics" in results[0][name] for name, *_ in LAYOUTS for mode in AGGREGATIONS)
