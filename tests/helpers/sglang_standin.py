@@ -36,7 +36,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from aiohttp import web
 
 # GenerateReqInput fields of sglang 0.5.23 (srt/managers/io_struct.py). Unknown -> 400.
@@ -94,6 +93,8 @@ class _Request:
         self.prompt = prompt
         self.params = params
         self.future = future
+        import torch
+
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.generator = torch.Generator()
@@ -307,9 +308,14 @@ class StandinServer:
             self._step()
             await asyncio.sleep(self.token_delay_s)
 
-    @torch.inference_mode()
     def _step(self) -> None:
         """One decode step for every running request (full-sequence forward: no KV cache needed)."""
+        import torch
+
+        with torch.inference_mode():
+            self._decode(torch)
+
+    def _decode(self, torch) -> None:
         seqs = [r.prompt + r.tokens for r in self.running]
         width = max(len(s) for s in seqs)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
@@ -418,7 +424,9 @@ class StandinServer:
         if self.weight_session and not self.session_open:
             raise BadRequest(f"{what}: weight updates must be wrapped in /begin_weight_update ... /end_weight_update")
 
-    def _load(self, named: list[tuple[str, torch.Tensor]], body: dict) -> web.Response:
+    def _load(self, named: list, body: dict) -> web.Response:
+        import torch
+
         params = dict(self.model.state_dict(keep_vars=True))
         for name, tensor in named:
             if name not in params:
@@ -491,6 +499,8 @@ class StandinServer:
         group = self.groups.get(body.get("group_name", "weight_update_group"))
         if group is None:
             raise BadRequest("update_weights_from_distributed: call /init_weights_update_group first")
+        import torch
+
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         if not len(names) == len(dtypes) == len(shapes):
             raise BadRequest("names, dtypes, shapes must have the same length")
@@ -571,7 +581,9 @@ def _field(meta: Any, key: str) -> Any:
     return meta[key] if isinstance(meta, dict) else getattr(meta, key)
 
 
-def _decode_payload(payload: str, load_format: Optional[str]) -> list[tuple[str, torch.Tensor]]:
+def _decode_payload(payload: str, load_format: Optional[str]) -> list:
+    import torch
+
     try:
         obj = _Unpickler(io.BytesIO(base64.b64decode(payload))).load()
     except Exception as exc:
