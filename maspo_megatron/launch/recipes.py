@@ -81,6 +81,9 @@ def local_executor(launch: LaunchConfig) -> Any:
         launcher = run.Torchrun(rdzv_port=launch.rdzv_port or _free_port())
         # torchx calls `torchrun` by name: the one next to this interpreter (a venv's bin is often not on PATH).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    else:
+        # A single rank still builds a (1-process) process group: give it a free port, not 29500.
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(launch.rdzv_port or _free_port()))
     return run.LocalExecutor(ntasks_per_node=ranks, nodes=1, launcher=launcher, env_vars=env)
 
 

@@ -1,0 +1,105 @@
+"""`python -m maspo_megatron plan`: estimated memory per GPU of a config on a cluster shape.
+
+    python -m maspo_megatron plan --config examples/qwen2.5_7b.yaml --nodes 1 --gpus-per-node 8 [--gpu-mem-gib 80]
+        [--rollout-nodes R] [--hf-config PATH] [dotted.key=value ...]
+
+Prints weights, gradients, optimizer state, activations and KV cache per GPU (maspo_megatron/
+launch/memory.py states the assumptions) and exits 0 when the plan fits, 1 when it does not (with
+what to change), 2 on bad input. Model shapes come from the HF config: `--hf-config`, else
+`model.hf_config` when that path exists, else the shape file shipped for it in examples/hf_configs/
+(matched by the directory name, e.g. /models/Qwen2.5-7B-Instruct -> qwen2.5-7b-instruct.json).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from maspo_megatron.config import ConfigError, load_config
+
+SHAPES_DIR = Path(__file__).resolve().parents[1] / "examples" / "hf_configs"
+
+
+def resolve_hf_config(hf_config: str, override: Optional[str]) -> tuple[object, str]:
+    """(HF config dict or path, where it came from) for the planner; ConfigError when none is found."""
+    if override:
+        if not Path(override).exists():
+            raise ConfigError(f"--hf-config: {override} not found")
+        return override, override
+    if hf_config == "tiny":
+        from maspo_megatron.data.tiny_tokenizer import tiny_vocab
+
+        return "tiny", f"built-in tiny policy, vocab {len(tiny_vocab())}"
+    path = Path(hf_config)
+    if path.exists():
+        return str(path), str(path)
+    shipped = SHAPES_DIR / f"{path.name.lower().removesuffix('.json')}.json"
+    if shipped.is_file():
+        return str(shipped), f"shape file {shipped.relative_to(SHAPES_DIR.parents[1])}"
+    raise ConfigError(f"model.hf_config: {hf_config} does not exist and there is no shape file {shipped.name} "
+                      f"in {SHAPES_DIR}; pass --hf-config PATH/config.json")
+
+
+def plan_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="python -m maspo_megatron plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="training config YAML")
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, required=True)
+    parser.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    parser.add_argument("--rollout-nodes", type=int, default=0, help="disaggregated: nodes that only run SGLang")
+    parser.add_argument("--reserve-gib", type=float, default=3.0, help="per GPU, for CUDA context / NCCL / fragmentation")
+    parser.add_argument("--hf-config", help="HF config.json or model dir with the model's shape")
+    parser.add_argument("overrides", nargs="*", help="training-config overrides, e.g. parallel.tp=4")
+    args = parser.parse_args(argv)
+    for name in ("nodes", "gpus_per_node"):
+        if getattr(args, name) < 1:
+            print(f"maspo plan: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    if args.gpu_mem_gib <= args.reserve_gib or args.rollout_nodes < 0:
+        print("maspo plan: --gpu-mem-gib must exceed --reserve-gib and --rollout-nodes must be >= 0", file=sys.stderr)
+        return 2
+    from maspo_megatron.launch.memory import ClusterShape, PlanError, format_plan, plan_memory, suggestion
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        source, where = resolve_hf_config(cfg.model.hf_config, args.hf_config)
+        from maspo_megatron.models.meta import model_meta
+
+        if source == "tiny":
+            from maspo_megatron.data.tiny_tokenizer import tiny_vocab
+            from maspo_megatron.models.tiny import tiny_hf_config
+
+            source = tiny_hf_config(cfg.model, len(tiny_vocab()))
+        meta = model_meta(source, tp=cfg.parallel.tp, vocab_divisible_by=cfg.model.vocab_divisible_by)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"maspo plan: {exc}", file=sys.stderr)
+        return 2
+    shape = ClusterShape(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem_gib=args.gpu_mem_gib,
+                         rollout_nodes=args.rollout_nodes, reserve_gib=args.reserve_gib)
+    try:
+        plan = plan_memory(meta, cfg, shape)
+    except PlanError as exc:
+        print(f"maspo plan: refused: {exc}", file=sys.stderr)
+        return 1
+    print(format_plan(plan, meta, cfg, shape, where))
+    if not plan.fits:
+        print(f"maspo plan: refused: {args.config} needs {plan.peak / 2**30:.1f} GiB per GPU but only "
+              f"{plan.usable / 2**30:.1f} GiB are usable; try {suggestion(plan, cfg)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"plan": plan_main}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m maspo_megatron {{{','.join(COMMANDS)}}} ... (got {argv[:1] or 'nothing'})", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
