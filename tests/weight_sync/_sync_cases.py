@@ -133,6 +133,15 @@ def sgd_step(dims, chunks, tokens, prompt_len, lr: float = 0.5) -> None:
     for chunk in chunks:
         chunk.zero_grad(set_to_none=True)
     run_schedule(dims, chunks, tokens, prompt_len, forward_only=False)
+    if dims.pp > 1 and (dims.is_first_stage or dims.is_last_stage):
+        # tied embeddings: the first stage's embedding and the last stage's output-layer copy get the
+        # summed gradient (what Megatron's finalize_model_grads does), so both copies stay equal
+        from megatron.core import parallel_state as ps
+
+        for chunk in chunks:
+            if chunk.share_embeddings_and_output_weights:
+                weight = chunk.shared_embedding_or_output_weight()
+                torch.distributed.all_reduce(weight.grad, group=ps.get_embedding_group())
     with torch.no_grad():
         for chunk in chunks:
             for param in chunk.parameters():
@@ -187,6 +196,7 @@ def case_local(tied: bool, fp8: bool = False) -> dict:
     trainer_log_probs = run_schedule(dims, chunks, sampled[0], len(prompt), forward_only=True)
     if dims.is_last_stage and dims.tp_rank == 0:
         out["trainer_log_probs"] = trainer_log_probs
+    out["_policy"] = (dims, chunks, wmap)
     return out
 
 
@@ -206,40 +216,70 @@ class _CorruptingEngine:
                 dict(self._engine.model.named_parameters())[self._victim].view(-1)[3] += 1e-3
 
 
-def case_corrupted(victim: str) -> str:
+def case_corrupted(dims, chunks, wmap, victim: str) -> str:
+    """One more sync into an engine that damages `victim` on load; returns the error every rank saw."""
     import torch.distributed as dist
 
     from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer
     from maspo_megatron.rollout.weight_sync.transports import WeightSyncError
 
-    dims, chunks, wmap = build_policy(False)
     engine = _CorruptingEngine(_engine(False), victim) if dist.get_rank() == 0 else None
     syncer = WeightSyncer(weight_sync_cfg(transport="local"), chunks, wmap, dims, engine=engine, engine_kind="local")
     try:
-        syncer.sync(weight_version=1)
+        syncer.sync(weight_version=3)
     except WeightSyncError as exc:
         return str(exc)
     return ""
 
 
-def case_sglang(url: str, transport: str, disk_dir: str, tied: bool = False) -> dict:
-    """TP2 x PP2 -> the stand-in SGLang server over `transport`; the test reads the server's weights."""
+def case_local_all(victim: str) -> dict:
+    """Untied (with a corrupted sync at the end) and tied models, in the same four processes."""
+    untied = case_local(False)
+    dims, chunks, wmap = untied.pop("_policy")
+    untied["corrupted_message"] = case_corrupted(dims, chunks, wmap, victim)
+    tied = case_local(True)
+    tied.pop("_policy")
+    return {"untied": untied, "tied": tied}
+
+
+def _server_weights(engine, names) -> dict:
+    """Every named tensor as the server holds it, read back through /get_weights_by_name."""
+    out = {}
+    for name in names:
+        (body,) = engine.get_weights_by_name(name, truncate_size=1 << 30).values()
+        out[name] = torch.tensor(body, dtype=torch.float32)
+    return out
+
+
+def case_sglang(urls: dict, disk_dir: str, plan: list) -> dict:
+    """TP2 x PP2 -> stand-in SGLang servers over each transport in turn. Before each sync the policy
+    moves (every parameter + 0.01 * k), so each transport must deliver new values; rank 0 returns
+    what the server holds and the models package's export of what it should hold."""
     import torch.distributed as dist
 
     from maspo_megatron.config.rollout import SGLangConfig
     from maspo_megatron.rollout.sglang.engine import SGLangEngine
     from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer
 
-    dims, chunks, wmap = build_policy(tied)
-    engine = SGLangEngine(SGLangConfig(urls=[url])) if dist.get_rank() == 0 else None
-    cfg = weight_sync_cfg(transport=transport, disk_dir=disk_dir)
-    syncer = WeightSyncer(cfg, chunks, wmap, dims, engine=engine, engine_kind="sglang")
-    out = {}
-    try:
-        out["report"] = syncer.sync(weight_version=3)
-        out["report2"] = syncer.sync(weight_version=4)
-    finally:
-        syncer.close()
-        if engine is not None:
-            engine.shutdown()
+    dims, chunks, wmap = build_policy(False)
+    rank0 = dist.get_rank() == 0
+    out = []
+    for step, (label, transport) in enumerate(plan, start=1):
+        with torch.no_grad():
+            for chunk in chunks:
+                for param in chunk.parameters():
+                    param.add_(0.01 * step)
+        engine = SGLangEngine(SGLangConfig(urls=[urls[label]])) if rank0 else None
+        cfg = weight_sync_cfg(transport=transport, disk_dir=disk_dir, verify_rows=3, group_timeout_s=60.0)
+        syncer = WeightSyncer(cfg, chunks, wmap, dims, engine=engine, engine_kind="sglang")
+        try:
+            report = syncer.sync(weight_version=10 + step)
+            expected = export_reference(dims, chunks, wmap)
+            if rank0:
+                out.append({"key": (label, transport), "report": report, "expected": expected,
+                            "held": _server_weights(engine, expected), "version": engine.get("/get_weight_version")})
+        finally:
+            syncer.close()
+            if engine is not None:
+                engine.shutdown()
     return out

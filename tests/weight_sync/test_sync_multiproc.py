@@ -15,9 +15,18 @@ def _assert_bit_exact(got: dict, want: dict, what: str):
         assert torch.equal(got[name], want[name]), f"{what}: {name} differs"
 
 
+VICTIM = "model.layers.2.mlp.up_proj.weight"  # second half of a fused fc1, from pipeline stage 1
+
+
 @pytest.fixture(scope="module")
-def untied_run():
-    return run_distributed(cases.case_local, WORLD, False, timeout_s=240)
+def local_run():
+    """ONE launch of four processes: untied sync/train/sync, a corrupted sync, then the tied model."""
+    return run_distributed(cases.case_local_all, WORLD, VICTIM, timeout_s=300)
+
+
+@pytest.fixture(scope="module")
+def untied_run(local_run):
+    return [rank["untied"] for rank in local_run]
 
 
 def test_local_sync_is_bit_exact_and_versions_advance(untied_run):
@@ -46,18 +55,57 @@ def test_after_training_step_engine_matches_export_and_trainer_log_probs(untied_
     assert diff <= 1e-5
 
 
-def test_tied_output_layer():
-    rank0 = run_distributed(cases.case_local, WORLD, True, timeout_s=240)[0]
+def test_tied_output_layer(local_run):
+    rank0 = local_run[0]["tied"]
     reference = cases.reference_state(tied=True)
     assert "lm_head.weight" in reference  # HF lists the tied head under its own name too
     _assert_bit_exact(rank0["after_first"], reference, "tied: first sync")
     _assert_bit_exact(rank0["after_second"], {**rank0["export"], "lm_head.weight": rank0["export"][
         "model.embed_tokens.weight"]}, "tied: second sync")
     assert rank0["report"].num_tensors == len(reference) - 1  # lm_head is not sent: the engine ties it
+    diff = (rank0["engine_log_probs"] - local_run[2]["tied"]["trainer_log_probs"]).abs().max().item()
+    assert diff <= 1e-5
 
 
-def test_verify_weights_catches_a_corrupted_tensor():
-    victim = "model.layers.2.mlp.up_proj.weight"  # second half of a fused fc1, from pipeline stage 1
-    messages = run_distributed(cases.case_corrupted, WORLD, victim, timeout_s=240)
-    assert all(victim in m and "verify_weights" in m for m in messages), messages
+def test_verify_weights_catches_a_corrupted_tensor(untied_run):
+    messages = [rank["corrupted_message"] for rank in untied_run]
+    assert all(VICTIM in m and "verify_weights" in m for m in messages), messages  # every rank stops
     assert all("gate_proj" not in m for m in messages)
+
+
+@pytest.fixture()
+def standin_servers(tmp_path):
+    from tests.helpers.sglang_standin import StandinServer
+
+    model_dir = tmp_path / "engine_model"
+    cases.hf_model(False, cases.SEED_ENGINE).save_pretrained(model_dir)
+    servers = {"new": StandinServer(str(model_dir)).start(),
+               "old": StandinServer(str(model_dir), weight_session=False).start()}  # sglang < 0.5.23
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+def _check_standin_run(rank0, plan):
+    assert [result["key"] for result in rank0] == plan
+    previous = None
+    for step, result in enumerate(rank0, 1):
+        key = result["key"]
+        _assert_bit_exact(result["held"], result["expected"], f"step {step} {key}: server vs HF export")
+        assert result["held"]["model.embed_tokens.weight"].shape[0] == cases.VOCAB
+        assert next(iter(result["version"].values()))["weight_version"] == str(10 + step)
+        assert result["report"].transport == key[1] and result["report"].verified
+        if previous is not None:  # the policy moved between syncs, so a stale server would fail above
+            assert not torch.equal(previous, result["expected"]["model.norm.weight"])
+        previous = result["expected"]["model.norm.weight"]
+
+
+def test_sync_into_standin_servers_over_disk_tensor_distributed(standin_servers, tmp_path):
+    """disk, tensor (flattened buckets) and distributed (one gloo group per pipeline stage, reused by
+    the next sync) into a 0.5.23 server, then tensor into an older server without
+    /begin_weight_update (detected; updates are sent without a session)."""
+    urls = {label: server.url for label, server in standin_servers.items()}
+    plan = [("new", "disk"), ("new", "tensor"), ("new", "distributed"), ("new", "distributed"), ("old", "tensor")]
+    rank0 = run_distributed(cases.case_sglang, WORLD, urls, str(tmp_path / "sync"), plan, timeout_s=300)[0]
+    _check_standin_run(rank0, plan)
+    assert [p.name for p in (tmp_path / "sync").iterdir()] == ["v00000011"]  # the disk version dir

@@ -85,11 +85,10 @@ def reconstruct_tensors(buf: torch.Tensor, metadata: Iterable[Any]) -> List[Tupl
     return out
 
 
-class _MetadataRef:
-    """Sentinel pickled as the global `sglang...tensor_bucket.FlattenedTensorMetadata`."""
+class _SGLangNamePickler(pickle._Pickler):  # the pure-Python pickler lets `save` write opcodes itself
+    """Pickles our metadata exactly as sglang's own dataclass pickles (NEWOBJ + BUILD of its state),
+    under the global name `sglang.srt.weight_sync.tensor_bucket.FlattenedTensorMetadata`."""
 
-
-class _SGLangNamePickler(pickle._Pickler):  # the pure-Python pickler lets `save` write a global by name
     def __init__(self, file: io.BytesIO, share_memory: bool):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         table = copyreg.dispatch_table.copy()
@@ -101,16 +100,16 @@ class _SGLangNamePickler(pickle._Pickler):  # the pure-Python pickler lets `save
             table.update(ForkingPickler._extra_reducers)
         self.dispatch_table = table
 
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is FlattenedTensorMetadata:
-            return (_MetadataRef, (obj.name, obj.shape, obj.dtype, obj.start_idx, obj.end_idx, obj.numel))
-        return NotImplemented
-
     def save(self, obj: Any, save_persistent_id: bool = True) -> None:
-        if obj is _MetadataRef:
+        if type(obj) is FlattenedTensorMetadata:
             self.save(SGLANG_METADATA_MODULE)
             self.save(SGLANG_METADATA_CLASS)
             self.write(pickle.STACK_GLOBAL)
+            self.save(())
+            self.write(pickle.NEWOBJ)
+            self.memoize(obj)
+            self.save(dict(obj.__dict__))
+            self.write(pickle.BUILD)
             return
         super().save(obj, save_persistent_id)
 

@@ -98,13 +98,15 @@ class DistributedTransport(Transport):
                                 for index, url in enumerate(urls)}
                     check_response(self.engine.init_weights_update_group(payloads), "init_weights_update_group")
             background = _Background(init_all)
-        store = dist.TCPStore(host, port, world_size[0], is_master=True,
-                              timeout=datetime.timedelta(seconds=self.cfg.group_timeout_s))
+        timeout = datetime.timedelta(seconds=self.cfg.group_timeout_s)
+        store = dist.TCPStore(host, port, world_size[0], is_master=True, timeout=timeout)
         prefixed = dist.PrefixStore(self.group_name, store)
-        if self.backend == "gloo":
-            self.group = dist.ProcessGroupGloo(prefixed, 0, world_size[0])
+        if self.backend == "gloo":  # the timeout bounds a broadcast whose receiver died
+            self.group = dist.ProcessGroupGloo(prefixed, 0, world_size[0], timeout)
         else:
-            self.group = dist.ProcessGroupNCCL(prefixed, 0, world_size[0])
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.group = dist.ProcessGroupNCCL(prefixed, 0, world_size[0], options)
         self._store = store
         if background is not None:
             background.join()
@@ -130,7 +132,7 @@ class DistributedTransport(Transport):
             background = _Background(post_all)
         if bucket is not None:
             for _, tensor in bucket:
-                self.group.broadcast([tensor.contiguous()], 0).wait()
+                self.group.broadcast(tensor.contiguous(), 0).wait()
         if background is not None:
             background.join()
         if self.dims.pp > 1:
