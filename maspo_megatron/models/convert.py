@@ -255,24 +255,24 @@ def megatron_to_hf(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes, DTYPES[dtype] if dtype else None)
         tensors = list(wmap.megatron_tensors())
+        entries = []
+        for mt in tensors:
+            out_dtype = DTYPES[dtype] if dtype else reader.dtype(mt.ckpt_key)
+            names = [n.format(i=mt.layer) for n in mt.rule.hf]
+            entries += [(n, shape, out_dtype) for n, shape in zip(names, wmap.hf_shapes(mt.rule), strict=True)]
+        writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
         total = sum(torch.Size(t.shape).numel() * reader.dtype(t.ckpt_key).itemsize for t in tensors)
         meter = Progress("megatron->hf", total, progress)
-        # one read per group: each global tensor alone, each layer's tensors together
-        groups: list[list[MegatronTensor]] = []
-        for mt in tensors:
-            if mt.layer is not None and groups and groups[-1][0].layer == mt.layer:
-                groups[-1].append(mt)
-            else:
-                groups.append([mt])
-        for group in groups:
-            loaded = reader.load([(mt.ckpt_key, mt.layer) for mt in group])
-            for mt, full in zip(group, loaded, strict=True):
+        try:
+            for mt in tensors:  # one tensor (one layer's slice of a stacked tensor) at a time
+                (full,) = reader.load([(mt.ckpt_key, mt.layer)])
                 for hf_name, tensor in wmap.megatron_to_hf(mt.name, full):
                     writer.add(hf_name, tensor)
                 meter.add(full.numel() * full.element_size())
-            del loaded
+                del full
+        finally:
+            writer.abort()
         writer.finish()
         _copy_side_files(cfg_dir, tmp, dtype)
         os.replace(tmp, out_dir)

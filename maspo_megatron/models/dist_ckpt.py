@@ -153,7 +153,13 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class _SafeFileSystemReader(dcp.FileSystemReader):
+    def __init__(self, path: str, cached: Optional[Metadata] = None):
+        super().__init__(path)
+        self._cached = cached  # one unpickling per checkpoint, not one per load call
+
     def read_metadata(self, *args, **kwargs) -> Metadata:
+        if self._cached is not None:
+            return self._cached
         path = Path(self.path) / ".metadata"
         try:
             with open(path, "rb") as handle:
@@ -214,7 +220,7 @@ class DistCheckpointReader:
             targets.append(sh.data if layer is None else sh.data[0])  # filled in place
         sharded, _, _ = _replace_state_dict_keys_with_sharded_keys(state)
         pyt_state = mcore_to_pyt_state_dict(sharded, True)
-        dcp.load(pyt_state, storage_reader=_SafeFileSystemReader(str(self.dir)), planner=MCoreLoadPlanner())
+        dcp.load(pyt_state, storage_reader=_SafeFileSystemReader(str(self.dir), self.metadata), planner=MCoreLoadPlanner())
         return targets
 
 

@@ -14,7 +14,6 @@ from typing import Iterator, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -103,6 +102,9 @@ class HFCheckpointReader:
     def _safe_handle(self, path: Path):
         key = str(path)
         if key not in self._handles:
+            # keep one file mapped at a time: touched pages of a mapped shard count as resident
+            # memory for as long as it stays open
+            self._handles.clear()
             try:
                 self._handles[key] = safe_open(path, framework="pt")
             except Exception as exc:
@@ -143,55 +145,87 @@ class HFCheckpointReader:
         self._bin_cache = (None, {})
 
 
-class ShardedSafetensorsWriter:
-    """Writes tensors into `model-0000k-of-0000n.safetensors` shards of at most max_shard_bytes
-    (a single larger tensor gets its own shard), plus `model.safetensors.index.json`.
-    Holds at most one shard in memory."""
+_DTYPE_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
 
-    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int, dtype: Optional[torch.dtype] = None):
+
+class ShardedSafetensorsWriter:
+    """Streams tensors straight into `model-0000k-of-0000n.safetensors` files, planned up front.
+
+    The caller declares every tensor (name, shape, dtype) in write order; shards are cut at
+    max_shard_bytes (a larger single tensor gets its own shard), each header is written when its
+    shard opens, and each tensor's bytes go to disk as soon as `add` receives it. Nothing but the
+    tensor being written is held in memory. Writes `model.safetensors.index.json` at `finish`.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
         self.dir = Path(out_dir)
-        self.max_shard_bytes = max_shard_bytes
-        self.dtype = dtype
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
+        self._entries = {name: (tuple(shape), dtype) for name, shape, dtype in entries}
+        if len(self._entries) != len(entries):
+            raise CheckpointError("safetensors writer: a tensor name is declared twice")
+        self._order = [name for name, _, _ in entries]
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, shape, dtype in entries:
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        count = len(shards)
+        self._shard_names = [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+        self._shard_of = {n: k for k, names in enumerate(shards) for n in names}
+        self._shards = shards
+        self._next = 0
+        self._file = None
         self.total_bytes = 0
         self.largest_shard_bytes = 0
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._pending or any(name in s for s in self._shards):
-            raise CheckpointError(f"{name}: written twice")
-        if self.dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
-        tensor = tensor.contiguous()
-        size = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self._pending[name] = tensor
-        self._pending_bytes += size
+    def _open_shard(self, k: int) -> None:
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name in self._shards[k]:
+            shape, dtype = self._entries[name]
+            nbytes = torch.Size(shape).numel() * dtype.itemsize
+            header[name] = {"dtype": _DTYPE_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        self._file = open(self.dir / self._shard_names[k], "wb")
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self.total_bytes += offset
+        self.largest_shard_bytes = max(self.largest_shard_bytes, offset + 8 + len(raw))
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        index = len(self._shards) + 1
-        save_file(self._pending, self.dir / f"model-{index:05d}.partial.safetensors", metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self.total_bytes += self._pending_bytes
-        self.largest_shard_bytes = max(self.largest_shard_bytes, self._pending_bytes)
-        self._pending, self._pending_bytes = {}, 0
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Writes the next declared tensor (cast to its declared dtype)."""
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
+            raise CheckpointError(f"{name}: written out of order (expected {expected})")
+        shape, dtype = self._entries[name]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{name}: shape {tuple(tensor.shape)}, declared {shape}")
+        k = self._shard_of[name]
+        if self._shards[k][0] == name:
+            self._open_shard(k)
+        data = tensor.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8)
+        self._file.write(memoryview(data.numpy()))
+        self._next += 1
+        if self._shards[k][-1] == name:
+            self._file.close()
+            self._file = None
 
     def finish(self) -> dict[str, str]:
-        """Flushes, names the shards `model-0000k-of-0000n`, writes the index; returns the weight map."""
-        self._flush()
-        count = len(self._shards)
-        weight_map = {}
-        for k, names in enumerate(self._shards, start=1):
-            final = f"model-{k:05d}-of-{count:05d}.safetensors"
-            os.replace(self.dir / f"model-{k:05d}.partial.safetensors", self.dir / final)
-            weight_map.update({n: final for n in names})
+        """Checks every declared tensor was written, writes the index; returns the weight map."""
+        if self._next != len(self._order):
+            raise CheckpointError(f"{self._order[self._next]}: declared but never written")
+        weight_map = {n: self._shard_names[k] for n, k in self._shard_of.items()}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return weight_map
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def iter_tensors(reader: HFCheckpointReader, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
