@@ -63,6 +63,11 @@ def parity_case(cases: list[dict], layouts: list[tuple[int, int]]) -> dict:
                                        post_process=ps.is_pipeline_last_stage()).eval()
             load_model_weights([model], case["ckpt"])
             logits = forward_logits(model, case["ids"], case["ids"].shape[1])
+            if case.get("save_to") and (tp, pp) == case.get("save_at"):
+                # a checkpoint written by Megatron itself, for the Megatron -> HF converter
+                from megatron.core import dist_checkpointing
+
+                dist_checkpointing.save({"model": model.sharded_state_dict()}, case["save_to"])
             if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
                 out[(case["name"], tp, pp)] = logits[..., : meta.vocab_size].clone()
     return out
