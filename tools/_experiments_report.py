@@ -1,0 +1,273 @@
+"""docs/experiments.md from the finished runs of a sweep: plots, tables, raw CSV/JSON, all as measured.
+
+    build_report(sweep, root, report_path, figures_dir)
+
+Every number comes from the run directories (metrics.jsonl, final_eval.json, warmup_eval.json,
+status.json); every seed of every method that finished is included (nothing is picked).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from _experiments_plan import HELDOUT_NAME, Sweep, seed_overrides
+from _experiments_plots import plot_maspo_stats, plot_metric
+from _experiments_stats import (
+    ENTROPY_KEY,
+    REWARD_KEY,
+    RunData,
+    across_seeds,
+    describe_difference,
+    eval_key,
+    load_run,
+    mean_std,
+    paired_differences,
+    run_mean,
+    steps_to_threshold,
+    tail_mean,
+)
+
+SMOOTH_STEPS = 5
+MASPO_KEYS = [
+    ("maspo/gated_pos_frac", "gated fraction, A>0 & r>1"),
+    ("maspo/gated_neg_frac", "gated fraction, A<0 & r<1"),
+    ("maspo/gate_weight_mean_gated", "mean gate weight on gated tokens"),
+    ("maspo/sigma_mean", "mean sigma (mass x risk)"),
+    ("maspo/abs_log_ratio_mean", "mean |log r|"),
+    ("maspo/ppo_clip_frac", "PPO clip fraction at eps 0.2"),
+]
+BUCKETS = ["p_lt_0.01", "p_0.01_0.1", "p_0.1_0.5", "p_gt_0.5"]
+
+
+def _fmt(mean: float, std: float, digits: int = 3) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if math.isfinite(std) else f"{mean:.{digits}f}"
+
+
+def _machine() -> str:
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.machine()}, {os.cpu_count()} cores, {mem_gib:.0f} GiB RAM, Python {platform.python_version()}"
+
+
+def collect(sweep: Sweep, root: Path) -> Dict[str, List[RunData]]:
+    """Finished runs (final_eval.json present) per method, in sweep order; unfinished ones are left out."""
+    out = {}
+    for name in sweep.methods:
+        runs = [load_run(root / "runs" / name / f"seed{seed}", name, seed) for seed in sweep.seeds]
+        out[name] = [run for run in runs if run.final_eval is not None]
+    return out
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+
+
+def _setting_rows(sweep: Sweep, root: Path, extra: List[str]) -> List[tuple]:
+    from maspo_megatron.config import load_config
+
+    cfg = load_config(sweep.base, seed_overrides(sweep, sweep.seeds[0]) + extra)
+    warm = load_config(sweep.base, seed_overrides(sweep, sweep.seeds[0]) + sweep.warmup_overrides + extra)
+    m, t, a, r, s = cfg.model, cfg.trainer, cfg.algorithm, cfg.rollout, cfg.data.synthetic
+    return [
+        ("policy", f"tiny Qwen2-shaped: {m.tiny_layers} layers, hidden {m.tiny_hidden}, {m.tiny_heads} heads "
+                   f"({m.tiny_kv_heads} KV), FFN {m.tiny_ffn}, character tokenizer, fp32, TP1/PP1, 1 process"),
+        ("task", f"synthetic arithmetic: {s.num_operands} operands in [{s.min_operand}, {s.max_operand}], ops "
+                 f"{' '.join(s.operations)}, answers `\\boxed{{n}}`; its distinct problems split once into "
+                 f"{_count_lines(root / 'train.jsonl')} training and {_count_lines(root / 'heldout.jsonl')} held-out (disjoint)"),
+        ("reward", "math-verify: 1 correct, 0 otherwise"),
+        ("warm-up (once per seed)", f"{warm.trainer.sft_warmup_steps} supervised steps x {warm.trainer.sft_batch_size} "
+                                    f"reference answers, lr {warm.trainer.sft_lr:g}; every method starts RL from it"),
+        ("RL", f"{t.total_steps} steps x {t.prompts_per_step} prompts x {r.n_samples_per_prompt} samples "
+               f"(T={r.temperature:g}, <= {r.max_new_tokens} new tokens), Adam lr {t.lr:g} constant, grad clip {t.grad_clip:g}"),
+        ("where the gate acts", f"{a.mini_batches} mini-batches x {a.ppo_epochs} PPO epochs = "
+                                f"{a.mini_batches * a.ppo_epochs} optimizer steps per rollout batch; "
+                                f"old log-probs from the trainer, so r == 1 only on the first"),
+        ("loss aggregation", f"{a.aggregation} over the global batch; advantages {a.advantage}; no KL, no entropy bonus"),
+        ("evaluation", f"held-out set of {sweep.heldout_prompts} problems no seed trains on; "
+                       f"{t.eval_n_samples} samples each at T={r.temperature:g} after the last step: Avg@{t.eval_n_samples} "
+                       f"(mean correctness) and Pass@{t.eval_n_samples} (any of {t.eval_n_samples} correct)"),
+        ("seeds", f"{sweep.seeds} (a seed sets the model init, the warm-up, the data order and the sampling; "
+                  "methods of one seed share the warm-up, so differences are paired by seed)"),
+    ]
+
+
+def _write_csvs(figures: Path, runs_by_method: Dict[str, List[RunData]], warm: Dict[int, dict]) -> None:
+    rows = []
+    for name, runs in runs_by_method.items():
+        for run in runs:
+            _, avg = eval_key(run.final_eval, HELDOUT_NAME, "avg")
+            _, pas = eval_key(run.final_eval, HELDOUT_NAME, "pass")
+            rows.append({"method": name, "seed": run.seed, "steps": len(run.records), "heldout_avg": avg,
+                         "heldout_pass": pas, "reward_last5": tail_mean(run, REWARD_KEY, 5),
+                         "entropy_last5": tail_mean(run, ENTROPY_KEY, 5),
+                         "warmup_heldout_avg": eval_key(warm.get(run.seed), HELDOUT_NAME, "avg")[1]})
+    with open(figures / "runs.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["method"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(figures / "curves.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "key", "step", "mean", "std", "seeds"])
+        keys = [REWARD_KEY, ENTROPY_KEY] + [k for k, _ in MASPO_KEYS]
+        for name, runs in runs_by_method.items():
+            for key in keys:
+                for step, mean, std, count in zip(*across_seeds(runs, key), strict=True):
+                    writer.writerow([name, key, step, f"{mean:.6g}", f"{std:.6g}", count])
+
+
+def build_report(sweep: Sweep, root: Path, report_path: Path, figures: Path, extra: List[str] = ()) -> None:
+    extra = list(extra)
+    figures.mkdir(parents=True, exist_ok=True)
+    runs_by_method = collect(sweep, root)
+    labels = {name: method.label for name, method in sweep.methods.items()}
+    warm = {}
+    for seed in sweep.seeds:
+        path = root / "warmup" / f"seed{seed}" / "warmup_eval.json"
+        if path.is_file():
+            warm[seed] = json.loads(path.read_text())
+    status = json.loads((root / "status.json").read_text()) if (root / "status.json").is_file() else {}
+    baselines = [n for n, m in sweep.methods.items() if not m.ablation]
+    ablations = [n for n, m in sweep.methods.items() if m.ablation]
+    reference = "maspo" if "maspo" in sweep.methods else baselines[0]
+    panels = [("MASPO vs baselines", baselines)]
+    if ablations:
+        panels.append(("MASPO vs its ablations", [reference] + ablations))
+    rel = os.path.relpath(figures, report_path.parent)
+    plot_metric(figures / "reward_vs_step.png", runs_by_method, labels, panels, REWARD_KEY,
+                "training reward (mean over the step's samples)", SMOOTH_STEPS, "Training reward",
+                hline=sweep.threshold_reward)
+    plot_metric(figures / "entropy_vs_step.png", runs_by_method, labels, panels, ENTROPY_KEY,
+                "policy entropy (nats/token, response tokens)", SMOOTH_STEPS, "Policy entropy")
+    plot_maspo_stats(figures / "maspo_stats.png", runs_by_method, labels, [reference] + ablations, MASPO_KEYS,
+                     SMOOTH_STEPS)
+    _write_csvs(figures, runs_by_method, warm)
+
+    k_key, _ = next((eval_key(r.final_eval, HELDOUT_NAME, "avg") for rs in runs_by_method.values() for r in rs),
+                    ("avg@k", math.nan))
+    k = k_key.rsplit("@", 1)[-1] if k_key else "k"
+    window, threshold = sweep.threshold_window, sweep.threshold_reward
+    per_method: Dict[str, dict] = {}
+    for name, runs in runs_by_method.items():
+        reached = [steps_to_threshold(*run.series(REWARD_KEY), threshold, window) for run in runs]
+        per_method[name] = {
+            "seeds": [run.seed for run in runs],
+            "avg": {run.seed: eval_key(run.final_eval, HELDOUT_NAME, "avg")[1] for run in runs},
+            "pass": {run.seed: eval_key(run.final_eval, HELDOUT_NAME, "pass")[1] for run in runs},
+            "reward_last": {run.seed: tail_mean(run, REWARD_KEY, window) for run in runs},
+            "entropy_last": {run.seed: tail_mean(run, ENTROPY_KEY, window) for run in runs},
+            "entropy_all": {run.seed: run_mean(run, ENTROPY_KEY) for run in runs},
+            "steps_to_threshold": {run.seed: s for run, s in zip(runs, reached, strict=True)},
+            "wall_s": [status.get(f"{name}/seed{run.seed}", {}).get("wall_s") for run in runs],
+            "maspo": {key: mean_std([run_mean(run, key) for run in runs]) for key, _ in MASPO_KEYS},
+            "buckets": {f"{b}/{q}": mean_std([run_mean(run, f"maspo/{b}/{q}") for run in runs])
+                        for b in BUCKETS for q in ("token_frac", "ratio_mean", "gated_frac", "gate_weight_mean")},
+        }
+    (figures / "summary.json").write_text(json.dumps({"threshold": threshold, "window": window, "methods": per_method,
+                                                      "warmup": warm, "status": status}, indent=1, sort_keys=True,
+                                                     default=str))
+    lines = _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, status, rel, k, reference)
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text("\n".join(lines) + "\n")
+
+
+def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, status, rel, k, reference) -> List[str]:
+    window, threshold = sweep.threshold_window, sweep.threshold_reward
+    expected = len(sweep.seeds) * len(sweep.methods)
+    finished = sum(len(r) for r in runs_by_method.values())
+    walls = [v["wall_s"] for v in status.values() if isinstance(v, dict) and v.get("wall_s")]
+    out = [
+        "# Experiments: a small-scale MASPO reproduction on the CPU synthetic task",
+        "",
+        "Generated by `tools/run_experiments.py` from the sweep `examples/experiments/sweep.yaml`"
+        + (f" with `--set {' '.join(extra)}`" if extra else "") + f" on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"Machine: {_machine()}. Runs finished: {finished}/{expected}"
+        + (f"; job wall time {sum(walls) / 60:.1f} min in total ({len(walls)} jobs, up to 2 at a time)." if walls else "."),
+        "Everything below is as measured, every finished seed of every method; nothing was picked.",
+        "",
+        "This is NOT the paper's setting (1.5B-14B models, AIME/MATH, Avg@32). It is a tiny model on a",
+        "synthetic task, small enough to rerun in about an hour on 2 CPU cores, meant to show whether the",
+        "mechanisms behave as described, not to reproduce the paper's numbers.",
+        "",
+        "Reproduce: `.venv/bin/python tools/run_experiments.py` (resumable; `--report-only` rebuilds this page).",
+        "",
+        "## Setting",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    out += [f"| {key} | {value} |" for key, value in _setting_rows(sweep, root, extra)]
+    out += ["", "Methods (overrides on top of the base config):", ""]
+    for name, method in sweep.methods.items():
+        out.append(f"- **{method.label}** (`{name}`): `{' '.join(method.overrides) or '(base)'}`")
+    warm_avg = mean_std([eval_key(w, HELDOUT_NAME, "avg")[1] for w in warm.values()])
+    warm_pass = mean_std([eval_key(w, HELDOUT_NAME, "pass")[1] for w in warm.values()])
+    out += [
+        "", "## Results", "",
+        f"Held-out accuracy after the last RL step ({k} samples per problem, mean ± sample std over seeds),",
+        f"steps until the training reward, averaged over {window} consecutive steps, first reaches {threshold:g}",
+        f"(mean over the seeds that reached it; `n/N` seeds reached it), and the training reward and entropy",
+        f"averaged over the last {window} steps.",
+        "",
+        f"| method | seeds | Avg@{k} held-out | Pass@{k} held-out | steps to reward {threshold:g} | reached | "
+        f"train reward (last {window}) | entropy (last {window}) | Avg@{k} per seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| warm-up start (step 0) | {len(warm)} | {_fmt(*warm_avg)} | {_fmt(*warm_pass)} | | | | | "
+        + ", ".join(f"{eval_key(w, HELDOUT_NAME, 'avg')[1]:.3f}" for _, w in sorted(warm.items())) + " |",
+    ]
+    for name, info in per_method.items():
+        reached = [s for s in info["steps_to_threshold"].values() if s is not None]
+        out.append(
+            f"| {labels[name]} | {len(info['seeds'])} | {_fmt(*mean_std(info['avg'].values()))} | "
+            f"{_fmt(*mean_std(info['pass'].values()))} | {_fmt(*mean_std(reached), digits=1) if reached else 'never'} | "
+            f"{len(reached)}/{len(info['seeds'])} | {_fmt(*mean_std(info['reward_last'].values()))} | "
+            f"{_fmt(*mean_std(info['entropy_last'].values()))} | "
+            + ", ".join(f"{v:.3f}" for _, v in sorted(info["avg"].items())) + " |")
+    out += ["", "### Paired differences against MASPO (same seed = same warm-up start and data order)", "",
+            f"| method | Δ Avg@{k} (MASPO − method) | Δ train reward, last {window} | Δ entropy, whole run |",
+            "|---|---|---|---|"]
+    ref = per_method.get(reference)
+    for name, info in per_method.items():
+        if name == reference or ref is None:
+            continue
+        out.append(f"| {labels[name]} | {describe_difference(paired_differences(ref['avg'], info['avg']))} | "
+                   f"{describe_difference(paired_differences(ref['reward_last'], info['reward_last']))} | "
+                   f"{describe_difference(paired_differences(ref['entropy_all'], info['entropy_all']))} |")
+    out += [
+        "", "With 3 seeds a difference whose sign is mixed across seeds, or small against the seed spread in the",
+        "table above, is not evidence either way.",
+        "", "### Training reward", "", f"![reward vs step]({rel}/reward_vs_step.png)", "",
+        "### Entropy", "",
+        "The paper reports that MASPO keeps the policy entropy higher than the clipped baselines.", "",
+        f"![entropy vs step]({rel}/entropy_vs_step.png)", "",
+        "### MASPO mass-adaptive statistics", "",
+        "Mean over all steps of each run, then mean ± std over seeds. The `maspo/*` keys are computed for every",
+        "loss with the MASPO hyperparameters of the run (defaults unless the method overrides them), so for the",
+        "baselines they say what MASPO's gate *would* have done to the same updates; `ppo_clip_frac` is the",
+        "fraction of tokens a PPO clip at 0.2 would clip.",
+        "",
+        "| method | " + " | ".join(title for _, title in MASPO_KEYS) + " |",
+        "|---|" + "---|" * len(MASPO_KEYS),
+    ]
+    for name, info in per_method.items():
+        out.append(f"| {labels[name]} | " + " | ".join(_fmt(*info["maspo"][key], digits=4) for key, _ in MASPO_KEYS) + " |")
+    out += ["", f"By old-policy probability of the token ({labels.get(reference, reference)} runs):", "",
+            "| p_old bucket | token fraction | mean ratio r | gated fraction | mean gate weight |", "|---|---|---|---|---|"]
+    if ref is not None:
+        for bucket in BUCKETS:
+            cells = [_fmt(*ref["buckets"][f"{bucket}/{q}"], digits=4)
+                     for q in ("token_frac", "ratio_mean", "gated_frac", "gate_weight_mean")]
+            out.append(f"| {bucket} | " + " | ".join(cells) + " |")
+    out += ["", f"![MASPO statistics]({rel}/maspo_stats.png)", "",
+            "## Raw data", "",
+            f"- `{rel}/runs.csv`: one row per run (held-out Avg/Pass, last-steps reward and entropy, warm-up start).",
+            f"- `{rel}/curves.csv`: per method and step, mean/std over seeds of reward, entropy and the MASPO statistics.",
+            f"- `{rel}/summary.json`: everything in the tables above, per seed, plus job wall times.",
+            "- Per-step logs of each run: `<--out>/runs/<method>/seed<s>/metrics.jsonl` (not committed)."]
+    return out
