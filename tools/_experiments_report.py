@@ -212,7 +212,7 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         "", "## Results", "",
         f"Held-out accuracy after the last RL step ({k} samples per problem, mean ± sample std over seeds),",
         f"steps until the training reward, averaged over {window} consecutive steps, first reaches {threshold:g}",
-        f"(mean over the seeds that reached it; `n/N` seeds reached it), and the training reward and entropy",
+        "(mean over the seeds that reached it; `n/N` seeds reached it), and the training reward and entropy",
         f"averaged over the last {window} steps.",
         "",
         f"| method | seeds | Avg@{k} held-out | Pass@{k} held-out | steps to reward {threshold:g} | reached | "

@@ -137,7 +137,7 @@ class Runner:
                     self.log(f"{time.strftime('%H:%M:%S')} FAILED {name} (exit {code}): {tail[0][:200]} "
                              f"[{job.out_dir / 'log.txt'}]")
         finally:
-            for job, proc, log_file, _ in running.values():  # interrupted: stop our own children only
+            for _job, proc, log_file, _ in running.values():  # interrupted: stop our own children only
                 os.killpg(proc.pid, 15)
                 proc.wait()
                 log_file.close()
