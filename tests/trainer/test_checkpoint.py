@@ -18,36 +18,32 @@ def _assert_same_params(a: dict, b: dict, atol: float = 0.0) -> None:
             torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
-def test_resume_is_exact_and_reshards_dp(tmp_path):
-    """4 steps straight == 2 steps, save (DP=2), resume, 2 steps: bit-identical params, LR and RNG at the same
-    layout; at DP=1 (the distributed optimizer's state resharded) equal to fp32 rounding."""
+def test_kill_while_writing_then_exact_resume_at_same_and_other_dp(tmp_path):
+    """Reference: 2 steps, save, 2 steps (DP=2). Then: 2 steps, save, the ranks die while writing
+    step 3 (after the tensors are on disk, before the rename): `latest` still names step_2, and
+    resuming from it + 2 steps gives bit-identical params, LR and RNG at DP=2, and equal params
+    to fp32 rounding at DP=1 (the distributed optimizer's state resharded)."""
     straight = run_distributed(cases.save_then_continue, 2, str(tmp_path / "a"), 1, 2, 2, timeout_s=240)
-    assert (tmp_path / "a/checkpoints/latest").read_text().strip() == "step_2"
-    resumed_dp1 = run_distributed(cases.resume_and_continue, 1, str(tmp_path / "a"), 1, 2, timeout_s=240)[0]
-    resumed_dp2 = run_distributed(cases.resume_and_continue, 2, str(tmp_path / "a"), 1, 2, timeout_s=240)
+    out = tmp_path / "b"
+    try:
+        run_distributed(cases.save_then_continue, 2, str(out), 1, 2, 0, "after_data", timeout_s=240)
+    except DistributedTestError:
+        pass  # the ranks "died" on purpose
+    else:
+        raise AssertionError("the dying save should have killed the ranks")
+    root = checkpoint.checkpoint_root(out)
+    assert (root / "latest").read_text().strip() == "step_2"
+    assert not (root / "step_3").exists()
+    resumed_dp2 = run_distributed(cases.resume_and_continue, 2, str(out), 1, 2, timeout_s=240)
+    resumed_dp1 = run_distributed(cases.resume_and_continue, 1, str(out), 1, 2, timeout_s=240)[0]
+    assert resumed_dp1["latest"] == "step_2"
     assert resumed_dp1["driver"] == {"step": 2, "sampler": {"epoch": 0, "offset": 3}}
-    _assert_same_params(straight[0]["params"], resumed_dp1["params"], atol=1e-6)
     for rank in range(2):
         _assert_same_params(straight[rank]["params"], resumed_dp2[rank]["params"])
         assert torch.equal(straight[rank]["rng_probe"], resumed_dp2[rank]["rng_probe"])
+    assert straight[0]["lr"] == resumed_dp2[0]["lr"] == resumed_dp1["lr"]
+    _assert_same_params(straight[0]["params"], resumed_dp1["params"], atol=1e-6)
     assert torch.equal(straight[0]["rng_probe"], resumed_dp1["rng_probe"])
-    assert straight[0]["lr"] == resumed_dp1["lr"]
-
-
-def test_kill_while_writing_leaves_latest_loadable(tmp_path):
-    for mode in ("after_data",):  # the dist checkpoint is on disk, the rename has not happened
-        out = tmp_path / mode
-        try:
-            run_distributed(cases.save_then_continue, 2, str(out), 1, 2, 0, mode, timeout_s=240)
-        except DistributedTestError:
-            pass  # the ranks "died" on purpose
-        else:
-            raise AssertionError("the dying save should have killed the ranks")
-        root = checkpoint.checkpoint_root(out)
-        assert (root / "latest").read_text().strip() == "step_2"
-        assert not (root / "step_3").exists()
-        resumed = run_distributed(cases.resume_and_continue, 1, str(out), 1, 1, timeout_s=240)[0]
-        assert resumed["latest"] == "step_2" and resumed["driver"]["step"] == 2
 
 
 def _fake_complete(path):
