@@ -24,6 +24,19 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _single_process() -> bool:
+    world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
+    return int(world) == 1
+
+
+def _free_local_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -32,6 +45,11 @@ def main(argv=None) -> int:
         print(f"maspo-train: config error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if _single_process() and "MASTER_PORT" not in os.environ:
+        # A lone process rendezvouses with itself: any free port, so that two runs on one
+        # machine do not collide on the default 29500.
+        os.environ["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(_free_local_port())
     from maspo_megatron.trainer.loop import Trainer
 
     try:
