@@ -7,6 +7,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+CPU_TINY = REPO / "examples" / "cpu_tiny.yaml"
+# Jobs run the real `maspo_megatron.train` with the CPU default config; before the RL loop existed
+# they ran tests/slurm/contract_trainer.py (still used when the placeholder entry point is back).
+REAL_LOOP = CPU_TINY.is_file() and "PLACEHOLDER" not in (REPO / "maspo_megatron" / "train.py").read_text()
+TRAINER_KIND = "real" if REAL_LOOP else "contract"
+# Keep the CPU default short in tests: no SFT warm-up, small batches, no end-of-run eval/export.
+FAST_REAL_OVERRIDES = ("trainer.sft_warmup_steps=0", "trainer.prompts_per_step=4", "rollout.n_samples_per_prompt=4",
+                       "trainer.eval_at_end=false", "trainer.hf_export_at_end=false", "trainer.tensorboard=false")
 
 
 def sacct_state(job_id: str) -> tuple[str, str]:

@@ -13,18 +13,12 @@ import subprocess
 import sys
 
 import pytest
-from slurm_jobs import REPO, sacct_state
+from slurm_jobs import CPU_TINY, FAST_REAL_OVERRIDES, REPO, TRAINER_KIND, sacct_state
 
 pytestmark = pytest.mark.slurm
 
-CPU_TINY = REPO / "examples" / "cpu_tiny.yaml"
-REAL_LOOP = CPU_TINY.is_file() and "PLACEHOLDER" not in (REPO / "maspo_megatron" / "train.py").read_text()
 
-
-@pytest.mark.parametrize("kind", [
-    "contract",
-    pytest.param("real", marks=pytest.mark.skipif(not REAL_LOOP, reason="the RL loop (issue 8) has not landed yet")),
-])
+@pytest.mark.parametrize("kind", [TRAINER_KIND])
 def test_slurm_executor_job_succeeds(slurm_cluster, tmp_path, kind):
     cmd = [sys.executable, "-m", "maspo_megatron.launch", "--executor", "slurm", "--device", "cpu",
            "--tasks-per-node", "2", "--time", "00:10:00", "--job-dir", str(tmp_path / "nemorun_home"),
@@ -35,7 +29,7 @@ def test_slurm_executor_job_succeeds(slurm_cluster, tmp_path, kind):
         cmd += ["--config", str(config), "--set", "train_module=contract_trainer",
                 "--set", f"env.PYTHONPATH={REPO / 'tests' / 'slurm'}"]
     else:
-        cmd += ["--config", str(CPU_TINY)]
+        cmd += ["--config", str(CPU_TINY), *FAST_REAL_OVERRIDES]
     cmd += [f"trainer.output_dir={tmp_path / 'run'}", "trainer.total_steps=3"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, stdin=subprocess.DEVNULL, timeout=500,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})

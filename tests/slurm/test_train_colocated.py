@@ -1,7 +1,7 @@
 """slurm/train_colocated.sbatch under the real slurmctld, CPU variant (gloo, 2 ranks).
 
-Each case runs twice: against tests/slurm/contract_trainer.py (the launcher contract, strictly), and
-against the real `python -m maspo_megatron.train` with examples/cpu_tiny.yaml once the RL loop is in.
+Jobs run the real `python -m maspo_megatron.train` with examples/cpu_tiny.yaml (short overrides);
+tests/slurm/contract_trainer.py stands in only while train.py is the placeholder.
 """
 from __future__ import annotations
 
@@ -11,25 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_jobs import REPO, sacct_state, submit, wait_job
+from slurm_jobs import CPU_TINY, FAST_REAL_OVERRIDES, REPO, TRAINER_KIND, sacct_state, submit, wait_job
 
 pytestmark = pytest.mark.slurm
 
 SCRIPT = REPO / "slurm" / "train_colocated.sbatch"
 HERE = Path(__file__).resolve().parent
-CPU_TINY = REPO / "examples" / "cpu_tiny.yaml"
-
-
-def _real_loop_landed() -> bool:
-    train = REPO / "maspo_megatron" / "train.py"
-    return CPU_TINY.is_file() and train.is_file() and "PLACEHOLDER" not in train.read_text()
-
-
-TRAINERS = [
-    pytest.param("contract", id="contract"),
-    pytest.param("real", id="real", marks=pytest.mark.skipif(
-        not _real_loop_landed(), reason="the RL loop (issue 8) has not replaced the placeholder train.py yet")),
-]
+KINDS = [TRAINER_KIND]
 
 
 def _job_env(kind: str, tmp_path: Path, step_s: float) -> tuple[dict, Path]:
@@ -45,6 +33,10 @@ def _job_env(kind: str, tmp_path: Path, step_s: float) -> tuple[dict, Path]:
     return env, tmp_path / "run"
 
 
+def _args(kind: str, *overrides: str) -> tuple:
+    return (*(FAST_REAL_OVERRIDES if kind == "real" else ()), *overrides)
+
+
 def _metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -56,11 +48,11 @@ def _job_log(tmp_path: Path) -> str:
     return "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.out")) + sorted((tmp_path / "logs").glob("*")))
 
 
-@pytest.mark.parametrize("kind", TRAINERS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_colocated_cpu_job_runs_to_completion_with_checkpoint(slurm_cluster, tmp_path, kind):
     env, run_dir = _job_env(kind, tmp_path, step_s=0.0)
     job = submit(SCRIPT, "-N", "1", "--ntasks-per-node=2", "--time=10", f"--output={tmp_path}/%x-%j.out",
-                 script_args=("trainer.total_steps=3", "trainer.save_every=2"), env=env)
+                 script_args=_args(kind, "trainer.total_steps=3", "trainer.save_every=2"), env=env)
     state = wait_job(job, timeout_s=300)
     assert state == "COMPLETED", f"job {job}: {sacct_state(job)}\n{_job_log(tmp_path)}"
     steps = [m["step"] for m in _metrics(run_dir)]
@@ -74,12 +66,12 @@ def test_colocated_cpu_job_runs_to_completion_with_checkpoint(slurm_cluster, tmp
         assert {m["allreduce"] for m in _metrics(run_dir)} == {3.0}  # 1 + 2 over the two gloo ranks
 
 
-@pytest.mark.parametrize("kind", TRAINERS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, kind):
-    total = 12 if kind == "contract" else 8
+    total = 12 if kind == "contract" else 10
     env, run_dir = _job_env(kind, tmp_path, step_s=0.5)
     job = submit(SCRIPT, "-N", "1", "--ntasks-per-node=2", "--time=15", f"--output={tmp_path}/%x-%j.out",
-                 script_args=(f"trainer.total_steps={total}", "trainer.save_every=0"), env=env)
+                 script_args=_args(kind, f"trainer.total_steps={total}", "trainer.save_every=0"), env=env)
     deadline = time.monotonic() + 240
     while len(_metrics(run_dir)) < 2:  # mid-run: at least two steps done, far from the end
         assert time.monotonic() < deadline, f"no progress\n{_job_log(tmp_path)}"
