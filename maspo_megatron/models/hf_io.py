@@ -1,6 +1,7 @@
 """Streaming HF checkpoint I/O: read tensors one by one, write size-capped safetensors shards.
 
-Reading never loads a whole checkpoint: safetensors files are opened lazily (memory-mapped) and
+Reading never loads a whole checkpoint: safetensors tensors are read one by one with plain file
+reads (no memory map, so resident memory is the tensor, not the file), and
 `*.bin` files are read with `torch.load(weights_only=True, mmap=True)`, which refuses pickled
 objects instead of executing them. Every error names the file and/or tensor.
 """
@@ -13,7 +14,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-from safetensors import safe_open
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -59,6 +59,47 @@ def _load_bin(path: Path) -> dict:
             raise CheckpointError(f"{path}: refusing to load pickled objects (weights_only): {str(exc2).splitlines()[0]}") from None
 
 
+class SafetensorsFile:
+    """One .safetensors file read with plain `readinto` (no memory map): resident memory is the
+    tensor asked for, not the pages of the file touched so far."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as handle:
+                header_len = int.from_bytes(handle.read(8), "little")
+                if header_len <= 0 or 8 + header_len > size:
+                    raise ValueError(f"header length {header_len} does not fit the file ({size} bytes)")
+                header = json.loads(handle.read(header_len))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        self.entries: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = _ST_DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: bad header entry for tensor {name}") from None
+            if end - begin != torch.Size(shape).numel() * dtype.itemsize or self._data_start + end > size:
+                raise CheckpointError(f"{path}: tensor {name} data does not match its shape or lies past the end of the file")
+            self.entries[name] = (shape, dtype, begin, end)
+
+    def get(self, name: str) -> torch.Tensor:
+        shape, dtype, begin, end = self.entries[name]
+        tensor = torch.empty(shape, dtype=dtype)
+        if end > begin:
+            with open(self.path, "rb") as handle:
+                handle.seek(self._data_start + begin)
+                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                if handle.readinto(view) != end - begin:
+                    raise CheckpointError(f"{self.path}: tensor {name} is truncated")
+        return tensor
+
+
 class HFCheckpointReader:
     """Tensor-by-tensor access to an HF model dir (sharded or single-file, safetensors or .bin)."""
 
@@ -70,7 +111,7 @@ class HFCheckpointReader:
         missing = sorted({f for f in self.weight_map.values() if not (self.dir / f).is_file()})
         if missing:
             raise CheckpointError(f"{self.dir / missing[0]}: shard listed in the index is missing ({len(missing)} missing)")
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, SafetensorsFile] = {}
         self._bin_cache: tuple[Optional[str], dict] = (None, {})
 
     def _weight_map(self) -> dict[str, str]:
@@ -84,8 +125,7 @@ class HFCheckpointReader:
                 return dict(weight_map)
         single = self.dir / "model.safetensors"
         if single.is_file():
-            with safe_open(single, framework="pt") as handle:
-                return {name: single.name for name in handle.keys()}
+            return {name: single.name for name in SafetensorsFile(single).entries}
         single_bin = self.dir / "pytorch_model.bin"
         if single_bin.is_file():
             return {name: single_bin.name for name in _load_bin(single_bin)}
@@ -99,16 +139,10 @@ class HFCheckpointReader:
             raise CheckpointError(f"{name}: tensor not found in {self.dir}")
         return self.dir / self.weight_map[name]
 
-    def _safe_handle(self, path: Path):
+    def _safe_file(self, path: Path) -> SafetensorsFile:
         key = str(path)
         if key not in self._handles:
-            # keep one file mapped at a time: touched pages of a mapped shard count as resident
-            # memory for as long as it stays open
-            self._handles.clear()
-            try:
-                self._handles[key] = safe_open(path, framework="pt")
-            except Exception as exc:
-                raise CheckpointError(f"{path}: cannot open as safetensors ({type(exc).__name__}: {exc})") from None
+            self._handles[key] = SafetensorsFile(path)  # the parsed header only
         return self._handles[key]
 
     def _bin_state(self, path: Path) -> dict:
@@ -121,8 +155,10 @@ class HFCheckpointReader:
         """Shape and dtype from the file header, without reading the data (safetensors)."""
         path = self.file_of(name)
         if path.suffix == ".safetensors":
-            sl = self._safe_handle(path).get_slice(name)
-            return tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()]
+            entry = self._safe_file(path).entries.get(name)
+            if entry is None:
+                raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
+            return entry[0], entry[1]
         tensor = self._bin_state(path)[name]
         return tuple(tensor.shape), tensor.dtype
 
@@ -130,7 +166,10 @@ class HFCheckpointReader:
         path = self.file_of(name)
         try:
             if path.suffix == ".safetensors":
-                return self._safe_handle(path).get_tensor(name)
+                file = self._safe_file(path)
+                if name not in file.entries:
+                    raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
+                return file.get(name)
             state = self._bin_state(path)
         except CheckpointError:
             raise

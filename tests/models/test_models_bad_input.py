@@ -181,3 +181,13 @@ def test_pickled_object_in_dist_metadata_is_refused_not_run(qwen2_dirs, tmp_path
         megatron_to_hf(meg, tmp_path / "out", progress=False)
     assert not marker.exists()
     _no_output(tmp_path / "out")
+
+
+def test_truncated_shard_names_the_file(qwen2_dirs, tmp_path):
+    hf = _copy(qwen2_dirs[0], tmp_path / "hf")
+    victim = sorted(hf.glob("*.safetensors"))[2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=rf"{victim.name}: tensor .* lies past the end of the file"):
+        hf_to_megatron(hf, tmp_path / "out", progress=False)
+    _no_output(tmp_path / "out")
