@@ -6,6 +6,9 @@ at `timeout_s + kill_grace_s` (stuck in C code, or ignoring signals) is killed w
 replaced, and its sample scores "timeout". A worker whose resident memory exceeds
 `memory_limit_mb` is killed the same way ("error: memory limit"). The batch goes on meanwhile;
 results come back in input order.
+
+Each worker has at most one sample running and one queued behind it (while the batch has more
+samples left than workers); a killed worker's queued sample goes back to the front of the queue.
 """
 from __future__ import annotations
 
@@ -22,6 +25,11 @@ from maspo_megatron.rewards.result import RewardResult, RewardSample
 
 _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _POLL_S = 0.02  # how often busy workers' memory and deadlines are checked while waiting
+# One sample may wait in a busy worker's pipe so the worker never idles while the driver wakes up
+# to hand out the next (on an oversubscribed machine that wake-up costs tens of ms per sample).
+# Only small ones: a pipe holds 64 KiB, and a send into a full pipe of a stuck worker would block
+# the driver, deadlines and all.
+_PREFETCH_BYTES = 32 * 1024
 
 
 def resident_bytes(pid: int) -> int:
@@ -53,14 +61,15 @@ class _Worker:
         self.process.start()
         child_conn.close()
         self.ready = False
-        self.index: Optional[int] = None  # sample being scored
-        self.started_at = 0.0
+        self.inflight: deque[int] = deque()  # sample indices sent, in order; inflight[0] is running
+        self.started_at = 0.0  # when inflight[0] started
         self.spawned_at = time.monotonic()
 
-    def assign(self, index: int, sample: RewardSample) -> float:
-        self.index, self.started_at = index, time.monotonic()
-        self.conn.send((index, sample))
-        return self.started_at
+    def send(self, index: int, payload: bytes, now: float) -> None:
+        self.conn.send_bytes(payload)
+        if not self.inflight:
+            self.started_at = now
+        self.inflight.append(index)
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -96,8 +105,8 @@ class WorkerPool:
             # replacement is ready in milliseconds instead of a full interpreter start.
             self.ctx.set_forkserver_preload(["maspo_megatron.rewards.math_reward"])
         self.workers_replaced = 0
-        self.last_latencies_s: list[float] = []  # per sample of the last batch: sent to a worker -> result
-        self._sent_at: list[float] = []
+        self.last_latencies_s: list[float] = []  # per sample of the last batch: start of scoring -> result
+        self._started_at: list[float] = []
         self._workers = [self._spawn() for _ in range(num_workers)]
 
     def _spawn(self) -> _Worker:
@@ -112,82 +121,105 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers]
 
-    def _replace(self, worker: _Worker) -> None:
+    def _replace(self, worker: _Worker, queue: deque) -> None:
+        """Kills `worker`, puts its not-yet-started samples back at the front of `queue`, starts a new one."""
+        queue.extendleft(reversed(list(worker.inflight)[1:]))
+        worker.inflight.clear()
         worker.kill()
         self._workers[self._workers.index(worker)] = self._spawn()
         self.workers_replaced += 1
 
     def score(self, samples: Sequence[RewardSample]) -> list[RewardResult]:
         results: list[Optional[RewardResult]] = [None] * len(samples)
-        self._sent_at = [0.0] * len(samples)
+        self._started_at = [0.0] * len(samples)
         self.last_latencies_s = [0.0] * len(samples)
+        payloads: dict[int, bytes] = {}
         queue = deque(range(len(samples)))
         remaining = len(samples)
         while remaining:
-            for worker in self._workers:
-                if worker.ready and worker.index is None and queue:
-                    index = queue.popleft()
-                    try:
-                        self._sent_at[index] = worker.assign(index, samples[index])
-                    except (BrokenPipeError, OSError):
-                        queue.appendleft(index)
-                        worker.index = None
-                        self._replace(worker)
-            remaining -= self._collect(results)
-            remaining -= self._enforce_limits(results)
+            self._dispatch(samples, queue, payloads)
+            remaining -= self._collect(results, queue)
+            remaining -= self._enforce_limits(results, queue)
         return results  # type: ignore[return-value]
 
-    def _finish(self, results: list, index: int, result: RewardResult) -> None:
-        results[index] = result
-        self.last_latencies_s[index] = time.monotonic() - self._sent_at[index]
+    def _dispatch(self, samples: Sequence[RewardSample], queue: deque, payloads: dict) -> None:
+        for depth in (0, 1):  # first every idle worker, then one queued sample per busy worker
+            for worker in list(self._workers):
+                if not (queue and worker.ready and len(worker.inflight) == depth):
+                    continue
+                if depth == 1 and len(queue) < len(self._workers):
+                    continue  # near the end of the batch a queued sample could wait behind a slow one
+                index = queue[0]
+                if index not in payloads:
+                    payloads[index] = pickle.dumps((index, samples[index]), protocol=pickle.HIGHEST_PROTOCOL)
+                if depth == 1 and len(payloads[index]) > _PREFETCH_BYTES:
+                    continue
+                queue.popleft()
+                now = time.monotonic()
+                try:
+                    worker.send(index, payloads.pop(index), now)
+                except (BrokenPipeError, OSError):
+                    queue.appendleft(index)
+                    self._replace(worker, queue)
+                    continue
+                if depth == 0:
+                    self._started_at[index] = now
 
-    def _collect(self, results: list) -> int:
+    def _finish(self, results: list, index: int, result: RewardResult, finished_at: Optional[float] = None) -> None:
+        results[index] = result
+        self.last_latencies_s[index] = (finished_at or time.monotonic()) - self._started_at[index]
+
+    def _collect(self, results: list, queue: deque) -> int:
         """Waits briefly for worker messages; stores results. Returns how many samples finished."""
         finished = 0
         conns = {w.conn: w for w in self._workers}
         for conn in wait(list(conns), timeout=_POLL_S):
             worker = conns[conn]
             try:
-                index, reward, reason = conn.recv()
+                index, reward, reason, finished_at = conn.recv()
             except (EOFError, OSError):
-                finished += self._worker_died(worker, results)
+                finished += self._worker_died(worker, results, queue)
                 continue
             if index == "ready":
                 worker.ready = True
-            elif index == worker.index:
-                self._finish(results, index, RewardResult(float(reward), reason))
-                worker.index = None
+            elif worker.inflight and index == worker.inflight[0]:
+                worker.inflight.popleft()
+                self._finish(results, index, RewardResult(float(reward), reason), finished_at)
                 finished += 1
+                if worker.inflight:  # the queued sample started the moment this one finished
+                    worker.started_at = finished_at
+                    self._started_at[worker.inflight[0]] = finished_at
         return finished
 
-    def _worker_died(self, worker: _Worker, results: list) -> int:
+    def _worker_died(self, worker: _Worker, results: list, queue: deque) -> int:
         worker.process.join(timeout=1)
         code = worker.process.exitcode
-        index = worker.index
         if not worker.ready:
             raise RuntimeError(f"reward worker failed to start (exit code {code}); is the reward function importable?")
-        self._replace(worker)
-        if index is None:
+        running = worker.inflight[0] if worker.inflight else None
+        self._replace(worker, queue)
+        if running is None:
             return 0
-        self._finish(results, index, RewardResult.make(self.values["error"], f"error: worker died (exit code {code})"))
+        self._finish(results, running, RewardResult.make(self.values["error"], f"error: worker died (exit code {code})"))
         return 1
 
-    def _enforce_limits(self, results: list) -> int:
+    def _enforce_limits(self, results: list, queue: deque) -> int:
         finished = 0
         now = time.monotonic()
         for worker in list(self._workers):
             if not worker.ready and now - worker.spawned_at > self.startup_timeout_s:
                 raise RuntimeError(f"reward worker not ready after {self.startup_timeout_s:.0f} s")
-            if worker.index is None:
-                continue
+            if not worker.inflight or worker.conn.poll(0):
+                continue  # idle, or a result is waiting to be read: read it before judging
+            running = worker.inflight[0]
             if now - worker.started_at > self.timeout_s + self.kill_grace_s:
-                self._finish(results, worker.index, RewardResult.make(self.values["timed_out"], "timeout"))
+                result = RewardResult.make(self.values["timed_out"], "timeout")
             elif resident_bytes(worker.process.pid) > self.memory_limit_bytes:
-                self._finish(results, worker.index, RewardResult.make(self.values["error"], "error: memory limit exceeded (worker killed)"))
+                result = RewardResult.make(self.values["error"], "error: memory limit exceeded (worker killed)")
             else:
                 continue
-            worker.index = None
-            self._replace(worker)
+            self._finish(results, running, result)
+            self._replace(worker, queue)
             finished += 1
         return finished
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable, Mapping
 
@@ -78,7 +79,9 @@ def resolve_in_worker(fn: Callable | str, sys_path: list[str]) -> Callable:
 
 def worker_main(conn, fn: Callable | str, sys_path: list[str], options: Mapping[str, Any], timeout_s: float,
                 values: Mapping[str, float]) -> None:
-    """Worker process: "ready", then for each (index, sample) received, send (index, reward, reason)."""
+    """Worker process: "ready", then for each (index, sample) received, in order, send
+    (index, reward, reason, finished_at) with `time.monotonic()` (one clock for all processes on
+    Linux: the driver learns when the next queued sample started without asking)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it then closes us
     fn = resolve_in_worker(fn, sys_path)
     install_timer()
@@ -86,7 +89,7 @@ def worker_main(conn, fn: Callable | str, sys_path: list[str], options: Mapping[
     if callable(warm_up):
         warm_up()
     try:
-        conn.send(("ready", None, None))
+        conn.send(("ready", None, None, time.monotonic()))
     except (BrokenPipeError, EOFError):
         return
     while True:
@@ -99,8 +102,8 @@ def worker_main(conn, fn: Callable | str, sys_path: list[str], options: Mapping[
         index, sample = message
         result = score_one(fn, sample, options, timeout_s, values)
         try:
-            conn.send((index, result.reward, result.reason))
+            conn.send((index, result.reward, result.reason, time.monotonic()))
         except (BrokenPipeError, OSError):
             return
         except Exception:
-            conn.send((index, values["error"], "error: result not picklable: " + traceback.format_exc(limit=1)[-100:]))
+            conn.send((index, values["error"], "error: result not picklable: " + traceback.format_exc(limit=1)[-100:], time.monotonic()))
