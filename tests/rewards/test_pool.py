@@ -138,3 +138,11 @@ def test_a_function_workers_cannot_import_is_refused_by_name():
         RewardScorer(name="test_local_reward", num_workers=1)
     # In-process scoring needs no pickling.
     assert [r.reward for r in score_batch("test_local_reward", ["x"], [None], num_workers=0)] == [1.0]
+
+
+def test_samples_queued_behind_a_killed_worker_are_scored_by_its_replacement():
+    # One worker: "a" (and later "c") wait in its pipe behind the sample that gets it killed.
+    with RewardScorer(name="reward_fixtures:misbehaving", timeout_s=LIMIT_S, num_workers=1) as scorer:
+        results = scorer.score([("ignore-signals", None), ("a", None), ("exit", None), ("c", None), ("d", None)])
+        assert [r.reason.split(" pid")[0] for r in results] == ["timeout", "ok", "error: worker died (exit code 3)", "ok", "ok"]
+        assert scorer.workers_replaced == 2
