@@ -2,7 +2,9 @@
 
 Group of stage p: rank 0 = that stage's export source, ranks 1.. = every SGLang TP rank of every
 server (`rank_offset = 1 + server_index * tp_size`), rendezvous at the source's address through
-`/init_weights_update_group` (TCPStore + PrefixStore(group_name), as SGLang builds it). Per bucket
+`/init_weights_update_group`. Both sides build the group the way SGLang's `init_custom_process_group`
+does (TCPStore at tcp://address:port, PrefixStore(group_name), torch's `_new_process_group_helper`,
+which adds its own "<group_name>/" and "<device>/" prefixes), so the store keys meet. Per bucket
 rank 0 posts `/update_weights_from_distributed` (names, dtypes, shapes) for the stage while the
 source broadcasts each tensor in `names` order; stages run concurrently on their own groups. Groups
 are made on the first sync and kept until `close()`.
@@ -10,6 +12,7 @@ are made on the first sync and kept until `close()`.
 from __future__ import annotations
 
 import datetime
+import inspect
 import socket
 import threading
 from typing import List, Optional
@@ -31,6 +34,22 @@ def _free_port(host: str) -> int:
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bfloat16" (SGLang resolves it with getattr(torch, name))."""
     return str(dtype).replace("torch.", "")
+
+
+def new_custom_group(host: str, port: int, world_size: int, group_name: str, backend: str,
+                     timeout: datetime.timedelta):
+    """This process as rank 0 (and store master) of a group outside the default world, built exactly
+    like SGLang's `init_custom_process_group` builds the other ranks' side."""
+    from torch.distributed import distributed_c10d as c10d
+
+    store = dist.TCPStore(host, port, world_size, is_master=True, timeout=timeout)
+    prefixed = dist.PrefixStore(group_name, store)
+    options = "backend_options" if "backend_options" in inspect.signature(c10d._new_process_group_helper).parameters \
+        else "pg_options"
+    group, _ = c10d._new_process_group_helper(world_size, 0, [], c10d.Backend(backend), prefixed,
+                                              group_name=group_name, timeout=timeout, **{options: None})
+    c10d._world.pg_group_ranks[group] = {rank: rank for rank in range(world_size)}
+    return group, store
 
 
 class _Background:
@@ -98,16 +117,9 @@ class DistributedTransport(Transport):
                                 for index, url in enumerate(urls)}
                     check_response(self.engine.init_weights_update_group(payloads), "init_weights_update_group")
             background = _Background(init_all)
+        # the timeout also bounds a broadcast whose receiver died
         timeout = datetime.timedelta(seconds=self.cfg.group_timeout_s)
-        store = dist.TCPStore(host, port, world_size[0], is_master=True, timeout=timeout)
-        prefixed = dist.PrefixStore(self.group_name, store)
-        if self.backend == "gloo":  # the timeout bounds a broadcast whose receiver died
-            self.group = dist.ProcessGroupGloo(prefixed, 0, world_size[0], timeout)
-        else:
-            options = dist.ProcessGroupNCCL.Options()
-            options._timeout = timeout
-            self.group = dist.ProcessGroupNCCL(prefixed, 0, world_size[0], options)
-        self._store = store
+        self.group, self._store = new_custom_group(host, port, world_size[0], self.group_name, self.backend, timeout)
         if background is not None:
             background.join()
         self._barrier()
@@ -154,4 +166,5 @@ class DistributedTransport(Transport):
         if dist.get_rank() == 0:
             for stage in range(self.dims.pp):
                 self.engine.post("/destroy_weights_update_group", {"group_name": f"maspo_weight_sync_pp{stage}"})
+        dist.destroy_process_group(self.group)
         self.group = None

@@ -1,0 +1,214 @@
+"""Weight-sync export throughput and peak memory: the bucket iterator vs a plain memory copy.
+
+A Llama-shaped bf16 policy of >= 1 GB (--quick: ~25 MB) runs as TP2 x PP2 on four gloo processes.
+Each pipeline stage's source streams its HF tensors through the real path (TP gather, family table,
+vocab trim, bucketing; "+flatten" also packs every bucket into a fresh uint8 buffer as the tensor
+transport does). Baseline, in the same processes: `dst.copy_(src)` of the same number of bytes
+through a bucket-sized buffer. Reported: GB/s of both and their ratio (target >= 0.5x memcpy), and
+the sources' peak extra RSS during the export as a multiple of bucket_bytes (target <= 2).
+
+    flock /tmp/maspo_heavy.lock .venv/bin/python benchmarks/weight_sync.py    # full (>= 1 GB)
+    .venv/bin/python benchmarks/weight_sync.py --quick                        # smoke size
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+WORLD = 4  # TP2 x PP2
+FULL = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
+            vocab_size=32000, num_hidden_layers=8, bucket_bytes=256 * 2**20)
+QUICK = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=4000, num_hidden_layers=4, bucket_bytes=2 * 2**20)
+REPEATS = 3  # the best of three: the first pass also pays page faults of fresh buffers
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _PeakRss:
+    """Samples this process's RSS every millisecond while active."""
+
+    def __init__(self) -> None:
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_bytes())
+            time.sleep(0.001)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+
+def _hf_config(shape: dict):
+    import transformers
+
+    return transformers.LlamaConfig(**{k: v for k, v in shape.items() if k != "bucket_bytes"},
+                                    tie_word_embeddings=False, max_position_embeddings=4096)
+
+
+def _worker(shape: dict, out_path: str) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.distributed as dist
+
+    from maspo_megatron.config.model import ModelConfig
+    from maspo_megatron.config.parallel import ParallelConfig
+    from maspo_megatron.models import WeightMap
+    from maspo_megatron.models.config_builder import build_model_config
+    from maspo_megatron.models.provider import gpt_model_provider
+    from maspo_megatron.parallel import init_distributed
+    from maspo_megatron.rollout.weight_sync.bucketing import bucket_nbytes, iter_buckets
+    from maspo_megatron.rollout.weight_sync.flattened_bucket import flatten_tensors
+    from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source, megatron_hf_stream
+
+    parallel = ParallelConfig(tp=2, pp=2)
+    dims = init_distributed(parallel, seed=1)
+    config, meta = build_model_config(_hf_config(shape), ModelConfig(dtype="bf16"), parallel)
+    config.perform_initialization = False  # values do not matter for moving bytes; random init takes minutes
+    chunk = gpt_model_provider(config, meta, pre_process=dims.is_first_stage, post_process=dims.is_last_stage)
+    with torch.no_grad():
+        for param in chunk.parameters():
+            param.fill_(0.5)  # touch every page now so the export's RSS growth is its own
+    wmap = WeightMap.from_hf_config(_hf_config(shape), tp=2)
+    bucket_bytes = shape["bucket_bytes"]
+    source = is_export_source(dims)
+    result = {"source": source, "rank": dist.get_rank()}
+
+    def export(flatten: bool) -> tuple[float, int, int]:
+        moved = largest = 0
+        dist.barrier()
+        start = time.perf_counter()
+        for bucket in iter_buckets(megatron_hf_stream([chunk], wmap, dims), bucket_bytes):
+            moved += bucket_nbytes(bucket)
+            largest = max(largest, max(t.numel() * t.element_size() for _, t in bucket))
+            if flatten:
+                buf, _ = flatten_tensors(bucket)
+                del buf
+            del bucket
+        return time.perf_counter() - start, moved, largest
+
+    for flatten in (False, True):
+        key = "flatten" if flatten else "iterator"
+        best = None
+        for _ in range(REPEATS):
+            base = _rss_bytes()
+            with _PeakRss() as peak:
+                seconds, moved, largest = export(flatten)
+            run = {"seconds": seconds, "bytes": moved, "largest_tensor_bytes": largest, "extra_rss": peak.peak - base}
+            best = run if best is None or seconds < best["seconds"] else best
+            best["extra_rss"] = max(best["extra_rss"], run["extra_rss"])  # worst memory, best time
+        result[key] = best
+
+    stage_bytes = [result["iterator"]["bytes"]]
+    if source:  # baseline: the same number of bytes through a bucket-sized buffer, on the same ranks
+        src = torch.full((bucket_bytes,), 1, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        best_s = None
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            left = stage_bytes[0]
+            while left > 0:
+                step = min(left, bucket_bytes)
+                dst[:step].copy_(src[:step])
+                left -= step
+            elapsed = time.perf_counter() - start
+            best_s = elapsed if best_s is None else min(best_s, elapsed)
+        result["memcpy"] = {"seconds": best_s, "bytes": stage_bytes[0]}
+    dist.barrier()
+    with open(out_path, "w") as handle:
+        json.dump(result, handle)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(shape: dict, workdir: str) -> list[dict]:
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])))
+        out = os.path.join(workdir, f"rank{rank}.json")
+        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(shape), out], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w")))
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        bad = codes.index(next(c for c in codes if c))
+        tail = Path(workdir, f"rank{bad}.json.log").read_text()[-3000:]
+        raise RuntimeError(f"weight_sync benchmark: rank {bad} exited with {codes[bad]}:\n{tail}")
+    return [json.loads(Path(workdir, f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _rows(results: list[dict], shape: dict) -> list[dict]:
+    sources = [r for r in results if r["source"]]
+    total = sum(r["iterator"]["bytes"] for r in sources)
+    memcpy_s = max(r["memcpy"]["seconds"] for r in sources)  # stages run side by side
+    bucket = shape["bucket_bytes"]
+    largest = max(r["iterator"]["largest_tensor_bytes"] for r in sources)
+    rows = []
+    for key, label in (("iterator", "bucket iterator"), ("flatten", "bucket iterator + flatten")):
+        seconds = max(r[key]["seconds"] for r in sources)
+        extra = max(r[key]["extra_rss"] for r in sources)
+        rows.append({
+            "benchmark": "weight_sync", "case": f"{label}, TP2xPP2, {total / 1e9:.2f} GB bf16",
+            "ours_GB_per_s": total / seconds / 1e9, "memcpy_GB_per_s": total / memcpy_s / 1e9,
+            "ratio_vs_memcpy": memcpy_s / seconds,
+            "peak_extra_rss_in_buckets": extra / bucket, "bucket_MiB": bucket / 2**20,
+            "largest_tensor_MiB": largest / 2**20,
+        })
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model (smoke run)")
+    parser.add_argument("--bucket-mib", type=float, default=None, help="override bucket_bytes (MiB)")
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(json.loads(args.worker[0]), args.worker[1])
+        return []
+    shape = dict(QUICK if args.quick else FULL)
+    if args.bucket_mib:
+        shape["bucket_bytes"] = int(args.bucket_mib * 2**20)
+    with tempfile.TemporaryDirectory(prefix="maspo_ws_bench_") as workdir:
+        rows = _rows(_launch(shape, workdir), shape)
+    for row in rows:
+        print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
