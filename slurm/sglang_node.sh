@@ -13,7 +13,8 @@ for var in MASPO_MODEL_DIR MASPO_SGLANG_TP MASPO_SERVERS_PER_NODE MASPO_SGLANG_P
 done
 read -r -a cmd <<<"${MASPO_SGLANG_CMD:-${MASPO_PYTHON:-python} -m sglang.launch_server}"
 read -r -a extra <<<"${MASPO_SGLANG_ARGS:-}"
-host="$(hostname)"
+# The Slurm node name, as `scontrol show hostnames` gives it to the trainer (hostname may be an FQDN).
+host="${SLURMD_NODENAME:-$(hostname)}"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 trap 'exit 143' TERM
