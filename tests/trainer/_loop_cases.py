@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = str(REPO / "examples" / "cpu_tiny.yaml")
 
@@ -63,5 +65,21 @@ def train_with_faulty_engine(output_dir: str, overrides: list[str]):
     trainer = Trainer(cfg)
     if trainer.ctx is not None:
         trainer.ctx.engine = FaultyEngine(trainer.ctx.engine)
+    # Step 1's gradients are poisoned with NaN: its optimizer steps must be skipped, not applied.
+    param = next(p for chunk in trainer.policy.chunks for p in chunk.parameters())
+    param.register_hook(lambda grad: grad * float("nan") if trainer.step == 1 else grad)
+    before = [p.detach().clone() for chunk in trainer.policy.chunks for p in chunk.parameters()]
+    original_rl_step = trainer.rl_step
+    after_step1 = {}
+
+    def rl_step():
+        metrics = original_rl_step()
+        if trainer.step == 1:
+            now = [p.detach() for chunk in trainer.policy.chunks for p in chunk.parameters()]
+            after_step1["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, now, strict=True))
+            after_step1["lr"] = trainer.scheduler.num_steps
+        return metrics
+
+    trainer.rl_step = rl_step
     code = trainer.run()
-    return {"code": code, "metrics": read_metrics(output_dir) if trainer.is_driver else None}
+    return {"code": code, "metrics": read_metrics(output_dir) if trainer.is_driver else None, **after_step1}

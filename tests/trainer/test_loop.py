@@ -11,9 +11,12 @@ def _finite(record: dict, key: str) -> bool:
     return isinstance(record.get(key), (int, float)) and math.isfinite(record[key])
 
 
-def _check_two_steps(out, records):
+def _check_two_steps(out, records, nan_first_step=False):
     assert [r["step"] for r in records] == [1, 2]
-    for record in records:
+    for index, record in enumerate(records):
+        if nan_first_step and index == 0:
+            assert record["train/skipped_steps"] == 2 and record["train/optimizer_steps"] == 0
+            continue
         for key in ("rollout/reward_mean", "train/loss", "train/grad_norm", "train/lr", "train/entropy",
                     "maspo/gated_pos_frac", "rollout/logprob_diff_abs_mean", "time/rollout_s", "time/sync_s"):
             assert _finite(record, key), key
@@ -33,13 +36,15 @@ def test_two_rl_steps_tp2xpp2(tmp_path):
 
 
 def test_two_rl_steps_tp1_with_failing_reward_aborted_and_empty_samples(tmp_path):
-    """Two steps at TP1 while the reward function raises on about half of the responses and the
-    engine returns one aborted and one empty sample per group: all handled and reported."""
+    """Two steps at TP1 while the reward function raises on about half of the responses, the
+    engine returns one aborted and one empty sample per group, and step 1's gradients are NaN:
+    all handled and reported; the NaN optimizer steps are skipped, never applied."""
     out = tmp_path / "run"
     result = run_distributed(cases.train_with_faulty_engine, 1, str(out),
                              ["reward.name=tests.trainer._rewards:raising_reward"], timeout_s=240)[0]
     assert result["code"] == 0
-    _check_two_steps(out, result["metrics"])
+    _check_two_steps(out, result["metrics"], nan_first_step=True)
+    assert result["unchanged"] and result["lr"] == 0  # no parameter change, no LR-schedule step
     for record in result["metrics"]:
         assert record["rollout/aborted_samples"] == 4  # one per group
         assert record["rollout/empty_samples"] == 4
