@@ -1,0 +1,92 @@
+"""The sweep's reductions against values computed by hand."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from _experiments_stats import (
+    RunData,
+    across_seeds,
+    describe_difference,
+    eval_key,
+    mean_std,
+    paired_differences,
+    read_metrics,
+    steps_to_threshold,
+    tail_mean,
+    trailing_mean,
+)
+
+
+def _run(seed, rewards, method="m"):
+    return RunData(method, seed, [{"step": i + 1, "rollout/reward_mean": r} for i, r in enumerate(rewards)], {})
+
+
+def test_mean_std_is_the_sample_std():
+    mean, std = mean_std([1.0, 2.0, 4.0])
+    assert mean == pytest.approx(7 / 3)
+    # deviations -4/3, -1/3, 5/3: squares 16/9 + 1/9 + 25/9 = 42/9; / (n - 1) = 21/9
+    assert std == pytest.approx(math.sqrt(21 / 9))
+    assert mean_std([0.5]) == (0.5, 0.0)
+    assert all(math.isnan(v) for v in mean_std([]))
+    assert mean_std([1.0, float("nan"), 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_trailing_mean_averages_what_exists_at_the_start():
+    assert trailing_mean([1, 2, 3, 4], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert trailing_mean([3, 6], 5) == [3.0, 4.5]
+
+
+def test_steps_to_threshold_needs_a_full_window():
+    steps = [1, 2, 3, 4, 5, 6]
+    rewards = [0.9, 0.1, 0.2, 0.6, 0.7, 0.8]
+    # windows of 3: (0.9,0.1,0.2)=0.4 at step 3, (0.1,0.2,0.6)=0.3, (0.2,0.6,0.7)=0.5 at step 5
+    assert steps_to_threshold(steps, rewards, 0.5, 3) == 5
+    assert steps_to_threshold(steps, rewards, 0.95, 3) is None
+    # a single early spike (step 1) does not count with a window of 3, but does with 1
+    assert steps_to_threshold(steps, rewards, 0.85, 1) == 1
+    # logged steps need not start at 1 or be contiguous
+    assert steps_to_threshold([10, 20, 30], [0.0, 1.0, 1.0], 1.0, 2) == 30
+
+
+def test_across_seeds_aligns_by_step_and_counts_seeds():
+    runs = [_run(1, [0.0, 1.0, 0.5]), _run(2, [1.0, 0.0])]
+    steps, mean, std, count = across_seeds(runs, "rollout/reward_mean")
+    assert steps == [1, 2, 3]
+    assert mean == [0.5, 0.5, 0.5]
+    assert std == pytest.approx([math.sqrt(0.5), math.sqrt(0.5), 0.0])
+    assert count == [2, 2, 1]
+
+
+def test_series_skips_missing_and_non_finite_values():
+    run = RunData("m", 1, [{"step": 1, "x": 1.0}, {"step": 2}, {"step": 3, "x": "nan"}, {"step": 4, "x": 3.0}], None)
+    assert run.series("x") == ([1, 4], [1.0, 3.0])
+    assert tail_mean(run, "x", 1) == 3.0
+    assert tail_mean(run, "x", 10) == 2.0
+
+
+def test_read_metrics_skips_cut_lines_and_keeps_the_last_record_of_a_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"step": 2, "a": 1}) + "\n" + json.dumps({"step": 1, "a": 5}) + "\n"
+                    + json.dumps({"step": 2, "a": 7}) + "\n" + '{"step": 3, "a"')
+    assert read_metrics(path) == [{"step": 1, "a": 5}, {"step": 2, "a": 7}]
+    assert read_metrics(tmp_path / "absent.jsonl") == []
+
+
+def test_eval_key_finds_the_k():
+    record = {"step": 60, "eval/heldout/avg@16": 0.25, "eval/heldout/pass@16": 0.75, "eval/other/avg@4": 1.0}
+    assert eval_key(record, "heldout", "avg") == ("eval/heldout/avg@16", 0.25)
+    assert eval_key(record, "heldout", "pass") == ("eval/heldout/pass@16", 0.75)
+    assert eval_key(None, "heldout", "avg")[0] is None
+
+
+def test_paired_differences_and_their_description():
+    diffs = paired_differences({1: 0.5, 2: 0.4, 3: 0.3}, {1: 0.25, 2: 0.5, 3: float("nan"), 4: 0.0})
+    assert diffs == {1: pytest.approx(0.25), 2: pytest.approx(-0.1)}
+    text = describe_difference(diffs)
+    assert text.startswith("+0.075") and "mixed: higher on 1, lower on 1 of 2 seeds" in text
+    assert "higher on 2/2 seeds" in describe_difference({1: 0.1, 2: 0.2})
+    assert "lower on 1/1 seeds" in describe_difference({1: -0.1})
+    assert "equal on 1/1" in describe_difference({1: 0.0})
+    assert describe_difference({}).startswith("n/a")
