@@ -26,7 +26,7 @@ class TrainerConfig:
     save_every: int = option(0, ge=0, help="checkpoint every k steps (0: only at the end)")
     keep_last: int = option(2, ge=1)
     resume: bool = option(True, help="resume from <output_dir>/checkpoints/latest when present")
-    hf_export_every: int = option(0, ge=0, help="also export a HF checkpoint every k steps (0: only at the end)")
+    hf_export_every: int = option(0, ge=0, help="also export a HF checkpoint to <output_dir>/hf_step_<N> every k steps (0: never)")
     eval_every: int = option(0, ge=0, help="evaluate every k steps (0: only at the end)")
     eval_n_samples: int = option(4, ge=1, help="samples per validation prompt: Avg@n and Pass@n")
     eval_greedy: bool = option(False, help="greedy decoding for evaluation (then n is forced to 1)")

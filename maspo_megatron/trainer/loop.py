@@ -204,7 +204,7 @@ class Trainer:
                     self.save()
                     saved_at = self.step
                 if cfg.hf_export_every and self.step % cfg.hf_export_every == 0:
-                    self.export_hf(self.output_dir / "hf" / f"step_{self.step}")
+                    self.export_hf(self.output_dir / f"hf_step_{self.step}")
             if self.stop.should_stop():
                 return self._stop(saved_at)
             if saved_at != self.step:
