@@ -143,3 +143,17 @@ def describe_difference(diffs: Dict[int, float]) -> str:
         sign = f"mixed: higher on {positive}, lower on {negative} of {len(values)} seeds"
     per_seed = ", ".join(f"{v:+.3f}" for v in values)
     return f"{mean:+.3f} (per seed {per_seed}; {sign})"
+
+
+def gated_gate_weight(run: RunData) -> float:
+    """Mean over steps of the gate weight on gated tokens, 1 - (1 - w_all) / gated_frac, from per-step
+    `maspo/gate_weight_mean` (all tokens) and the gated fractions (steps with nothing gated are left out)."""
+    weights = dict(zip(*run.series("maspo/gate_weight_mean"), strict=True))
+    positive = dict(zip(*run.series("maspo/gated_pos_frac"), strict=True))
+    negative = dict(zip(*run.series("maspo/gated_neg_frac"), strict=True))
+    values = []
+    for step, weight in weights.items():
+        gated = positive.get(step, 0.0) + negative.get(step, 0.0)
+        if gated > 0:
+            values.append(1.0 - (1.0 - weight) / gated)
+    return sum(values) / len(values) if values else math.nan

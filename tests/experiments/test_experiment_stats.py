@@ -10,6 +10,7 @@ from _experiments_stats import (
     across_seeds,
     describe_difference,
     eval_key,
+    gated_gate_weight,
     mean_std,
     paired_differences,
     read_metrics,
@@ -90,3 +91,12 @@ def test_paired_differences_and_their_description():
     assert "lower on 1/1 seeds" in describe_difference({1: -0.1})
     assert "equal on 1/1" in describe_difference({1: 0.0})
     assert describe_difference({}).startswith("n/a")
+
+
+def test_gate_weight_on_gated_tokens_from_the_all_token_mean():
+    # 100 tokens, 20 gated with mean weight 0.9, 80 ungated at 1: all-token mean = (18 + 80) / 100 = 0.98
+    records = [{"step": 1, "maspo/gate_weight_mean": 0.98, "maspo/gated_pos_frac": 0.15, "maspo/gated_neg_frac": 0.05},
+               {"step": 2, "maspo/gate_weight_mean": 1.0, "maspo/gated_pos_frac": 0.0, "maspo/gated_neg_frac": 0.0},
+               {"step": 3, "maspo/gate_weight_mean": 0.95, "maspo/gated_pos_frac": 0.1, "maspo/gated_neg_frac": 0.0}]
+    # step 1: 0.9; step 2: nothing gated, left out; step 3: 1 - 0.05 / 0.1 = 0.5
+    assert gated_gate_weight(RunData("m", 1, records, None)) == pytest.approx(0.7)
