@@ -61,6 +61,7 @@ def _write_synthetic(hf_dir: Path, shape: dict) -> None:
     for name, tensor_shape, dtype in entries:
         writer.add(name, torch.randn(tensor_shape, generator=generator).to(dtype))
     writer.finish()
+    writer.write_index()
 
 
 def _worker(mode: str, src: str, dst: str, shard_bytes: int) -> dict:

@@ -239,43 +239,61 @@ def megatron_to_hf(
     megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, hf_config_dir: Optional[str | os.PathLike] = None,
     dtype: Optional[str] = None, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
 ) -> Path:
-    """Converts a Megatron torch_dist checkpoint (any TP/PP it was saved at) into HF safetensors shards."""
+    """Converts a Megatron torch_dist checkpoint (any TP/PP it was saved at) into HF safetensors shards.
+
+    Under torchrun/srun the output shards are divided among the processes (each reads only the
+    tensors of its shards); rank 0 writes the index and side files and renames the result.
+    """
     megatron_dir, out_dir = Path(megatron_dir), Path(out_dir)
     cfg_dir = Path(hf_config_dir) if hf_config_dir else megatron_dir / HF_CONFIG_SUBDIR
     if not (cfg_dir / "config.json").is_file():
         raise CheckpointError(f"{cfg_dir / 'config.json'}: missing; pass --hf-config-dir with the model's config.json")
     created = ensure_process_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
     tmp = _prepare_out_dir(out_dir)
     try:
-        if dist.get_rank() != 0:
-            return out_dir  # the reading side is single-process: other ranks have nothing to do
         wmap = WeightMap.from_hf_config(cfg_dir)
         reader = DistCheckpointReader(megatron_dir)
         _check_megatron_tensors(reader, wmap)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
         tensors = list(wmap.megatron_tensors())
         entries = []
         for mt in tensors:
             out_dtype = DTYPES[dtype] if dtype else reader.dtype(mt.ckpt_key)
             names = [n.format(i=mt.layer) for n in mt.rule.hf]
             entries += [(n, shape, out_dtype) for n, shape in zip(names, wmap.hf_shapes(mt.rule), strict=True)]
-        writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes)
-        total = sum(torch.Size(t.shape).numel() * reader.dtype(t.ckpt_key).itemsize for t in tensors)
-        meter = Progress("megatron->hf", total, progress)
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        dist.barrier()
+        count = len(ShardedSafetensorsWriter(tmp, entries, max_shard_bytes).shard_names)
+        writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes, owned_shards={k for k in range(count) if k % world == rank})
+        mine = [mt for mt in tensors if any(writer.wants(n.format(i=mt.layer)) for n in mt.rule.hf)]
+        total = sum(torch.Size(t.shape).numel() * reader.dtype(t.ckpt_key).itemsize for t in mine)
+        meter = Progress("megatron->hf", total, progress and rank == 0)
+        failed = torch.zeros(1)
         try:
-            for mt in tensors:  # one tensor (one layer's slice of a stacked tensor) at a time
+            for mt in mine:  # one tensor (one layer's slice of a stacked tensor) at a time
                 (full,) = reader.load([(mt.ckpt_key, mt.layer)])
                 for hf_name, tensor in wmap.megatron_to_hf(mt.name, full):
                     writer.add(hf_name, tensor)
                 meter.add(full.numel() * full.element_size())
                 del full
+            writer.finish()
+        except BaseException:
+            failed.fill_(1)
+            raise
         finally:
             writer.abort()
-        writer.finish()
-        _copy_side_files(cfg_dir, tmp, dtype)
-        os.replace(tmp, out_dir)
+            # every rank learns whether any failed (instead of waiting at a barrier forever)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            raise CheckpointError(f"{out_dir}: another process failed while converting (see its error)")
+        if rank == 0:
+            writer.write_index()
+            _copy_side_files(cfg_dir, tmp, dtype)
+            os.replace(tmp, out_dir)
+        dist.barrier()
         return out_dir
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -220,7 +220,9 @@ class DistCheckpointReader:
             targets.append(sh.data if layer is None else sh.data[0])  # filled in place
         sharded, _, _ = _replace_state_dict_keys_with_sharded_keys(state)
         pyt_state = mcore_to_pyt_state_dict(sharded, True)
-        dcp.load(pyt_state, storage_reader=_SafeFileSystemReader(str(self.dir), self.metadata), planner=MCoreLoadPlanner())
+        # no_dist: each process reads its own slices; DCP must not pair up calls across ranks
+        dcp.load(pyt_state, storage_reader=_SafeFileSystemReader(str(self.dir), self.metadata), planner=MCoreLoadPlanner(),
+                 no_dist=True)
         return targets
 
 

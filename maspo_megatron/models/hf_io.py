@@ -193,15 +193,17 @@ class ShardedSafetensorsWriter:
     The caller declares every tensor (name, shape, dtype) in write order; shards are cut at
     max_shard_bytes (a larger single tensor gets its own shard), each header is written when its
     shard opens, and each tensor's bytes go to disk as soon as `add` receives it. Nothing but the
-    tensor being written is held in memory. Writes `model.safetensors.index.json` at `finish`.
+    tensor being written is held in memory. With `owned_shards`, this writer writes only those
+    shards (several processes split one output) and `wants(name)` says which tensors it needs.
+    `write_index` writes `model.safetensors.index.json` (once, by one process).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int):
+    def __init__(self, out_dir: str | os.PathLike, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int, owned_shards: Optional[set[int]] = None):
         self.dir = Path(out_dir)
         self._entries = {name: (tuple(shape), dtype) for name, shape, dtype in entries}
         if len(self._entries) != len(entries):
             raise CheckpointError("safetensors writer: a tensor name is declared twice")
-        self._order = [name for name, _, _ in entries]
         shards: list[list[str]] = [[]]
         size = 0
         for name, shape, dtype in entries:
@@ -212,15 +214,18 @@ class ShardedSafetensorsWriter:
             shards[-1].append(name)
             size += nbytes
         count = len(shards)
-        self._shard_names = [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+        self.shard_names = [f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
         self._shard_of = {n: k for k, names in enumerate(shards) for n in names}
         self._shards = shards
-        self._next = 0
-        self._file = None
-        self.total_bytes = 0
-        self.largest_shard_bytes = 0
+        self.owned = set(range(count)) if owned_shards is None else set(owned_shards)
+        self._written = [0] * count  # tensors written per shard, in declared order
+        self._files: dict[int, object] = {}
+        self.total_bytes = sum(torch.Size(s).numel() * d.itemsize for s, d in self._entries.values())
 
-    def _open_shard(self, k: int) -> None:
+    def wants(self, name: str) -> bool:
+        return self._shard_of.get(name) in self.owned
+
+    def _open_shard(self, k: int):
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name in self._shards[k]:
             shape, dtype = self._entries[name]
@@ -229,42 +234,47 @@ class ShardedSafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-        self._file = open(self.dir / self._shard_names[k], "wb")
-        self._file.write(len(raw).to_bytes(8, "little") + raw)
-        self.total_bytes += offset
-        self.largest_shard_bytes = max(self.largest_shard_bytes, offset + 8 + len(raw))
+        handle = open(self.dir / self.shard_names[k], "wb")
+        handle.write(len(raw).to_bytes(8, "little") + raw)
+        return handle
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Writes the next declared tensor (cast to its declared dtype)."""
-        if self._next >= len(self._order) or self._order[self._next] != name:
-            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
+        """Writes the next declared tensor of its shard (cast to its declared dtype); others are ignored."""
+        if name not in self._shard_of:
+            raise CheckpointError(f"{name}: not declared to the safetensors writer")
+        k = self._shard_of[name]
+        if k not in self.owned:
+            return
+        expected = self._shards[k][self._written[k]] if self._written[k] < len(self._shards[k]) else "nothing"
+        if name != expected:
             raise CheckpointError(f"{name}: written out of order (expected {expected})")
         shape, dtype = self._entries[name]
         if tuple(tensor.shape) != shape:
             raise CheckpointError(f"{name}: shape {tuple(tensor.shape)}, declared {shape}")
-        k = self._shard_of[name]
-        if self._shards[k][0] == name:
-            self._open_shard(k)
+        if k not in self._files:
+            self._files[k] = self._open_shard(k)
         data = tensor.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(data.numpy()))
-        self._next += 1
-        if self._shards[k][-1] == name:
-            self._file.close()
-            self._file = None
+        self._files[k].write(memoryview(data.numpy()))
+        self._written[k] += 1
+        if self._written[k] == len(self._shards[k]):
+            self._files.pop(k).close()
 
-    def finish(self) -> dict[str, str]:
-        """Checks every declared tensor was written, writes the index; returns the weight map."""
-        if self._next != len(self._order):
-            raise CheckpointError(f"{self._order[self._next]}: declared but never written")
-        weight_map = {n: self._shard_names[k] for n, k in self._shard_of.items()}
+    def finish(self) -> None:
+        """Checks every tensor of the owned shards was written."""
+        for k in sorted(self.owned):
+            if self._written[k] != len(self._shards[k]):
+                raise CheckpointError(f"{self._shards[k][self._written[k]]}: declared but never written")
+
+    def write_index(self) -> dict[str, str]:
+        weight_map = {n: self.shard_names[k] for n, k in self._shard_of.items()}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         (self.dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return weight_map
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
 
 
 def iter_tensors(reader: HFCheckpointReader, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
