@@ -6,18 +6,22 @@
 With x = logits / temperature over the FULL vocabulary (sharded over TP ranks),
     log_prob[t] = x[t, target[t]] - logsumexp(x[t])
     entropy[t]  = logsumexp(x[t]) - sum_v softmax(x[t])_v * x[t, v]
-Forward: two passes over this rank's shard with TWO TP all-reduces in total: MAX of the row max,
-then SUM of the stacked [3, T] (sum-exp, sum exp*x, target logit; only the rank owning the
-target contributes its logit).
+Forward: ONE sweep over this rank's shard, in row chunks, computing per row and relative to
+the shard's own max m_r: Z_r = sum exp(s), S_r = sum exp(s) * s and the target's s, with
+s = x - m_r. The shards are then combined
+with TWO TP all-reduces of [T]-sized tensors: MAX of m_r, then SUM of the stacked [3, T]
+statistics rescaled to the global max (only the rank owning the target contributes its logit).
 Backward (no collective: each TP rank owns its vocab shard of the gradient), with p = softmax(x):
     d/dx_v = g_lp * (onehot_v - p_v) - g_ent * p_v * (log p_v + entropy)
-and 1/temperature on top. The entropy term is skipped when entropy has no gradient.
+and 1/temperature on top; the entropy term is skipped when entropy has no gradient.
 
-Memory: the input is never modified. Work is done in row chunks of `chunk_size` rows: every
-fp32 temporary is [chunk_size, V/TP]; None picks chunks of about `AUTO_CHUNK_BYTES` per
-temporary. Apart from those chunk temporaries and the [T]-sized statistics, the only [T, V/TP]
-tensor created is the gradient itself (in the logits' dtype), which backward must return anyway.
-Baselines that call log_softmax (+ entropy) hold several [T, V/TP] fp32 copies at once.
+Memory: the input is never modified. Rows are processed in chunks through ONE reused fp32 work
+allocation of [chunk_size, V/TP] (rounded up to an even number of rows: the forward keeps s and
+exp(s) of half a chunk each; the backward of non-fp32 logits uses a second one); with
+fp32 logits the backward writes straight into the gradient, the only [T, V/TP] tensor created,
+which backward must return anyway. chunk_size=None picks about AUTO_CHUNK_BYTES per buffer, so
+the several passes over a chunk hit the CPU cache / GPU L2 instead of main memory. Baselines
+that call log_softmax (+ entropy) hold several [T, V/TP] fp32 tensors at once.
 
 The gradient semantics match Megatron's vocab_parallel_cross_entropy: outputs are identical on
 all TP ranks, and backward returns, on each rank, its shard of the gradient of ONE copy of a
@@ -30,7 +34,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-AUTO_CHUNK_BYTES = 64 * 2**20
+AUTO_CHUNK_BYTES = 8 * 2**20  # per work allocation: stays in L3 between the passes over a chunk, few ops per row
 
 
 def _chunk_rows(chunk_size: Optional[int], rows: int, vocab_local: int) -> int:
@@ -49,14 +53,6 @@ def _group_rank(group) -> int:
     return dist.get_rank(group) if group is not None and dist.is_initialized() else 0
 
 
-def _scaled_fp32_copy(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A NEW fp32 tensor chunk / temperature (`.float()` alone would alias fp32 input)."""
-    scaled = chunk.to(torch.float32, copy=True)
-    if temperature != 1.0:
-        scaled.div_(temperature)
-    return scaled
-
-
 class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, tp_group, temperature, chunk_rows):
@@ -65,28 +61,38 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         local_index = target - vocab_start
         in_shard = (local_index >= 0) & (local_index < vocab_local)
         local_index = torch.where(in_shard, local_index, torch.zeros_like(local_index))
+        inv_temperature = 1.0 / temperature
 
-        # Pass 1: row max of x = logits / temperature (temperature > 0 keeps the argmax).
-        row_max = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        for start in range(0, rows, chunk_rows):
-            stop = min(start + chunk_rows, rows)
-            row_max[start:stop] = logits[start:stop].max(dim=-1).values.float()
-        row_max.div_(temperature)
-        if _group_size(tp_group) > 1:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-
-        # Pass 2: sum exp(s), sum exp(s) * s and the target's s, with s = x - row_max.
+        # One pass per chunk, relative to this shard's row max m_r (x = logits / temperature):
+        # s = x - m_r, Z_r = sum exp(s), S_r = sum exp(s) * s, and the target's s.
+        local_max = torch.empty(rows, dtype=torch.float32, device=logits.device)
         stats = torch.zeros(3, rows, dtype=torch.float32, device=logits.device)
-        for start in range(0, rows, chunk_rows):
-            stop = min(start + chunk_rows, rows)
-            shifted = _scaled_fp32_copy(logits[start:stop], temperature)
-            shifted.sub_(row_max[start:stop, None])
+        # ONE work allocation of ~chunk_rows rows, used as two halves: s and exp(s).
+        half = max(1, -(-min(chunk_rows, rows) // 2))
+        work = torch.empty(2, half, vocab_local, dtype=torch.float32, device=logits.device)
+        for start in range(0, rows, half):
+            stop = min(start + half, rows)
+            chunk, shifted, exp_shifted = logits[start:stop], work[0, :stop - start], work[1, :stop - start]
+            row_max = chunk.amax(dim=-1, keepdim=True).float()
+            torch.sub(chunk, row_max, out=shifted)  # promotes bf16/fp16 to fp32
+            if temperature != 1.0:
+                shifted.mul_(inv_temperature)
+            local_max[start:stop] = row_max.squeeze(1) * inv_temperature
             stats[2, start:stop] = shifted.gather(1, local_index[start:stop, None]).squeeze(1)
-            exp_shifted = shifted.exp()
+            torch.exp(shifted, out=exp_shifted)
             stats[0, start:stop] = exp_shifted.sum(dim=-1)
-            stats[1, start:stop] = exp_shifted.mul_(shifted).sum(dim=-1)
-            del shifted, exp_shifted
-        stats[2].mul_(in_shard)
+            stats[1, start:stop] = torch.mul(exp_shifted, shifted, out=shifted).sum(dim=-1)
+        del work
+        # Combine shards at the global max M: Z = sum_r Z_r e^(m_r - M),
+        # S = sum_r e^(m_r - M) (S_r + (m_r - M) Z_r), target s shifted by m_r - M (owner only).
+        global_max = local_max.clone()
+        if _group_size(tp_group) > 1:
+            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+        shift = local_max - global_max
+        scale = shift.exp()
+        stats[1].add_(shift * stats[0]).mul_(scale)
+        stats[0].mul_(scale)
+        stats[2].add_(shift).mul_(in_shard)
         if _group_size(tp_group) > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
 
@@ -95,7 +101,7 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         log_prob = target_shifted - log_sum_exp
         entropy = log_sum_exp - sum_exp_shifted / sum_exp
 
-        ctx.save_for_backward(logits, local_index, in_shard, row_max + log_sum_exp, entropy)
+        ctx.save_for_backward(logits, local_index, in_shard, global_max + log_sum_exp, entropy)
         ctx.temperature = temperature
         ctx.chunk_rows = chunk_rows
         ctx.set_materialize_grads(False)
@@ -106,31 +112,40 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         logits, local_index, in_shard, log_normaliser, entropy = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_log_prob is None and grad_entropy is None):
             return None, None, None, None, None
-        rows = logits.shape[0]
+        rows, vocab_local = logits.shape
         temperature, chunk_rows = ctx.temperature, ctx.chunk_rows
+        inv_temperature = 1.0 / temperature
         grad_logits = torch.empty_like(logits)
+        zeros = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+        g_lp = zeros if grad_log_prob is None else grad_log_prob.float()
+        # d/dlogits = (1/T) [g_lp onehot - p (g_lp + g_ent (log p + H))] = (1/T) [g_lp onehot + p (a log p + b)]
+        if grad_entropy is not None:
+            g_ent = grad_entropy.float()
+            slope = (-g_ent * inv_temperature)[:, None]
+            offset = (-(g_ent * entropy + g_lp) * inv_temperature)[:, None]
+        onehot = (g_lp * in_shard * inv_temperature)[:, None]
+        # log p = (logits - T * log_normaliser) / T; x * (1/T) is exact only for T = 1 but matches forward.
+        shifted_normaliser = (log_normaliser * temperature)[:, None]
+        fp32_grad = grad_logits.dtype == torch.float32
+        n = min(chunk_rows, rows)
+        log_p_buf = torch.empty(n, vocab_local, dtype=torch.float32, device=logits.device)
+        prob_buf = None if fp32_grad else torch.empty(n, vocab_local, dtype=torch.float32, device=logits.device)
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
-            # log p = x - (row_max + logsumexp), computed into one chunk temporary.
-            log_p = _scaled_fp32_copy(logits[start:stop], temperature)
-            log_p.sub_(log_normaliser[start:stop, None])
-            prob = log_p.exp()
-            # chunk_grad = -p * (g_lp + g_ent * (log p + entropy)), reusing the log_p buffer.
-            if grad_entropy is not None:
-                g_ent = grad_entropy[start:stop, None].float()
-                chunk_grad = log_p.add_(entropy[start:stop, None]).mul_(g_ent)
-                if grad_log_prob is not None:
-                    chunk_grad.add_(grad_log_prob[start:stop, None].float())
-                chunk_grad.mul_(prob).neg_()
-            else:
-                chunk_grad = prob.mul_(-grad_log_prob[start:stop, None].float())
-            if grad_log_prob is not None:
-                onehot_grad = grad_log_prob[start:stop].float() * in_shard[start:stop]
-                chunk_grad.scatter_add_(1, local_index[start:stop, None], onehot_grad[:, None])
+            log_p = log_p_buf[:stop - start]
+            out = grad_logits[start:stop] if fp32_grad else prob_buf[:stop - start]
+            torch.sub(logits[start:stop], shifted_normaliser[start:stop], out=log_p)
             if temperature != 1.0:
-                chunk_grad.div_(temperature)
-            grad_logits[start:stop] = chunk_grad
-            del log_p, prob, chunk_grad
+                log_p.mul_(inv_temperature)
+            torch.exp(log_p, out=out)  # p
+            if grad_entropy is not None:
+                torch.addcmul(offset[start:stop], log_p, slope[start:stop], out=log_p)
+                out.mul_(log_p)
+            else:
+                out.mul_((-g_lp[start:stop] * inv_temperature)[:, None])
+            out.scatter_add_(1, local_index[start:stop, None], onehot[start:stop])
+            if not fp32_grad:
+                grad_logits[start:stop] = out
         return grad_logits, None, None, None, None
 
 

@@ -1,0 +1,179 @@
+"""Fused vocab-parallel log-prob + entropy vs the usual ways, forward + backward, on CPU.
+
+    flock /tmp/maspo_heavy.lock .venv/bin/python benchmarks/logprob_entropy.py          # full (~15-20 GB)
+    .venv/bin/python benchmarks/logprob_entropy.py --quick                              # smoke size
+
+Methods (fp32 logits [T, V/TP] per TP rank; loss = sum(w1 * log_prob + w2 * entropy)):
+  fused       maspo_megatron.parallel.vocab_parallel_logprobs_entropy
+  a_plain     (a) full-vocab log_softmax + gather + entropy (at TP > 1 the shards are first
+              all-gathered into [T, V], as a non-vocab-parallel implementation must)
+  b_megatron  (b) Megatron's vocab_parallel_cross_entropy (on a clone: it works in place) plus a
+              separate vocab-parallel entropy pass written with autograd ops
+Each (method, V, TP) cell runs in fresh processes (one per TP rank, gloo), so that the peak RSS
+(ru_maxrss, max over ranks) is that method's own. Reported: median time of `--reps` runs and
+peak RSS, with ratios against a_plain measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("a_plain", "b_megatron", "fused")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def _plain(logits, target, w_lp, w_ent, tp_group):
+    import torch
+    import torch.distributed.nn.functional as dist_fn
+
+    full = logits
+    if tp_group is not None:
+        full = torch.cat(dist_fn.all_gather(logits, group=tp_group), dim=-1)
+    log_probs = torch.log_softmax(full, dim=-1)
+    log_prob = log_probs.gather(1, target[:, None]).squeeze(1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return log_prob, entropy
+
+
+def _megatron(logits, target, w_lp, w_ent, tp_group):
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    # separate entropy pass (vocab-parallel: all-reduce forward, identity backward)
+    row_max = logits.detach().max(dim=-1).values
+    if tp_group is not None:
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+    shifted = logits - row_max[:, None]
+    exp_shifted = shifted.exp()
+    sum_exp = reduce_from_tensor_model_parallel_region(exp_shifted.sum(-1))
+    sum_exp_shifted = reduce_from_tensor_model_parallel_region((exp_shifted * shifted).sum(-1))
+    entropy = sum_exp.log() - sum_exp_shifted / sum_exp
+    # Megatron's CE exponentiates its input in place: it gets a clone
+    loss = vocab_parallel_cross_entropy(logits.clone()[:, None], target[:, None])[:, 0]
+    return -loss, entropy
+
+
+def _fused(logits, target, w_lp, w_ent, tp_group):
+    from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
+
+    return vocab_parallel_logprobs_entropy(logits, target, tp_group)
+
+
+def _worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    tp_group = None
+    if world > 1 or args.method == "b_megatron":
+        from maspo_megatron.config.parallel import ParallelConfig
+        from maspo_megatron.parallel import init_distributed
+
+        dims = init_distributed(ParallelConfig(tp=world), seed=0)
+        tp_group = dims.tp_group if world > 1 else None
+    gen = torch.Generator().manual_seed(0)
+    vocab_local = args.vocab // world
+    target = torch.randint(0, args.vocab, (args.tokens,), generator=gen)
+    w_lp, w_ent = torch.randn(args.tokens, generator=gen), torch.randn(args.tokens, generator=gen)
+    fn = {"a_plain": _plain, "b_megatron": _megatron, "fused": _fused}[args.method]
+    times = []
+    for _ in range(args.reps):
+        logits = (torch.randn(args.tokens, vocab_local, generator=gen) * 2).requires_grad_()
+        start = time.perf_counter()
+        log_prob, entropy = fn(logits, target, w_lp, w_ent, tp_group)
+        ((log_prob * w_lp).sum() + (entropy * w_ent).sum()).backward()
+        times.append(time.perf_counter() - start)
+        del logits, log_prob, entropy
+    print("RESULT " + json.dumps({"rank": rank, "times_s": times, "peak_rss_gb": _peak_rss_gb()}), flush=True)
+    os._exit(0)  # skip gloo teardown
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_cell(method: str, vocab: int, tp: int, tokens: int, reps: int, threads: int, timeout_s: float) -> dict:
+    port = _free_port()
+    procs = []
+    for rank in range(tp):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads),
+                   PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--method", method, "--vocab", str(vocab),
+               "--tokens", str(tokens), "--reps", str(reps), "--threads", str(threads)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise RuntimeError(f"{method} V={vocab} TP={tp}: timed out after {timeout_s} s") from None
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"{method} V={vocab} TP={tp} failed (exit {proc.returncode}):\n{err[-3000:]}")
+        results.append(json.loads(lines[-1][len("RESULT "):]))
+    # a step ends when the slowest rank ends: per repetition, the max over ranks
+    per_rep = [max(r["times_s"][i] for r in results) for i in range(reps)]
+    return {"time_s": statistics.median(per_rep), "peak_rss_gb": max(r["peak_rss_gb"] for r in results)}
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small smoke size (T=256, V=32000/8192)")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--vocabs", type=str, default="151936,32000")
+    parser.add_argument("--tps", type=str, default="1,2")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: 2 / TP)")
+    parser.add_argument("--timeout-s", type=float, default=1800)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _worker(args)
+        return []
+    if args.quick:
+        args.tokens, args.vocabs, args.reps = 256, "32000,8192", 2
+    rows = []
+    for vocab in [int(v) for v in args.vocabs.split(",")]:
+        for tp in [int(t) for t in args.tps.split(",")]:
+            threads = args.threads or max(1, 2 // tp)
+            cells = {m: _run_cell(m, vocab, tp, args.tokens, args.reps, threads, args.timeout_s) for m in METHODS}
+            base = cells["a_plain"]
+            for method, cell in cells.items():
+                rows.append({"T": args.tokens, "V": vocab, "TP": tp, "method": method,
+                             "time_s": round(cell["time_s"], 3), "peak_rss_gb": round(cell["peak_rss_gb"], 2),
+                             "time_vs_a": round(cell["time_s"] / base["time_s"], 3),
+                             "mem_vs_a": round(cell["peak_rss_gb"] / base["peak_rss_gb"], 3)})
+    _print_table(rows)
+    return rows
+
+
+def _print_table(rows: list[dict]) -> None:
+    header = ("T", "V", "TP", "method", "time_s", "peak_rss_gb", "time_vs_a", "mem_vs_a")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(str(row[key]) for key in header) + " |")
+
+
+if __name__ == "__main__":
+    main()
