@@ -35,14 +35,24 @@ def tiny_transformer_config(dims, *, num_layers: int = 4, hidden: int = 32, head
     )
 
 
-def build_tiny_gpt(dims, *, vocab_size: int = TINY_VOCAB, max_seq_len: int = 256, **config_kwargs) -> list:
-    """One GPTModel chunk per virtual pipeline stage of this rank (a list of length vpp or 1)."""
+def build_tiny_gpt(dims, *, vocab_size: int = TINY_VOCAB, max_seq_len: int = 256, transformer_engine: bool = False,
+                   **config_kwargs) -> list:
+    """One GPTModel chunk per virtual pipeline stage of this rank (a list of length vpp or 1).
+
+    transformer_engine=True uses the TE layer spec (GPU tests: context parallel, THD packing).
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
 
     config = tiny_transformer_config(dims, **config_kwargs)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if transformer_engine:
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     chunks = []
     for vp_stage in range(dims.vpp or 1):
         stage = vp_stage if dims.vpp else None
