@@ -9,7 +9,7 @@ share a group key so the bucketer never separates them.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,8 +39,6 @@ def takes_part(dims) -> bool:
 
 def _gather_tp(shard: torch.Tensor, dims) -> list[torch.Tensor]:
     """All TP shards (in TP-rank order) on the TP source rank; [] elsewhere. shard[...] is this rank's piece."""
-    if dims.tp == 1:
-        return [shard]
     shard = shard.detach().contiguous()
     group = dims.tp_group
     source = dist.get_global_rank(group, 0)
@@ -50,6 +48,28 @@ def _gather_tp(shard: torch.Tensor, dims) -> list[torch.Tensor]:
         return parts
     dist.gather(shard, None, dst=source, group=group)
     return []
+
+
+def gather_full(param: torch.Tensor, dims, dim: Optional[int], glu: bool) -> Optional[torch.Tensor]:
+    """The full (TP-gathered) Megatron tensor on the TP source rank, None on the other TP ranks.
+
+    Shards split along dim 0 (qkv, vocab, column-parallel) are gathered straight into views of the
+    full tensor, saving the concatenation copy; other layouts go through `layouts.gather_tp`.
+    """
+    if dim is None or dims.tp == 1:  # replicated over TP (norms): the source's copy is the tensor
+        return param.detach() if dims.tp_rank == 0 else None
+    if dim == 0 and not glu:
+        shard = param.detach().contiguous()
+        group = dims.tp_group
+        source = dist.get_global_rank(group, 0)
+        if dims.tp_rank != 0:
+            dist.gather(shard, None, dst=source, group=group)
+            return None
+        full = torch.empty((shard.shape[0] * dims.tp, *shard.shape[1:]), dtype=shard.dtype, device=shard.device)
+        dist.gather(shard, list(full.chunk(dims.tp, dim=0)), dst=source, group=group)
+        return full
+    shards = _gather_tp(param, dims)
+    return layouts.gather_tp(shards, dim, glu) if shards else None
 
 
 def mapped_parameters(chunk: torch.nn.Module, wmap: WeightMap) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -76,16 +96,10 @@ def megatron_hf_stream(chunks: Sequence[torch.nn.Module], wmap: WeightMap, dims)
         offset = stage_layer_offset(inner)
         for name, param in mapped_parameters(inner, wmap):
             dim, glu = wmap.tp_split(name)
-            if dim is None:  # replicated over TP (norms): no gather, the source's copy is the tensor
-                if dims.tp_rank != 0:
-                    continue
-                shards = [param.detach()]
-            else:
-                shards = _gather_tp(param, dims)
-                if not shards:
-                    continue
-            full = layouts.gather_tp(shards, dim, glu)
-            del shards
+            full = gather_full(param, dims, dim, glu)
+            if full is None:
+                continue
             group_key = (dims.pp_rank, offset, name)
             for hf_name, tensor in wmap.megatron_to_hf(name, full, layer_offset=offset):
                 yield hf_name, tensor, group_key
+            del full
