@@ -1,1 +1,27 @@
-"""Live weight sync Megatron -> rollout engines: HF-named tensor stream, buckets, transports, FP8, verification."""
+"""Live weight sync Megatron -> rollout engines (docs/weight_sync.md).
+
+    syncer = WeightSyncer(cfg.rollout.weight_sync, chunks, wmap, dims, engine=engine, engine_kind="local")
+    report = syncer.sync(weight_version=step)
+
+Pieces: `megatron_hf_stream` (TP gather, own layers, HF names) -> `fp8_stream` (optional) ->
+`iter_buckets` -> a transport from `TRANSPORTS` (local, disk, tensor, distributed); `verify_weights`
+checksums; `flatten_tensors` / `serialize_payload` / `load_payload` for SGLang's flattened buckets.
+"""
+from maspo_megatron.rollout.weight_sync.bucketing import bucket_nbytes, iter_buckets
+from maspo_megatron.rollout.weight_sync.flattened_bucket import (
+    FlattenedTensorMetadata,
+    flatten_tensors,
+    load_payload,
+    reconstruct_tensors,
+    serialize_payload,
+)
+from maspo_megatron.rollout.weight_sync.fp8 import dequantize_blockwise, fp8_stream, quantize_blockwise
+from maspo_megatron.rollout.weight_sync.hf_stream import megatron_hf_stream
+from maspo_megatron.rollout.weight_sync.syncer import SyncReport, WeightSyncer
+from maspo_megatron.rollout.weight_sync.transports import TRANSPORTS, WeightSyncError, register_transport
+
+__all__ = [
+    "TRANSPORTS", "FlattenedTensorMetadata", "SyncReport", "WeightSyncError", "WeightSyncer", "bucket_nbytes",
+    "dequantize_blockwise", "flatten_tensors", "fp8_stream", "iter_buckets", "load_payload", "megatron_hf_stream",
+    "quantize_blockwise", "reconstruct_tensors", "register_transport", "serialize_payload",
+]
