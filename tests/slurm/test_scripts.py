@@ -122,8 +122,7 @@ def test_colocated_gpu_and_container_lines(tmp_path):
     assert line[line.index("--output=" + str(tmp_path / "maspo-colocated-77-r0-train.log"))]
     tail = line[line.index("python"):]
     assert tail[:4] == ["python", "-m", "maspo_megatron.train", "--config"]
-    assert tail[5:] == ["rollout.engine=sglang", "rollout.sglang.enable_memory_saver=true",
-                        "trainer.output_dir=/lustre/run1", "trainer.total_steps=9"]
+    assert tail[5:] == ["trainer.output_dir=/lustre/run1", "trainer.total_steps=9"]  # the config decides the rest
     assert "rendezvous node3:" in result.stderr  # first host of the allocation, not hard-coded
 
 

@@ -68,7 +68,7 @@ def test_colocated_cpu_job_runs_to_completion_with_checkpoint(slurm_cluster, tmp
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_usr1_saves_requeues_and_resumes(slurm_cluster, tmp_path, kind):
-    total = 12 if kind == "contract" else 10
+    total = 12 if kind == "contract" else 6
     env, run_dir = _job_env(kind, tmp_path, step_s=0.5)
     job = submit(SCRIPT, "-N", "1", "--ntasks-per-node=2", "--time=15", f"--output={tmp_path}/%x-%j.out",
                  script_args=_args(kind, f"trainer.total_steps={total}", "trainer.save_every=0"), env=env)
