@@ -2,7 +2,9 @@
 
 Knows collectives and layouts, never RL (see ../../docs/parallel.md).
 """
+from maspo_megatron.parallel.context import merge_from_cp, packed_zigzag_indices, split_for_cp, zigzag_indices
 from maspo_megatron.parallel.cpu_shim import cpu_shim_enabled, enable_cpu_shim
+from maspo_megatron.parallel.metrics import reduce_sums
 from maspo_megatron.parallel.state import (
     ParallelDims,
     check_layout,
@@ -14,5 +16,6 @@ from maspo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs_entro
 
 __all__ = [
     "ParallelDims", "check_layout", "cpu_shim_enabled", "destroy_distributed", "enable_cpu_shim",
-    "get_parallel_dims", "init_distributed", "vocab_parallel_logprobs_entropy",
+    "get_parallel_dims", "init_distributed", "merge_from_cp", "packed_zigzag_indices", "reduce_sums",
+    "split_for_cp", "vocab_parallel_logprobs_entropy", "zigzag_indices",
 ]
