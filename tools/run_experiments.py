@@ -122,7 +122,8 @@ class Runner:
                     del running[name]
                     if code == 0 and job.is_done():
                         finished += 1
-                        self.status[name] = {"wall_s": round(elapsed, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                        self.status[name] = {"wall_s": round(elapsed, 1), "finished_unix": round(time.time(), 1),
+                                             "started_unix": round(time.time() - elapsed, 1)}
                         self._save_status()
                         self.log(f"{time.strftime('%H:%M:%S')} done  {name} in {elapsed:.0f} s ({finished}/{total})")
                         continue
