@@ -248,6 +248,9 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         + ", ".join(f"{eval_key(w, HELDOUT_NAME, 'avg')[1]:.3f}" for _, w in sorted(warm.items())) + " |",
     ]
     for name, info in per_method.items():
+        if not info["seeds"]:
+            out.append(f"| {labels[name]} | 0 | not run | | | | | | |")
+            continue
         reached = [s for s in info["steps_to_threshold"].values() if s is not None]
         out.append(
             f"| {labels[name]} | {len(info['seeds'])} | {_fmt(*mean_std(info['avg'].values()))} | "
