@@ -70,4 +70,36 @@ def parity_case(cases: list[dict], layouts: list[tuple[int, int]]) -> dict:
                 dist_checkpointing.save({"model": model.sharded_state_dict()}, case["save_to"])
             if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
                 out[(case["name"], tp, pp)] = logits[..., : meta.vocab_size].clone()
+            if case.get("direct"):
+                _direct_hf_round(case, config, meta, tp, pp, out)
     return out
+
+
+def _direct_hf_round(case: dict, config, meta, tp: int, pp: int, out: dict) -> None:
+    """`load_hf_weights` straight from the HF dir (model.init_from_hf), then `export_hf_weights`
+    back (the live weight-sync path): logits under (name + '@direct', tp, pp), exported tensors
+    under ('export', name, tp, pp)."""
+    from megatron.core import parallel_state as ps
+
+    from maspo_megatron.models import WeightMap
+    from maspo_megatron.models.hf_io import HFCheckpointReader
+    from maspo_megatron.models.hf_loader import export_hf_weights, load_hf_weights
+    from maspo_megatron.models.provider import gpt_model_provider
+
+    model = gpt_model_provider(config, meta, pre_process=ps.is_pipeline_first_stage(),
+                               post_process=ps.is_pipeline_last_stage()).eval()
+    wmap = WeightMap.from_hf_config(case["hf_config"], tp=tp)
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    load_hf_weights(model, wmap, HFCheckpointReader(case["hf_config"]).get, tp_rank, tp)
+    logits = forward_logits(model, case["ids"], case["ids"].shape[1])
+    if logits is not None and tp_rank == 0:
+        out[(case["name"] + "@direct", tp, pp)] = logits[..., : meta.vocab_size].clone()
+
+    def gather(shard, name):
+        parts = [torch.empty_like(shard) for _ in range(tp)]
+        torch.distributed.all_gather(parts, shard.contiguous(), group=ps.get_tensor_model_parallel_group())
+        return parts
+
+    exported = dict(export_hf_weights(model, wmap, gather))
+    if tp_rank == 0 and ps.get_data_parallel_rank() == 0:
+        out[("export", case["name"], tp, pp, ps.get_pipeline_model_parallel_rank())] = exported
