@@ -71,8 +71,22 @@ class Job:
     def done_marker(self) -> Path:
         return self.out_dir / ("warmup_eval.json" if self.kind == "warmup" else "final_eval.json")
 
+    @property
+    def spec_file(self) -> Path:
+        return self.out_dir / "job.json"
+
+    def spec(self) -> dict:
+        """What makes a finished run reusable: its arguments (not the interpreter's path)."""
+        return {"kind": self.kind, "seed": self.seed, "method": self.method, "args": self.argv[1:]}
+
     def is_done(self) -> bool:
-        return self.done_marker.is_file()
+        """Finished, and with the same arguments as now (a changed sweep or --set reruns the job)."""
+        if not self.done_marker.is_file() or not self.spec_file.is_file():
+            return False
+        try:
+            return json.loads(self.spec_file.read_text()) == self.spec()
+        except json.JSONDecodeError:
+            return False
 
 
 def _require(data: dict, key: str, kind: type, path: Path):

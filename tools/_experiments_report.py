@@ -40,7 +40,7 @@ MASPO_KEYS = [
     ("maspo/gated_neg_frac", "gated fraction, A<0 & r<1"),
     ("maspo/gate_weight_mean", "mean gate weight, all response tokens"),
     ("maspo/sigma_mean", "mean sigma (mass x risk)"),
-    ("maspo/abs_log_ratio_mean", "mean |log r|"),
+    ("maspo/abs_log_ratio_mean", "mean abs(log r)"),
     ("maspo/ppo_clip_frac", "PPO clip fraction at eps 0.2"),
 ]
 BUCKETS = ["p_lt_0.01", "p_0.01_0.1", "p_0.1_0.5", "p_gt_0.5"]

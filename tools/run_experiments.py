@@ -8,8 +8,9 @@ Phases: (1) the task's problems split into train.jsonl and heldout.jsonl (disjoi
 (tools/_experiments_warmup.py); (3) every method x seed as its own `maspo_megatron.train`
 process starting from its seed's warm-up (`--jobs` at a time, OMP_NUM_THREADS=1 each); (4) the
 report (tools/_experiments_report.py): plots, tables, raw CSV/JSON next to it.
-Resumable: a job whose marker file exists (warmup_eval.json / final_eval.json) is not rerun;
-an unfinished job's directory is wiped and the job restarts from its beginning. Exit status 0
+Resumable: a job whose marker file exists (warmup_eval.json / final_eval.json) and whose
+arguments (job.json) are those of the current sweep is not rerun; any other job's directory is
+wiped and the job starts from its beginning. Exit status 0
 when every job finished, 1 when some failed (the report still covers the finished ones), 2 for a
 bad sweep file or option.
 """
@@ -74,6 +75,7 @@ class Runner:
     def _start(self, job: Job) -> tuple:
         shutil.rmtree(job.out_dir, ignore_errors=True)  # an unfinished run restarts from its beginning
         job.out_dir.mkdir(parents=True)
+        job.spec_file.write_text(json.dumps(job.spec(), indent=1))
         log_file = open(job.out_dir / "log.txt", "w")
         proc = subprocess.Popen(job.argv, cwd=REPO, env=job_env(), stdout=log_file, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -133,15 +133,23 @@ def test_runner_skips_finished_jobs_wipes_unfinished_ones_and_skips_seeds_whose_
     done = _job(tmp_path, "rl", 1, "done", "import sys; sys.exit(5)")
     done.out_dir.mkdir()
     done.done_marker.write_text("{}")
+    done.spec_file.write_text(json.dumps(done.spec()))
+    # finished, but with other arguments than now: rerun
+    changed = _job(tmp_path, "rl", 1, "changed", ok)
+    changed.out_dir.mkdir()
+    changed.done_marker.write_text("{}")
+    changed.spec_file.write_text(json.dumps({**changed.spec(), "args": ["trainer.lr=1"]}))
     stale = rl1.out_dir / "stale.txt"
     rl1.out_dir.mkdir()
     stale.write_text("from an interrupted attempt")
     lines = []
-    failed = Runner([warm1, warm2, rl1, rl2, done], tmp_path, parallel=2, timeout_s=120, log=lines.append).run()
+    failed = Runner([warm1, warm2, rl1, rl2, done, changed], tmp_path, parallel=2, timeout_s=120,
+                    log=lines.append).run()
     assert failed == ["warmup/seed2", "rl2/seed2"]
     assert warm1.is_done() and rl1.is_done() and not rl2.out_dir.exists()
     assert not stale.exists()
     assert any("1 job(s) already finished" in line for line in lines)
     assert any("FAILED warmup/seed2 (exit 3): boom" in line for line in lines)
     status = json.loads((tmp_path / "status.json").read_text())
-    assert set(status) == {"warmup/seed1", "rl1/seed1"}
+    assert set(status) == {"warmup/seed1", "rl1/seed1", "changed/seed1"}
+    assert json.loads(changed.spec_file.read_text()) == changed.spec()
