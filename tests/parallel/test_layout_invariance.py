@@ -60,14 +60,14 @@ def _pack(samples, dims, micro_batches):
     return packed[dims.dp_rank]
 
 
-def _setup(tp, pp, sp, per_token, distributed_optimizer, full_state=None):
+def _setup(tp, pp, sp, per_token, distributed_optimizer, full_state=None, vpp=None):
     from megatron.core.distributed import finalize_model_grads
 
     from maspo_megatron.config.parallel import ParallelConfig
     from maspo_megatron.parallel import init_distributed
     from tests.helpers.tiny_gpt import build_tiny_gpt, load_full_state_dict, wrap_ddp
 
-    dims = init_distributed(ParallelConfig(tp=tp, pp=pp, sequence_parallel=sp), seed=SEED)
+    dims = init_distributed(ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp), seed=SEED)
     chunks = build_tiny_gpt(dims, calculate_per_token_loss=per_token)
     if full_state is not None:
         load_full_state_dict(chunks, full_state, dims.tp_rank, dims.tp)
@@ -85,8 +85,10 @@ def _train_step(dims, chunks, micro_batches, settings, per_token):
     for chunk in chunks:
         chunk.zero_grad_buffer()
     forward_step = make_forward_step(settings, dims, len(micro_batches), calculate_per_token_loss=per_token)
+    # interleaved pipeline: every virtual stage reads its own iterator over the same micro-batches
+    iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=chunks,
+        forward_step_func=forward_step, data_iterator=iterators, model=chunks,
         num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.shape[1],
         micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=False)
     return finalize_metrics(reduce_sums(losses, dims))
@@ -185,12 +187,14 @@ def _metric_err(metrics, ref):
     return worst
 
 
-LAYOUTS = [  # (name, tp, pp, sequence_parallel, micro_batches, calculate_per_token_loss)
-    ("tp2xpp2_sp_mb4", 2, 2, True, 4, True),
-    ("tp2xdp2_mb1_legacy_scaling", 2, 1, False, 1, False),
-    ("pp2xdp2_mb4", 1, 2, False, 4, True),
-    ("tp4_sp_mb4_legacy_scaling", 4, 1, True, 4, False),
+LAYOUTS = [  # (name, tp, pp, sequence_parallel, micro_batches, calculate_per_token_loss, vpp)
+    ("tp2xpp2_sp_mb4", 2, 2, True, 4, True, None),
+    ("tp2xdp2_mb1_legacy_scaling", 2, 1, False, 1, False, None),
+    ("pp2xdp2_mb4", 1, 2, False, 4, True, None),
+    ("tp4_sp_mb4_legacy_scaling", 4, 1, True, 4, False, None),
 ]
+# Interleaved PP (vpp=2) is NOT listed: with this harness its loss and statistics match the
+# reference but its gradients do not (open issue, see docs/parallel.md "Known limits").
 
 
 def _layouts_case(reference, only=None):
@@ -200,10 +204,10 @@ def _layouts_case(reference, only=None):
     from tests.helpers.tiny_gpt import local_grads, local_slice_of, named_local_params
 
     results = {}
-    for name, tp, pp, sp, micro_batches, per_token in LAYOUTS:
+    for name, tp, pp, sp, micro_batches, per_token, vpp in LAYOUTS:
         if only is not None and name not in only:
             continue
-        dims, chunks = _setup(tp, pp, sp, per_token, False, reference["full_state"])
+        dims, chunks = _setup(tp, pp, sp, per_token, False, reference["full_state"], vpp)
         batches = _pack(reference["samples"], dims, micro_batches)
         assert len(batches) == micro_batches
         errors = {}
@@ -216,7 +220,7 @@ def _layouts_case(reference, only=None):
             if metrics is not None:
                 errors[f"{mode}/metrics"] = _metric_err(metrics, ref["metrics"])
         destroy_distributed(keep_process_group=True)
-        dims, chunks = _setup(tp, pp, sp, per_token, True, reference["full_state"])
+        dims, chunks = _setup(tp, pp, sp, per_token, True, reference["full_state"], vpp)
         _train_step(dims, chunks, batches, _settings("token-mean"), per_token)
         _optimizer(chunks).step()
         after = local_slice_of(chunks, reference["after_step"], dims.tp_rank, dims.tp)
