@@ -137,12 +137,16 @@ class WorkerPool:
         queue = deque(range(len(samples)))
         remaining = len(samples)
         while remaining:
-            self._dispatch(samples, queue, payloads)
+            remaining -= self._dispatch(samples, queue, payloads, results)
             remaining -= self._collect(results, queue)
             remaining -= self._enforce_limits(results, queue)
+            if remaining and not queue and not any(w.inflight for w in self._workers):
+                raise RuntimeError(f"reward pool: {remaining} samples neither queued nor in a worker (a bug; please report)")
         return results  # type: ignore[return-value]
 
-    def _dispatch(self, samples: Sequence[RewardSample], queue: deque, payloads: dict) -> None:
+    def _dispatch(self, samples: Sequence[RewardSample], queue: deque, payloads: dict, results: list) -> int:
+        """Hands out samples; returns how many finished (a worker found dead on send: its running sample)."""
+        finished = 0
         for depth in (0, 1):  # first every idle worker, then one queued sample per busy worker
             for worker in list(self._workers):
                 if not (queue and worker.ready and len(worker.inflight) == depth):
@@ -158,12 +162,13 @@ class WorkerPool:
                 now = time.monotonic()
                 try:
                     worker.send(index, payloads.pop(index), now)
-                except (BrokenPipeError, OSError):
+                except (BrokenPipeError, OSError):  # it died since the last look
                     queue.appendleft(index)
-                    self._replace(worker, queue)
+                    finished += self._worker_died(worker, results, queue)
                     continue
                 if depth == 0:
                     self._started_at[index] = now
+        return finished
 
     def _finish(self, results: list, index: int, result: RewardResult, finished_at: Optional[float] = None) -> None:
         results[index] = result

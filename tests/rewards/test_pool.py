@@ -146,3 +146,18 @@ def test_samples_queued_behind_a_killed_worker_are_scored_by_its_replacement():
         results = scorer.score([("ignore-signals", None), ("a", None), ("exit", None), ("c", None), ("d", None)])
         assert [r.reason.split(" pid")[0] for r in results] == ["timeout", "ok", "error: worker died (exit code 3)", "ok", "ok"]
         assert scorer.workers_replaced == 2
+
+
+def test_a_worker_found_dead_when_handed_a_sample_is_replaced():
+    import os
+    import signal
+
+    with RewardScorer(name="reward_fixtures:misbehaving", timeout_s=LIMIT_S, num_workers=1) as scorer:
+        scorer.score([("a", None)])
+        worker = scorer._pool._workers[0]
+        os.kill(worker.process.pid, signal.SIGKILL)
+        worker.process.join(timeout=10)
+        # The next send hits a closed pipe before the driver has read the worker's EOF.
+        results = scorer.score([("b", None), ("c", None), ("d", None)])
+        assert [r.reward for r in results] == [1.0, 1.0, 1.0]
+        assert scorer.workers_replaced == 1
