@@ -268,6 +268,7 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         out.append(f"| {labels[name]} | {describe_difference(paired_differences(ref['avg'], info['avg']))} | "
                    f"{describe_difference(paired_differences(ref['reward_last'], info['reward_last']))} | "
                    f"{describe_difference(paired_differences(ref['entropy_all'], info['entropy_all']))} |")
+    out += _hard_clip_check(runs_by_method)
     out += [
         "", "With 3 seeds a difference whose sign is mixed across seeds, or small against the seed spread in the",
         "table above, is not evidence either way.",
@@ -305,3 +306,20 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
             f"- `{rel}/summary.json`: everything in the tables above, per seed, plus job wall times.",
             "- Per-step logs of each run: `<--out>/runs/<method>/seed<s>/metrics.jsonl` (not committed)."]
     return out
+
+
+def _hard_clip_check(runs_by_method: Dict[str, List[RunData]]) -> List[str]:
+    """With gate=false MASPO's loss IS the PPO clip at 0.2 (alpha and beta then act on nothing), so
+    `maspo_hard_clip` must repeat `grpo` step for step on each seed: a check of run determinism."""
+    hard = {run.seed: run for run in runs_by_method.get("maspo_hard_clip", [])}
+    grpo = {run.seed: run for run in runs_by_method.get("grpo", [])}
+    seeds = sorted(set(hard) & set(grpo))
+    if not seeds:
+        return []
+    same = [seed for seed in seeds
+            if hard[seed].series(REWARD_KEY) == grpo[seed].series(REWARD_KEY)
+            and eval_key(hard[seed].final_eval, HELDOUT_NAME, "avg") == eval_key(grpo[seed].final_eval, HELDOUT_NAME, "avg")]
+    return ["", f"Check: with `gate=false` MASPO's loss is the hard clip at 0.2, i.e. GRPO's, so that ablation must "
+                f"repeat GRPO exactly on each seed. Identical reward curves and held-out Avg on {len(same)}/{len(seeds)} "
+                "seeds" + ("." if len(same) == len(seeds) else " (runs are not bit-reproducible here; read small "
+                                                                 "differences in that light).")]

@@ -100,3 +100,21 @@ def test_gate_weight_on_gated_tokens_from_the_all_token_mean():
                {"step": 3, "maspo/gate_weight_mean": 0.95, "maspo/gated_pos_frac": 0.1, "maspo/gated_neg_frac": 0.0}]
     # step 1: 0.9; step 2: nothing gated, left out; step 3: 1 - 0.05 / 0.1 = 0.5
     assert gated_gate_weight(RunData("m", 1, records, None)) == pytest.approx(0.7)
+
+
+def test_hard_clip_ablation_is_checked_against_grpo_seed_by_seed():
+    from _experiments_report import _hard_clip_check
+
+    final = {"eval/heldout/avg@4": 0.5}
+    grpo = [_run(1, [0.1, 0.2], "grpo"), _run(2, [0.3, 0.4], "grpo")]
+    for run in grpo:
+        run.final_eval = final
+    hard = [_run(1, [0.1, 0.2], "maspo_hard_clip"), _run(2, [0.3, 0.45], "maspo_hard_clip")]
+    for run in hard:
+        run.final_eval = final
+    text = " ".join(_hard_clip_check({"grpo": grpo, "maspo_hard_clip": hard}))
+    assert "on 1/2 seeds" in text and "not bit-reproducible" in text
+    hard[1] = _run(2, [0.3, 0.4], "maspo_hard_clip")
+    hard[1].final_eval = final
+    assert "on 2/2 seeds." in " ".join(_hard_clip_check({"grpo": grpo, "maspo_hard_clip": hard}))
+    assert _hard_clip_check({"grpo": grpo}) == []
