@@ -299,6 +299,17 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
             cells = [_fmt(*ref["buckets"][f"{bucket}/{q}"], digits=4)
                      for q in ("token_frac", "ratio_mean", "gated_frac", "gate_weight_mean")]
             out.append(f"| {bucket} | " + " | ".join(cells) + " |")
+    # Ablations that keep the gate (with gate=false the weights are only what the gate would have been).
+    others = [n for n, m in sweep.methods.items() if m.ablation and per_method.get(n, {}).get("seeds")
+              and "algorithm.maspo.gate=false" not in m.overrides]
+    if ref is not None and others:
+        out += ["", "Mean gate weight by p_old bucket, MASPO against its ablations (the mass-adaptive limiter should",
+                "leave low-probability tokens less damped than alpha = 0 does):", "",
+                "| p_old bucket | " + " | ".join(labels[n] for n in [reference] + others) + " |",
+                "|---|" + "---|" * (1 + len(others))]
+        for bucket in BUCKETS:
+            out.append(f"| {bucket} | " + " | ".join(_fmt(*per_method[n]["buckets"][f"{bucket}/gate_weight_mean"], digits=4)
+                                                     for n in [reference] + others) + " |")
     out += ["", f"![MASPO statistics]({rel}/maspo_stats.png)", "",
             "## Raw data", "",
             f"- `{rel}/runs.csv`: one row per run (held-out Avg/Pass, last-steps reward and entropy, warm-up start).",
