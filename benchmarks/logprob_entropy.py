@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import socket
@@ -156,7 +157,14 @@ def main(argv=None) -> list[dict]:
     for vocab in [int(v) for v in args.vocabs.split(",")]:
         for tp in [int(t) for t in args.tps.split(",")]:
             threads = args.threads or max(1, 2 // tp)
-            cells = {m: _run_cell(m, vocab, tp, args.tokens, args.reps, threads, args.timeout_s) for m in METHODS}
+            cells = {}
+            for method in METHODS:
+                try:
+                    cells[method] = _run_cell(method, vocab, tp, args.tokens, args.reps, threads, args.timeout_s)
+                    print(f"# V={vocab} TP={tp} {method}: {cells[method]}", file=sys.stderr, flush=True)
+                except RuntimeError as error:  # e.g. a baseline killed for memory: report, keep going
+                    print(f"# {error}".splitlines()[0], file=sys.stderr)
+                    cells[method] = {"time_s": math.nan, "peak_rss_gb": math.nan}
             base = cells["a_plain"]
             for method, cell in cells.items():
                 rows.append({"T": args.tokens, "V": vocab, "TP": tp, "method": method,
