@@ -147,7 +147,8 @@ def hf_to_megatron(
 
     The checkpoint loads at any other TP/PP too (dist checkpoints reshard on load); tp sets the
     vocab padding (multiple of vocab_divisible_by x tp) and the chunking, pp is validated.
-    Under torchrun/srun the chunks are divided among the processes.
+    Under torchrun/srun the chunks are divided among the processes. Collective over the default
+    process group when one exists: every rank must call it.
     """
     from maspo_megatron.config.parallel import ParallelConfig
     from maspo_megatron.models.config_builder import check_parallel_fit
@@ -238,18 +239,23 @@ def _check_megatron_tensors(reader: DistCheckpointReader, wmap: WeightMap) -> No
 def megatron_to_hf(
     megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, hf_config_dir: Optional[str | os.PathLike] = None,
     dtype: Optional[str] = None, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
+    split_across_ranks: Optional[bool] = None,
 ) -> Path:
     """Converts a Megatron torch_dist checkpoint (any TP/PP it was saved at) into HF safetensors shards.
 
-    Under torchrun/srun the output shards are divided among the processes (each reads only the
-    tensors of its shards); rank 0 writes the index and side files and renames the result.
+    split_across_ranks: divide the output shards among all processes of the default group (each
+    reads only the tensors of its shards; rank 0 writes the index and renames the result); every
+    rank must call. Default: True when this call starts torch.distributed itself (the CLI under
+    torchrun/srun), False when the caller already runs it (e.g. the trainer's driver alone calls
+    this: then it is local to the calling process, no collectives).
     """
     megatron_dir, out_dir = Path(megatron_dir), Path(out_dir)
     cfg_dir = Path(hf_config_dir) if hf_config_dir else megatron_dir / HF_CONFIG_SUBDIR
     if not (cfg_dir / "config.json").is_file():
         raise CheckpointError(f"{cfg_dir / 'config.json'}: missing; pass --hf-config-dir with the model's config.json")
     created = ensure_process_group()
-    rank, world = dist.get_rank(), dist.get_world_size()
+    split = created if split_across_ranks is None else split_across_ranks
+    rank, world = (dist.get_rank(), dist.get_world_size()) if split else (0, 1)
     tmp = _prepare_out_dir(out_dir)
     try:
         wmap = WeightMap.from_hf_config(cfg_dir)
@@ -265,7 +271,8 @@ def megatron_to_hf(
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir()
-        dist.barrier()
+        if split:
+            dist.barrier()
         count = len(ShardedSafetensorsWriter(tmp, entries, max_shard_bytes).shard_names)
         writer = ShardedSafetensorsWriter(tmp, entries, max_shard_bytes, owned_shards={k for k in range(count) if k % world == rank})
         mine = [mt for mt in tensors if any(writer.wants(n.format(i=mt.layer)) for n in mt.rule.hf)]
@@ -285,15 +292,16 @@ def megatron_to_hf(
             raise
         finally:
             writer.abort()
-            # every rank learns whether any failed (instead of waiting at a barrier forever)
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+            if split:  # every rank learns whether any failed (instead of waiting at a barrier forever)
+                dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item():
             raise CheckpointError(f"{out_dir}: another process failed while converting (see its error)")
         if rank == 0:
             writer.write_index()
             _copy_side_files(cfg_dir, tmp, dtype)
             os.replace(tmp, out_dir)
-        dist.barrier()
+        if split:
+            dist.barrier()
         return out_dir
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

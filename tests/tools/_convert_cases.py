@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 
-def convert_case(hf_dir: str, meg_dir: str, back_dir: str, tp: int, pp: int, max_shard_bytes: int) -> str:
-    """HF -> Megatron, then Megatron -> HF, both split across the launched processes."""
+def convert_case(hf_dir: str, meg_dir: str, back_dir: str, driver_dir: str, tp: int, pp: int, max_shard_bytes: int) -> str:
+    """HF -> Megatron and Megatron -> HF split across the launched processes; then, inside an
+    already running process group, rank 0 alone converts back (as the trainer's driver does)."""
+    import torch.distributed as dist
+
     from maspo_megatron.models.convert import hf_to_megatron, megatron_to_hf
 
     hf_to_megatron(hf_dir, meg_dir, tp=tp, pp=pp, progress=False)
-    return str(megatron_to_hf(meg_dir, back_dir, max_shard_bytes=max_shard_bytes, progress=False))
+    megatron_to_hf(meg_dir, back_dir, max_shard_bytes=max_shard_bytes, progress=False)
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 0:
+        megatron_to_hf(meg_dir, driver_dir, progress=False)
+    dist.barrier()
+    dist.destroy_process_group()
+    return "ok"

@@ -66,16 +66,17 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_conversion_split_over_two_processes(tmp_path):
     model = save_hf_model("qwen3", tmp_path / "hf")
-    run_distributed(convert_case, 2, str(tmp_path / "hf"), str(tmp_path / "meg"), str(tmp_path / "back"), 2, 2, 30_000,
-                    timeout_s=240)
+    run_distributed(convert_case, 2, str(tmp_path / "hf"), str(tmp_path / "meg"), str(tmp_path / "back"),
+                    str(tmp_path / "driver"), 2, 2, 30_000, timeout_s=240)
     meg = tmp_path / "meg"
     assert sorted(p.name for p in meg.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     assert all(p.stat().st_size > 10_000 for p in meg.glob("*.distcp"))  # both processes wrote chunks
     back = tmp_path / "back"
     assert len(list(back.glob("*.safetensors"))) > 2
-    tensors = _hf_tensors(back)
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied
-        assert torch.equal(tensors[key], tensor), key
+    for out in (back, tmp_path / "driver"):
+        tensors = _hf_tensors(out)
+        for key, tensor in model.state_dict().items():
+            if key == "lm_head.weight":
+                continue  # tied
+            assert torch.equal(tensors[key], tensor), (out.name, key)
     assert not list(tmp_path.glob(".*partial"))
