@@ -1,1 +1,12 @@
-"""maspo_megatron."""
+"""The RL loop on Megatron-Core (see docs/trainer.md).
+
+    from maspo_megatron.trainer.loop import Trainer
+    exit_code = Trainer(cfg).run()          # what `python -m maspo_megatron.train` does
+
+Modules: loop (the step and the loop), rollout_phase (driver: samples, rewards, advantages),
+train_step (packing, old log-probs, PPO updates), warmup (supervised warm-up), setup (policy,
+tokenizer, engine), optim (optimizer, LR schedule, non-finite guard), checkpoint (dist
+checkpoints, latest pointer, resume), metrics (console, jsonl, TensorBoard, W&B), evaluation
+(Avg@n, Pass@n), signals (SIGUSR1/SIGTERM -> checkpoint, exit 75); loss and batch (the Megatron
+loss function and packed micro-batches).
+"""

@@ -11,7 +11,7 @@ def _finite(record: dict, key: str) -> bool:
     return isinstance(record.get(key), (int, float)) and math.isfinite(record[key])
 
 
-def _check_two_steps(out, records, nan_first_step=False):
+def _check_two_steps(out, records, nan_first_step=False, eval_every_step=False):
     assert [r["step"] for r in records] == [1, 2]
     for index, record in enumerate(records):
         if nan_first_step and index == 0:
@@ -25,14 +25,20 @@ def _check_two_steps(out, records, nan_first_step=False):
         assert record["rollout/logprob_diff_abs_max"] < 1e-4
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_2"
     assert (out / "hf" / "model.safetensors").is_file()
-    assert (out / "final_eval.json").is_file()
+    if eval_every_step:  # trainer.eval_every=1: Avg@n / Pass@n / length logged with every step
+        for record in records:
+            assert 0.0 <= record["eval/synthetic/avg@2"] <= record["eval/synthetic/pass@2"] <= 1.0
+            assert record["eval/synthetic/mean_length"] > 0
+    else:
+        assert (out / "final_eval.json").is_file()
 
 
 def test_two_rl_steps_tp2xpp2(tmp_path):
     out = tmp_path / "run"
-    results = run_distributed(cases.train, 4, str(out), ["parallel.tp=2", "parallel.pp=2"], timeout_s=300)
+    results = run_distributed(cases.train, 4, str(out), ["parallel.tp=2", "parallel.pp=2", "trainer.eval_every=1"],
+                              timeout_s=300)
     assert [r["code"] for r in results] == [0] * 4
-    _check_two_steps(out, results[0]["metrics"])
+    _check_two_steps(out, results[0]["metrics"], eval_every_step=True)
 
 
 def test_two_rl_steps_tp1_with_failing_reward_aborted_and_empty_samples(tmp_path):
