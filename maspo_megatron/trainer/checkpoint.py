@@ -194,7 +194,8 @@ def save_checkpoint(
     dist_checkpointing.save(state, str(tmp), validate_access_integrity=True)
     _barrier()
     if _is_rank0():
-        summary = {"step": step, "layout": _layout(), **{k: v for k, v in driver_state.items() if _is_json_scalar(v)}}
+        flat = {**driver_state, **driver_state.get("counters", {})}
+        summary = {"step": step, "layout": _layout(), **{k: v for k, v in flat.items() if _is_json_scalar(v)}}
         _write_atomic(tmp / STATE_FILE, json.dumps(summary, indent=1, sort_keys=True))
         if final.exists():  # re-saving the same step (e.g. after a resume): keep the old one until the swap
             stale = root / f".old_{final.name}"

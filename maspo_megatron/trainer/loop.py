@@ -74,7 +74,8 @@ class Trainer:
         resumed = self._maybe_resume()
         self.metrics = MetricsLogger(self.output_dir, cfg.trainer.total_steps, enabled=self.is_driver,
                                      tensorboard=cfg.trainer.tensorboard, wandb_project=cfg.trainer.wandb_project,
-                                     run_config=to_dict(cfg), resume_step=self.step)
+                                     run_config=to_dict(cfg), resume_step=self.step,
+                                     console_every=cfg.trainer.log_every)
         self.metrics.message(f"maspo-train: {self.dims.describe()}; "
                              + (f"resumed from step {self.step}" if resumed else "fresh start"))
         if not resumed and cfg.trainer.sft_warmup_steps:

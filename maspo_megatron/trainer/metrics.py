@@ -3,7 +3,8 @@
 Only the driver (global rank 0) writes; every other rank gets a `MetricsLogger` whose methods do
 nothing, so callers never branch on the rank.
 
-`<output_dir>/metrics.jsonl` holds one JSON object per step, with at least `step` and
+The console shows every `console_every`-th step (trainer.log_every), the last one, and any step
+with a skipped optimizer step; `<output_dir>/metrics.jsonl` holds one JSON object per step, with at least `step` and
 `rollout/reward_mean`. On resume from step k the file is cut back to the lines with step <= k, so
 that a run killed after logging but before checkpointing does not log those steps twice.
 """
@@ -72,9 +73,11 @@ class MetricsLogger:
         wandb_project: Optional[str] = None,
         run_config: Optional[dict] = None,
         resume_step: int = 0,
+        console_every: int = 1,
         stream: TextIO = sys.stdout,
     ) -> None:
         self.enabled = enabled
+        self.console_every = console_every
         self.total_steps = total_steps
         self.stream = stream
         self._tb = None
@@ -135,9 +138,10 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb is not None:
             self._wandb.log(record, step=step)
-        prefix = "\r" if self.stream.isatty() else ""
-        self.stream.write(prefix + format_summary(step, self.total_steps, metrics) + "\n")
-        self.stream.flush()
+        if step % self.console_every == 0 or step == self.total_steps or metrics.get("train/skipped_steps"):
+            prefix = "\r" if self.stream.isatty() else ""
+            self.stream.write(prefix + format_summary(step, self.total_steps, metrics) + "\n")
+            self.stream.flush()
 
     def message(self, text: str) -> None:
         if self.enabled:
