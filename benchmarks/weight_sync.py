@@ -1,7 +1,8 @@
 """Weight-sync export throughput and peak memory: the bucket iterator vs a plain memory copy.
 
 A Llama-shaped bf16 policy of >= 1 GB (--quick: ~25 MB) runs as TP2 x PP2 on four gloo processes.
-Each pipeline stage's source streams its HF tensors through the real path (TP gather, family table,
+Each pipeline stage's source streams its HF tensors through the real path (TP gather through shared
+memory, family table,
 vocab trim, bucketing; "+flatten" also packs every bucket into a fresh uint8 buffer as the tensor
 transport does). Baseline, in the same processes: `dst.copy_(src)` of the same number of bytes
 (stage-sized buffers, copied one bucket-sized slice at a time). Reported: GB/s of both and their ratio (target >= 0.5x memcpy), and
@@ -85,12 +86,8 @@ def _worker(shape: dict, out_path: str) -> None:
     from maspo_megatron.parallel import init_distributed
     from maspo_megatron.rollout.weight_sync.bucketing import bucket_nbytes, iter_buckets
     from maspo_megatron.rollout.weight_sync.flattened_bucket import flatten_tensors
-    from maspo_megatron.rollout.weight_sync.hf_stream import (
-        gather_full,
-        is_export_source,
-        mapped_parameters,
-        megatron_hf_stream,
-    )
+    from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source, mapped_parameters, megatron_hf_stream
+    from maspo_megatron.rollout.weight_sync.tp_gather import TPGatherer
 
     parallel = ParallelConfig(tp=2, pp=2)
     dims = init_distributed(parallel, seed=1)
@@ -118,19 +115,20 @@ def _worker(shape: dict, out_path: str) -> None:
             del bucket
         return time.perf_counter() - start, moved, largest
 
-    def gather_only() -> tuple[float, int, int]:
-        """The TP gathers alone (what gloo's transport costs), no mapping, no buckets."""
+    def gather_only(shared: bool) -> tuple[float, int, int]:
+        """The TP gathers alone, no mapping, no buckets: gloo's gather (loopback TCP) or shared memory."""
         moved = 0
         dist.barrier()
         start = time.perf_counter()
-        with torch.no_grad():
-            for name, param in mapped_parameters(chunk, wmap):
-                full = gather_full(param, dims, *wmap.tp_split(name))
+        params = list(mapped_parameters(chunk, wmap))
+        with torch.no_grad(), TPGatherer([p for _, p in params], dims, use_shared_memory=shared) as gatherer:
+            for name, param in params:
+                full = gatherer.gather_full(param, *wmap.tp_split(name))
                 moved += 0 if full is None else full.numel() * full.element_size()
                 del full
         return time.perf_counter() - start, moved, 0
 
-    for key, run_once in (("gather", gather_only), ("iterator", lambda: export(False)), ("flatten", lambda: export(True))):
+    for key, run_once in (("gather_gloo", lambda: gather_only(False)), ("gather", lambda: gather_only(True)), ("iterator", lambda: export(False)), ("flatten", lambda: export(True))):
         best = None
         for _ in range(REPEATS):
             base = _rss_bytes()
@@ -194,7 +192,8 @@ def _rows(results: list[dict], shape: dict) -> list[dict]:
     largest = max(r["iterator"]["largest_tensor_bytes"] for r in sources)
     gather_s = max(r["gather"]["seconds"] for r in sources)
     rows = []
-    for key, label in (("gather", "TP gather alone (gloo)"), ("iterator", "bucket iterator"),
+    for key, label in (("gather_gloo", "TP gather alone, gloo (loopback TCP)"),
+                       ("gather", "TP gather alone, shared memory (used)"), ("iterator", "bucket iterator"),
                        ("flatten", "bucket iterator + flatten")):
         seconds = max(r[key]["seconds"] for r in sources)
         extra = max(r[key]["extra_rss"] for r in sources)

@@ -232,10 +232,27 @@ def case_corrupted(dims, chunks, wmap, victim: str) -> str:
     return ""
 
 
+def gather_paths_agree(dims, chunks, wmap) -> dict:
+    """The shared-memory TP gather (used on one CPU host) and the collective one (GPUs, several hosts)
+    give the same full tensors; returns {"compared": n, "mismatched": [names]} on TP sources."""
+    from maspo_megatron.rollout.weight_sync.hf_stream import mapped_parameters
+    from maspo_megatron.rollout.weight_sync.tp_gather import TPGatherer
+
+    params = [(n, p) for chunk in chunks for n, p in mapped_parameters(chunk, wmap)]
+    results = []
+    for shared in (True, False):
+        with TPGatherer([p for _, p in params], dims, use_shared_memory=shared) as gatherer:
+            assert gatherer.shared == shared
+            results.append({n: gatherer.gather_full(p, *wmap.tp_split(n)) for n, p in params})
+    names = [n for n in results[0] if results[0][n] is not None]
+    return {"compared": len(names), "mismatched": [n for n in names if not torch.equal(results[0][n], results[1][n])]}
+
+
 def case_local_all(victim: str) -> dict:
     """Untied (with a corrupted sync at the end) and tied models, in the same four processes."""
     untied = case_local(False)
     dims, chunks, wmap = untied.pop("_policy")
+    untied["gather_paths"] = gather_paths_agree(dims, chunks, wmap)
     untied["corrupted_message"] = case_corrupted(dims, chunks, wmap, victim)
     tied = case_local(True)
     tied.pop("_policy")

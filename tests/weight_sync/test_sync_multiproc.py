@@ -67,6 +67,12 @@ def test_tied_output_layer(local_run):
     assert diff <= 1e-5
 
 
+def test_shared_memory_and_collective_tp_gather_agree(untied_run):
+    for rank in (0, 2):  # the TP sources of both pipeline stages
+        result = untied_run[rank]["gather_paths"]
+        assert result["compared"] >= 10 and result["mismatched"] == []
+
+
 def test_verify_weights_catches_a_corrupted_tensor(untied_run):
     messages = [rank["corrupted_message"] for rank in untied_run]
     assert all(VICTIM in m and "verify_weights" in m for m in messages), messages  # every rank stops
