@@ -182,7 +182,12 @@ def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicro
                 per_step.append(metrics)
     if dims.rank != 0:
         return None
-    out = {key: sum(m[key] for m in per_step) / len(per_step) for key in per_step[0]} if per_step else {}
+    # Mean over the optimizer steps of this RL step, ignoring steps where a ratio is undefined
+    # (e.g. gate weight on gated tokens when the first, on-policy mini-batch gates nothing).
+    out = {}
+    for key in (per_step[0] if per_step else {}):
+        values = [m[key] for m in per_step if math.isfinite(m[key])]
+        out[key] = sum(values) / len(values) if values else math.nan
     finite = [g for g in grad_norms if math.isfinite(g)]
     out["train/grad_norm"] = sum(finite) / len(finite) if finite else math.nan
     out["train/grad_norm_max"] = max(finite) if finite else math.nan
