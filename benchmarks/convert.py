@@ -102,6 +102,9 @@ def _worker(mode: str, src: str, dst: str, shard_bytes: int) -> dict:
 
 
 def _run_worker(mode: str, src: Path, dst: Path, shard_bytes: int) -> dict:
+    # every case starts with no dirty pages queued by the one before (untimed): otherwise a run
+    # pays for writing back its predecessor's output
+    os.sync()
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1")
     proc = subprocess.run([sys.executable, __file__, "--worker", mode, str(src), str(dst), str(shard_bytes)],
                           capture_output=True, text=True, env=env)

@@ -83,6 +83,9 @@ class _LazyTorchDistStrategy(SaveShardedStrategy):
         sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
         pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
         planner = _LazySavePlanner(self._producers, self._on_write)
+        # torch.save's zip CRC32 costs more than the copy itself; torch.load does not need it
+        previous_crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
         try:
             dcp.save(
                 pyt_state_dict,
@@ -93,6 +96,8 @@ class _LazyTorchDistStrategy(SaveShardedStrategy):
             if planner.error is not None:  # surface e.g. "tensor X: ..." instead of DCP's wrapper
                 raise planner.error from None
             raise
+        finally:
+            torch.serialization.set_crc32_options(previous_crc)
 
 
 def meta_sharded_tensor(key: str, chunk_shape: tuple[int, ...], dtype: torch.dtype, *rank_offsets, prepend_axis_num: int = 0) -> ShardedTensor:
