@@ -86,13 +86,11 @@ class AlgorithmConfig:
     advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
     advantage_eps: float = option(1e-6, gt=0)
     overlong: OverlongConfig = option(factory=OverlongConfig)
-    dynamic_sampling: bool = option(False, help="drop groups whose rewards are all equal (DAPO)")
-    dynamic_sampling_max_rounds: int = option(3, ge=0, help="extra generation rounds to refill dropped groups")
     ppo_epochs: int = option(1, ge=1)
     mini_batches: int = option(1, ge=1, help="optimizer steps per rollout batch; >1 (or ppo_epochs>1) lets the gate act")
     old_logprob_source: Literal["trainer", "engine"] = "trainer"
     tis_cap: Optional[float] = option(None, gt=0, help="truncated importance sampling cap on trainer/engine ratio")
-    kl_coef: float = option(0.0, ge=0)
+    kl_coef: float = option(0.0, ge=0, help="reserved: a KL term needs a reference model (not implemented yet)")
     entropy_coef: float = option(0.0, ge=0)
     maspo: MaspoConfig = option(factory=MaspoConfig)
     grpo: GrpoConfig = option(factory=GrpoConfig)
@@ -101,6 +99,10 @@ class AlgorithmConfig:
     gspo: GspoConfig = option(factory=GspoConfig)
     sapo: SapoConfig = option(factory=SapoConfig)
     dac: DacConfig = option(factory=DacConfig)
+
+    def validate(self) -> None:
+        if self.kl_coef > 0:
+            raise ValueError("kl_coef: a KL term needs a reference model, which is not implemented yet; set it to 0")
 
     def loss_hyper(self) -> dict:
         """The keyword hyperparameters of the selected loss, as `policy_loss(name, ..., **hyper)` takes them."""

@@ -138,7 +138,7 @@ def run_rollout(ctx: DriverContext, step: int) -> tuple[List[TrainSample], dict]
         lambda k: ctx.sampler.next_items(ctx.dataset, k), generate_and_score,
         num_groups=cfg.trainer.prompts_per_step, group_size=n,
         max_extra_rounds=cfg.data.max_extra_rounds, oversample_factor=cfg.data.oversample_factor,
-        enabled=cfg.data.dynamic_sampling or cfg.algorithm.dynamic_sampling)
+        enabled=cfg.data.dynamic_sampling)
     metrics = rollout_metrics(generated)
     metrics["rollout/dropped_groups"] = stats.groups_dropped
     metrics.update(stats.as_metrics())

@@ -70,6 +70,7 @@ def test_loss_hyper_matches_selected_section():
         ("", ["trainer.nope=1"], "trainer.nope: unknown key"),
         ("", ["rollout.top_p=0"], "rollout.top_p: 0.0 must be > 0"),
         ("model: 3\n", [], "model: expected a mapping"),
+        ("", ["algorithm.kl_coef=0.1"], "algorithm.kl_coef: a KL term needs a reference model"),
         ("", ["model.dtype=null"], "model.dtype: null is not allowed"),
     ],
 )
