@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from slurm_jobs import REPO, sacct_state, submit, wait_job
+
+from tests.slurm.slurm_jobs import REPO, sacct_state, submit, wait_job
 
 pytestmark = pytest.mark.slurm
 

@@ -13,7 +13,8 @@ import subprocess
 import sys
 
 import pytest
-from slurm_jobs import CPU_TINY, FAST_REAL_OVERRIDES, REPO, TRAINER_KIND, sacct_state
+
+from tests.slurm.slurm_jobs import CPU_TINY, FAST_REAL_OVERRIDES, REPO, TRAINER_KIND, sacct_state
 
 pytestmark = pytest.mark.slurm
 

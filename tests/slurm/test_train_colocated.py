@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_jobs import CPU_TINY, FAST_REAL_OVERRIDES, REPO, TRAINER_KIND, sacct_state, submit, wait_job
+
+from tests.slurm.slurm_jobs import CPU_TINY, FAST_REAL_OVERRIDES, REPO, TRAINER_KIND, sacct_state, submit, wait_job
 
 pytestmark = pytest.mark.slurm
 
