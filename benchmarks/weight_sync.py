@@ -112,7 +112,7 @@ def _worker(shape: dict, out_path: str) -> None:
             moved += bucket_nbytes(bucket)
             largest = max(largest, max(t.numel() * t.element_size() for _, t in bucket))
             if flatten:
-                buf, _ = flatten_tensors(bucket)
+                buf, _ = flatten_tensors(bucket, release=True)  # as the tensor transport does
                 del buf
             del bucket
         return time.perf_counter() - start, moved, largest

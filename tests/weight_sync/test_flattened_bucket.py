@@ -87,3 +87,12 @@ def test_bad_inputs_give_one_line_errors():
     bad = [FlattenedTensorMetadata("w", torch.Size([4]), torch.float32, 0, 16, 16)]
     with pytest.raises(ValueError, match="'w'"):
         reconstruct_tensors(buf, bad)
+
+
+def test_release_drops_each_tensor_once_copied():
+    tensors = _mixed_tensors()
+    expected = [(n, t.clone()) for n, t in tensors]
+    bucket = list(tensors)
+    buf, metadata = flatten_tensors(bucket, release=True)
+    assert all(t is None for _, t in bucket) and [n for n, _ in bucket] == [n for n, _ in expected]
+    _assert_same(expected, reconstruct_tensors(buf, metadata))

@@ -53,8 +53,14 @@ class FlattenedTensorMetadata:
     numel: int
 
 
-def flatten_tensors(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> Tuple[torch.Tensor, List[FlattenedTensorMetadata]]:
-    """[(name, tensor)] -> (buf[total_bytes] uint8, metadata). Always a fresh buffer (never aliases inputs)."""
+def flatten_tensors(named_tensors: Sequence[Tuple[str, torch.Tensor]],
+                    release: bool = False) -> Tuple[torch.Tensor, List[FlattenedTensorMetadata]]:
+    """[(name, tensor)] -> (buf[total_bytes] uint8, metadata). Always a fresh buffer (never aliases inputs).
+
+    release=True (named_tensors must be a list): each entry is replaced by (name, None) once copied,
+    so a bucket and its buffer are never both fully resident (the buffer's pages are touched only as
+    tensors are copied in, and each tensor is freed right after, unless someone else holds it).
+    """
     if not named_tensors:
         raise ValueError("flatten_tensors: cannot build an empty bucket")
     metadata: List[FlattenedTensorMetadata] = []
@@ -66,9 +72,13 @@ def flatten_tensors(named_tensors: Sequence[Tuple[str, torch.Tensor]]) -> Tuple[
         offset_bytes = -(-(offset_bytes + nbytes) // ALIGN_BYTES) * ALIGN_BYTES
     device = named_tensors[0][1].device
     buf = torch.empty(metadata[-1].end_idx, dtype=torch.uint8, device=device)
-    for meta, (_, tensor) in zip(metadata, named_tensors, strict=True):
+    for index, meta in enumerate(metadata):
+        tensor = named_tensors[index][1]
         # reshape(-1) of a non-contiguous tensor copies once; view(uint8) needs a contiguous 1-D tensor.
         buf[meta.start_idx:meta.end_idx].copy_(tensor.reshape(-1).contiguous().view(torch.uint8))
+        if release:
+            named_tensors[index] = (meta.name, None)
+        del tensor
     return buf, metadata
 
 

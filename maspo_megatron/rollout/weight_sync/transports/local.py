@@ -29,7 +29,7 @@ class LocalTransport(Transport):
         if dist.get_rank() == 0:
             self.engine.load_hf_state_dict(dict(bucket))
             return
-        buf, metadata = flatten_tensors(bucket)
+        buf, metadata = flatten_tensors(bucket, release=True)
         dist.send_object_list([metadata], dst=0)
         dist.send(buf, dst=0)
 

@@ -52,7 +52,7 @@ class TensorTransport(Transport):
                        "update_weights_from_tensor")
 
     def send(self, bucket: List[NamedTensor], version: int) -> None:
-        buf, metadata = flatten_tensors(bucket)
+        buf, metadata = flatten_tensors(bucket, release=True)  # bucket and buffer never both resident
         self._round(serialize_payload(buf, metadata), version)
         del buf  # released only after rank 0's request returned: the engine has copied the weights
 
