@@ -176,7 +176,7 @@ def check_overrides(sweep: Sweep, extra: List[str]) -> None:
             raise SweepError(f"{sweep.path}: warmup_overrides (seed {seed}): {exc}") from None
 
 
-def write_task_files(sweep: Sweep, root: Path, extra: List[str]) -> tuple:
+def write_task_files(sweep: Sweep, root: Path, extra: List[str], draws: int = _TASK_DRAWS) -> tuple:
     """(`root/train.jsonl`, `root/heldout.jsonl`): the base config's synthetic task split in two, disjoint.
 
     The distinct problems of the task (`data.synthetic.*`) are drawn in a random order fixed by
@@ -191,7 +191,7 @@ def write_task_files(sweep: Sweep, root: Path, extra: List[str]) -> tuple:
     cfg = load_config(sweep.base, seed_overrides(sweep, sweep.seeds[0]) + extra)
     task = cfg.data.synthetic
     distinct, seen = [], set()
-    for raw in ArithmeticTask(task, seed=sweep.heldout_seed).generate(_TASK_DRAWS, "pool"):
+    for raw in ArithmeticTask(task, seed=sweep.heldout_seed).generate(draws, "pool"):
         if raw.prompt not in seen:
             seen.add(raw.prompt)
             distinct.append(raw)

@@ -73,7 +73,7 @@ def test_cli_bad_option_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_task_split_is_disjoint_and_covers_every_distinct_problem(tmp_path):
     sweep, extra = _sweep(tmp_path)
-    train, heldout = write_task_files(sweep, tmp_path / "out", extra)
+    train, heldout = write_task_files(sweep, tmp_path / "out", extra, draws=2000)
     train_rows = [json.loads(line) for line in train.read_text().splitlines()]
     held_rows = [json.loads(line) for line in heldout.read_text().splitlines()]
     assert len(held_rows) == 10
@@ -86,14 +86,14 @@ def test_task_split_is_disjoint_and_covers_every_distinct_problem(tmp_path):
         assert row["answer"] == str(int(a) + int(b))
         assert row["reference"] == "\\boxed{" + row["answer"] + "}"
     # the same sweep gives the same split
-    again = write_task_files(sweep, tmp_path / "again", extra)
+    again = write_task_files(sweep, tmp_path / "again", extra, draws=2000)
     assert again[1].read_text() == heldout.read_text()
 
 
 def test_task_too_small_for_the_split_is_refused(tmp_path):
     sweep, _ = _sweep(tmp_path)
     with pytest.raises(SweepError, match="heldout.num_prompts: the task has only 9 distinct problems"):
-        write_task_files(sweep, tmp_path / "out", ["data.synthetic.max_operand=2"])
+        write_task_files(sweep, tmp_path / "out", ["data.synthetic.max_operand=2"], draws=2000)
 
 
 def test_plan_orders_warmups_first_then_seed_major_and_pins_the_start_point(tmp_path):
