@@ -163,7 +163,8 @@ def main(argv=None) -> list[dict]:
                     cells[method] = _run_cell(method, vocab, tp, args.tokens, args.reps, threads, args.timeout_s)
                     print(f"# V={vocab} TP={tp} {method}: {cells[method]}", file=sys.stderr, flush=True)
                 except RuntimeError as error:  # e.g. a baseline killed for memory: report, keep going
-                    print(f"# {error}".splitlines()[0], file=sys.stderr)
+                    lines = str(error).splitlines()
+                    print(f"# {lines[0]} ... {lines[-1] if len(lines) > 1 else ''}", file=sys.stderr)
                     cells[method] = {"time_s": math.nan, "peak_rss_gb": math.nan}
             base = cells["a_plain"]
             for method, cell in cells.items():
