@@ -36,7 +36,7 @@ def test_adversarial_outputs_finish_within_the_limit_and_the_rest_is_scored():
 
 
 def test_killed_worker_is_replaced_and_the_batch_goes_on():
-    with RewardScorer(name="reward_fixtures:misbehaving", timeout_s=LIMIT_S, num_workers=2, memory_limit_mb=200) as scorer:
+    with RewardScorer(name="tests.rewards.reward_fixtures:misbehaving", timeout_s=LIMIT_S, num_workers=2, memory_limit_mb=200) as scorer:
         first = scorer.score([("a", None), ("b", None)])
         first_pids = {r.reason for r in first}
         batch = ["a", "exit", "b", "ignore-signals", "c", "hog", "d", "raise", "sleep", "e"]
@@ -63,7 +63,7 @@ def test_killed_worker_is_replaced_and_the_batch_goes_on():
 
 def test_results_in_input_order_with_metadata_and_options():
     samples = [RewardSample(f"r{i}", None, {"weight": i, "id": f"s{i}"}) for i in range(20)]
-    with RewardScorer(name="reward_fixtures:uses_metadata", num_workers=2, options={"bonus": 0.5}) as scorer:
+    with RewardScorer(name="tests.rewards.reward_fixtures:uses_metadata", num_workers=2, options={"bonus": 0.5}) as scorer:
         results = scorer.score(samples)
     assert [r.reward for r in results] == [i + 0.5 for i in range(20)]
     assert [r.reason for r in results] == [f"weighted s{i}" for i in range(20)]
@@ -74,7 +74,7 @@ def test_score_batch_one_call():
     assert [(r.reward, r.reason) for r in results] == [(1.0, "correct"), (0.0, "wrong"), (0.0, "unparsable: no final answer")]
     valued = score_batch("math", ["\\boxed{4}", "no idea"], ["4", "4"], timeout_s=2.0, num_workers=0, correct=2.0, unparsable=-1.0)
     assert [r.reward for r in valued] == [2.0, -1.0]
-    with_metadata = score_batch("reward_fixtures:uses_metadata", ["a", "b"], [None, None], num_workers=1, bonus=1.0,
+    with_metadata = score_batch("tests.rewards.reward_fixtures:uses_metadata", ["a", "b"], [None, None], num_workers=1, bonus=1.0,
                                 metadata=[{"weight": 2, "id": "p"}, {"weight": 3, "id": "q"}])
     assert [(r.reward, r.reason) for r in with_metadata] == [(3.0, "weighted p"), (4.0, "weighted q")]
     with pytest.raises(ValueError, match="2 responses but 1 ground truths"):
@@ -82,18 +82,18 @@ def test_score_batch_one_call():
 
 
 def test_registered_name_and_import_path():
-    import reward_fixtures  # noqa: F401 - registers "test_length_reward"
+    import tests.rewards.reward_fixtures  # noqa: F401 - registers "test_length_reward"
 
     by_name = score_batch("test_length_reward", ["abc", "hello"], [None, None], num_workers=1)
     assert [(r.reward, r.reason) for r in by_name] == [(3.0, "length"), (5.0, "length")]
-    by_path = score_batch("reward_fixtures:exact_match", ["7", "8"], ["7", "7"], num_workers=0)
+    by_path = score_batch("tests.rewards.reward_fixtures:exact_match", ["7", "8"], ["7", "7"], num_workers=0)
     assert [r.reward for r in by_path] == [1.0, 0.0]
 
 
 def test_async_reward_runs_concurrently_with_a_timeout():
     responses = ["a", "b", "hang"] + ["a"] * 17
     started = time.monotonic()
-    results = score_batch("reward_fixtures:remote_verifier", responses, ["a"] * 20, timeout_s=LIMIT_S)
+    results = score_batch("tests.rewards.reward_fixtures:remote_verifier", responses, ["a"] * 20, timeout_s=LIMIT_S)
     elapsed_s = time.monotonic() - started
     assert [r.reward for r in results] == [1.0, 0.0, 0.0] + [1.0] * 17
     assert results[2].reason == "timeout"
@@ -102,7 +102,7 @@ def test_async_reward_runs_concurrently_with_a_timeout():
 
 @pytest.mark.parametrize("name,message", [
     ("no_such_reward", "reward 'no_such_reward': unknown"),
-    ("reward_fixtures:nothing", "has no attribute 'nothing'"),
+    ("tests.rewards.reward_fixtures:nothing", "has no attribute 'nothing'"),
     ("no_such_module:fn", "cannot import module 'no_such_module'"),
 ])
 def test_unknown_rewards_give_one_line_errors(name, message):
@@ -112,7 +112,7 @@ def test_unknown_rewards_give_one_line_errors(name, message):
 
 def test_unknown_option_is_named():
     with pytest.raises(RewardError, match="reward.options.bogus"):
-        RewardScorer(name="reward_fixtures:exact_match", num_workers=0, options={"bogus": 1})
+        RewardScorer(name="tests.rewards.reward_fixtures:exact_match", num_workers=0, options={"bogus": 1})
     with pytest.raises(RewardError, match="unknown option 'bogus_field'"):
         RewardScorer(name="math", bogus_field=1)
 
@@ -142,7 +142,7 @@ def test_a_function_workers_cannot_import_is_refused_by_name():
 
 def test_samples_queued_behind_a_killed_worker_are_scored_by_its_replacement():
     # One worker: "a" (and later "c") wait in its pipe behind the sample that gets it killed.
-    with RewardScorer(name="reward_fixtures:misbehaving", timeout_s=LIMIT_S, num_workers=1) as scorer:
+    with RewardScorer(name="tests.rewards.reward_fixtures:misbehaving", timeout_s=LIMIT_S, num_workers=1) as scorer:
         results = scorer.score([("ignore-signals", None), ("a", None), ("exit", None), ("c", None), ("d", None)])
         assert [r.reason.split(" pid")[0] for r in results] == ["timeout", "ok", "error: worker died (exit code 3)", "ok", "ok"]
         assert scorer.workers_replaced == 2
@@ -152,7 +152,7 @@ def test_a_worker_found_dead_when_handed_a_sample_is_replaced():
     import os
     import signal
 
-    with RewardScorer(name="reward_fixtures:misbehaving", timeout_s=LIMIT_S, num_workers=1) as scorer:
+    with RewardScorer(name="tests.rewards.reward_fixtures:misbehaving", timeout_s=LIMIT_S, num_workers=1) as scorer:
         scorer.score([("a", None)])
         worker = scorer._pool._workers[0]
         os.kill(worker.process.pid, signal.SIGKILL)
