@@ -73,10 +73,14 @@ def build_policy(cfg: Config, dims, tokenizer) -> Policy:
     from maspo_megatron.models import FAMILIES, WeightMap
     from maspo_megatron.models.config_builder import build_model_config
     from maspo_megatron.models.provider import make_model_provider
+    from maspo_megatron.parallel.pipeline import apply_pipeline_comm_settings
 
     hf_config = resolve_hf_config(cfg, tokenizer)
     config, meta = build_model_config(hf_config, cfg.model, cfg.parallel)
     config.calculate_per_token_loss = True
+    # Interleaved pipeline: Megatron's unbatched p2p mode (the batched one mixes up activations and
+    # gradients at pp = 2; parallel/pipeline.py).
+    apply_pipeline_comm_settings(config, cfg.parallel.pp, cfg.parallel.vpp)
     config.init_method_std = getattr(hf_config, "initializer_range", 0.02)
     provider = make_model_provider(config, meta)
     # The same model seed on every rank: use_cpu_initialization draws full tensors and slices them.

@@ -19,6 +19,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from maspo_megatron.parallel.pipeline import check_pipeline_comm, interleaved_micro_batches
 from maspo_megatron.trainer.batch import PackedMicroBatch, TrainSample, pack_micro_batches
 
 # A logit no token can win against: padded vocabulary rows get it so that the trainer's softmax
@@ -50,8 +51,13 @@ def pack_mini_batches(samples: List[TrainSample], cfg, dims, mini_batches: Optio
         row_multiple = math.lcm(row_multiple, 2 * dims.cp)
     out = []
     for mini in split_mini_batches(samples, mini_batches or cfg.algorithm.mini_batches):
-        per_rank = pack_micro_batches(mini, row_tokens=cfg.trainer.micro_batch_tokens, rows_per_micro_batch=1,
-                                      dp_size=dims.dp, row_multiple=row_multiple, fixed_row_len=dims.pp > 1)
+        pack = partial(pack_micro_batches, mini, row_tokens=cfg.trainer.micro_batch_tokens, rows_per_micro_batch=1,
+                       dp_size=dims.dp, row_multiple=row_multiple, fixed_row_len=dims.pp > 1)
+        per_rank = pack()
+        # The interleaved schedule needs a multiple of pp micro-batches: pad with empty ones.
+        wanted = interleaved_micro_batches(len(per_rank[0]), dims.pp, dims.vpp)
+        if wanted != len(per_rank[0]):
+            per_rank = pack(min_micro_batches=wanted)
         out.append([mb.cp_shard(dims.cp, dims.cp_rank) for mb in per_rank[dims.dp_rank]])
     return out
 
@@ -69,6 +75,7 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, dims) -> torch.Tens
 def _run(policy, batches: List[PackedMicroBatch], forward_step, *, forward_only: bool) -> list:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    check_pipeline_comm(policy.config)
     iterators = [iter(batches) for _ in policy.chunks] if len(policy.chunks) > 1 else iter(batches)
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterators, model=policy.chunks,

@@ -22,6 +22,8 @@ def tiny_transformer_config(dims, *, num_layers: int = 4, hidden: int = 32, head
                             ffn: int = 64, calculate_per_token_loss: bool = True, dtype=torch.float32):
     from megatron.core.transformer import TransformerConfig
 
+    from maspo_megatron.parallel.pipeline import pipeline_comm_settings
+
     return TransformerConfig(
         num_layers=num_layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=kv_heads,
         ffn_hidden_size=ffn, normalization="RMSNorm", gated_linear_unit=True,
@@ -31,7 +33,7 @@ def tiny_transformer_config(dims, *, num_layers: int = 4, hidden: int = 32, head
         context_parallel_size=dims.cp, sequence_parallel=dims.sequence_parallel,
         use_cpu_initialization=True, params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, calculate_per_token_loss=calculate_per_token_loss,
-        init_method_std=0.05,
+        init_method_std=0.05, **pipeline_comm_settings(dims.pp, dims.vpp),
     )
 
 
