@@ -3,10 +3,11 @@
     syncer = WeightSyncer(cfg.rollout.weight_sync, chunks, wmap, dims, engine=engine, engine_kind="local")
     report = syncer.sync(weight_version=step)
 
-Pieces: `megatron_hf_stream` (TP gather, own layers, HF names) -> `fp8_stream` (optional) ->
-`iter_buckets` -> a transport from `TRANSPORTS` (local, disk, tensor, distributed); `verify_weights`
+Pieces: `iter_export_buckets` (TP shards scattered into reused `BucketBuffers`; the path without FP8),
+or `megatron_hf_stream` (TP gather, own layers, HF names) -> `fp8_stream` -> `iter_buckets`; then a transport from `TRANSPORTS` (local, disk, tensor, distributed); `verify_weights`
 checksums; `flatten_tensors` / `serialize_payload` / `load_payload` for SGLang's flattened buckets.
 """
+from maspo_megatron.rollout.weight_sync.bucket_writer import BucketBuffers, iter_export_buckets, scatter_shards
 from maspo_megatron.rollout.weight_sync.bucketing import bucket_nbytes, iter_buckets
 from maspo_megatron.rollout.weight_sync.flattened_bucket import (
     FlattenedTensorMetadata,
@@ -21,7 +22,7 @@ from maspo_megatron.rollout.weight_sync.syncer import SyncReport, WeightSyncer
 from maspo_megatron.rollout.weight_sync.transports import TRANSPORTS, WeightSyncError, register_transport
 
 __all__ = [
-    "TRANSPORTS", "FlattenedTensorMetadata", "SyncReport", "WeightSyncError", "WeightSyncer", "bucket_nbytes",
-    "dequantize_blockwise", "flatten_tensors", "fp8_stream", "iter_buckets", "load_payload", "megatron_hf_stream",
-    "quantize_blockwise", "reconstruct_tensors", "register_transport", "serialize_payload",
+    "TRANSPORTS", "BucketBuffers", "FlattenedTensorMetadata", "SyncReport", "WeightSyncError", "WeightSyncer", "bucket_nbytes",
+    "dequantize_blockwise", "flatten_tensors", "fp8_stream", "iter_buckets", "iter_export_buckets", "load_payload", "megatron_hf_stream",
+    "quantize_blockwise", "reconstruct_tensors", "register_transport", "scatter_shards", "serialize_payload",
 ]

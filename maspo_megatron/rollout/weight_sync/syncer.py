@@ -19,6 +19,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch.distributed as dist
 
 from maspo_megatron.rollout.weight_sync import verify
+from maspo_megatron.rollout.weight_sync.bucket_writer import BucketBuffers, iter_export_buckets
 from maspo_megatron.rollout.weight_sync.bucketing import bucket_nbytes, iter_buckets
 from maspo_megatron.rollout.weight_sync.fp8 import DEFAULT_BLOCK, fp8_stream
 from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source, megatron_hf_stream
@@ -60,8 +61,18 @@ class WeightSyncer:
         self.transport = TRANSPORTS[self.transport_name](cfg, dims, self.engine)
         # the CPU engine exposes whole tensors; SGLang returns the first rows only
         self.verify_rows = None if engine_kind == "local" else cfg.verify_rows
+        # reused bucket memory of the fast path (bucket_writer.py); FP8 goes through the general path
+        self._buffers = None if cfg.fp8 else BucketBuffers(cfg.bucket_bytes, device=_params_device(self.chunks))
 
     # ---- the HF stream this rank feeds ---------------------------------------------------------
+    def buckets(self):
+        """This rank's buckets: shards scattered into reused buffers (bucket_writer.py), or, with FP8, the
+        general path (full tensors -> quantize -> iter_buckets). Each bucket must be consumed before the
+        one after next is produced (bucket_writer's lifetime contract)."""
+        if self._buffers is not None:
+            return iter_export_buckets(self.chunks, self.wmap, self.dims, self._buffers)
+        return iter_buckets(self.hf_items(), self.cfg.bucket_bytes)
+
     def hf_items(self):
         items = megatron_hf_stream(self.chunks, self.wmap, self.dims)
         if self.cfg.fp8:
@@ -120,7 +131,7 @@ class WeightSyncer:
         stats = {"num_tensors": 0, "total_bytes": 0, "num_buckets": 0, "max_bucket_bytes": 0}
         sent: Dict[str, str] = {}
         source = is_export_source(self.dims)
-        for bucket in iter_buckets(self.hf_items(), self.cfg.bucket_bytes):
+        for bucket in self.buckets():
             if not source:  # TP peers only feed the gathers; the stream yields nothing here
                 raise WeightSyncError("weight sync: a non-source rank produced a bucket (TP layout mismatch)")
             size = bucket_nbytes(bucket)
@@ -136,3 +147,11 @@ class WeightSyncer:
 
     def close(self) -> None:
         self.transport.close()
+        self._buffers = None
+
+
+def _params_device(chunks) -> Any:
+    for chunk in chunks:
+        for param in chunk.parameters():
+            return param.device
+    return None

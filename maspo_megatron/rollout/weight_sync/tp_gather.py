@@ -99,6 +99,34 @@ class TPGatherer:
         dist.gather(shard, parts, dst=self.source, group=self.group)
         return layouts.gather_tp(parts, dim, glu)
 
+    def gather_shards(self, param: torch.Tensor, dim: Optional[int]) -> Optional[list]:
+        """The TP shards of `param` in TP-rank order on the source rank (None on the others), NOT assembled:
+        the caller scatters them straight into their destination (bucket_writer.py), so the full tensor
+        is never materialised. dim None (replicated) or no TP group: [param].
+
+        Lifetime: on one CPU host the peers' shards are views of the /dev/shm staging buffers; they stay
+        valid until the next-but-one `gather_shards` / `gather_full` call (two alternating slots).
+        """
+        if dim is None or self.group is None:
+            return [param.detach()] if self.dims.tp_rank == 0 else None
+        shard = param.detach().contiguous()
+        if self.shared:
+            slot = self._count % 2
+            self._count += 1
+            nbytes = _nbytes(shard)
+            if self.dims.tp_rank != 0:
+                self._staging[slot][:nbytes].copy_(shard.reshape(-1).view(torch.uint8))
+                dist.barrier(group=self.group)
+                return None
+            dist.barrier(group=self.group)
+            return [shard, *(buf[:nbytes].view(shard.dtype).view(shard.shape) for buf in self._staging[slot])]
+        if self.dims.tp_rank != 0:
+            dist.gather(shard, None, dst=self.source, group=self.group)
+            return None
+        parts = [torch.empty_like(shard) for _ in range(self.dims.tp)]
+        dist.gather(shard, parts, dst=self.source, group=self.group)
+        return parts
+
     def _gather_shared(self, shard: torch.Tensor, dim: int, glu: bool) -> Optional[torch.Tensor]:
         slot = self._count % 2
         self._count += 1
