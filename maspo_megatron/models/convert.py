@@ -139,6 +139,34 @@ def _chunking(mt: MegatronTensor, wmap: WeightMap, tp: int) -> _Chunking:
     return _Chunking(mt.ckpt_key, global_shape, chunk_shape, offsets, [j % tp for j in range(fragments)], prepend)
 
 
+def _build_full(mt: MegatronTensor, wmap: WeightMap, reader: HFCheckpointReader, src_dtypes: dict) -> torch.Tensor:
+    """The full Megatron tensor `mt` (what `wmap.hf_to_megatron` returns, bit for bit), with every
+    HF tensor read straight into its rows of one preallocated output: no concatenation copies.
+    Shapes were checked up front (`_check_hf_tensors`)."""
+    names = [n.format(i=mt.layer) for n in mt.rule.hf]
+    layout, meta = mt.rule.layout, wmap.meta
+    out = torch.empty(mt.shape, dtype=src_dtypes[names[0]])
+    if layout == "copy":
+        reader.read_rows_into(names[0], out)
+    elif layout == "vocab":  # out[Vp, H]: V rows read, the padding rows zero
+        reader.read_rows_into(names[0], out[: meta.vocab_size])
+        out[meta.vocab_size:].zero_()
+    elif layout == "gate_up":  # out[2F, H] = [gate; up]
+        half = mt.shape[0] // 2
+        reader.read_rows_into(names[0], out[:half])
+        reader.read_rows_into(names[1], out[half:])
+    elif layout == "qkv":  # out[G, (Q/G + 2) * D, ...]: per group its q heads, then its k, then its v
+        groups, q_rows = meta.num_kv_heads, (meta.num_heads // meta.num_kv_heads) * meta.head_dim
+        grouped = out.view(groups, q_rows + 2 * meta.head_dim, *mt.shape[1:])
+        for g in range(groups):
+            reader.read_rows_into(names[0], grouped[g, :q_rows], row_start=g * q_rows)
+            reader.read_rows_into(names[1], grouped[g, q_rows: q_rows + meta.head_dim], row_start=g * meta.head_dim)
+            reader.read_rows_into(names[2], grouped[g, q_rows + meta.head_dim:], row_start=g * meta.head_dim)
+    else:  # a layout this fast path does not know: the table's own transform
+        return wmap.hf_to_megatron(mt.name, reader.get)
+    return out
+
+
 def hf_to_megatron(
     hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
     dtype: Optional[str] = None, vocab_divisible_by: int = 128, progress: bool = True,
@@ -176,7 +204,7 @@ def hf_to_megatron(
         def full_of(mt: MegatronTensor) -> torch.Tensor:
             if mt.name not in cache:
                 cache.clear()  # keep one full tensor alive at a time
-                cache[mt.name] = wmap.hf_to_megatron(mt.name, reader.get)
+                cache[mt.name] = _build_full(mt, wmap, reader, src_dtypes)
             return cache[mt.name]
 
         def make_producer(mt: MegatronTensor, piece: int, pieces: int, dim: Optional[int]) -> Callable[[], torch.Tensor]:
@@ -236,6 +264,17 @@ def _check_megatron_tensors(reader: DistCheckpointReader, wmap: WeightMap) -> No
             raise CheckpointError(f"{mt.ckpt_key}: shape {found} in {reader.dir}, expected {expected} from config.json")
 
 
+def _write_qkv(mt: MegatronTensor, wmap: WeightMap, full: torch.Tensor, writer: ShardedSafetensorsWriter) -> None:
+    """q, k, v of a fused `full[G * (Q/G + 2) * D, ...]` written as per-group row blocks (views),
+    the same bytes as `wmap.megatron_to_hf` without its three split copies."""
+    meta = wmap.meta
+    names = [n.format(i=mt.layer) for n in mt.rule.hf]
+    q_rows, d = (meta.num_heads // meta.num_kv_heads) * meta.head_dim, meta.head_dim
+    grouped = full.reshape(meta.num_kv_heads, q_rows + 2 * d, *full.shape[1:])
+    for name, (lo, hi) in zip(names, ((0, q_rows), (q_rows, q_rows + d), (q_rows + d, q_rows + 2 * d)), strict=True):
+        writer.add_parts(name, [grouped[g, lo:hi] for g in range(meta.num_kv_heads)])
+
+
 def megatron_to_hf(
     megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, hf_config_dir: Optional[str | os.PathLike] = None,
     dtype: Optional[str] = None, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
@@ -282,8 +321,11 @@ def megatron_to_hf(
         try:
             for mt in mine:  # one tensor (one layer's slice of a stacked tensor) at a time
                 (full,) = reader.load([(mt.ckpt_key, mt.layer)])
-                for hf_name, tensor in wmap.megatron_to_hf(mt.name, full):
-                    writer.add(hf_name, tensor)
+                if mt.rule.layout == "qkv":
+                    _write_qkv(mt, wmap, full, writer)
+                else:
+                    for hf_name, tensor in wmap.megatron_to_hf(mt.name, full):
+                        writer.add(hf_name, tensor)
                 meter.add(full.numel() * full.element_size())
                 del full
             writer.finish()

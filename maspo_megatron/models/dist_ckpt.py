@@ -9,11 +9,17 @@ memory is about one full tensor whatever the model size. Megatron writes `common
 
 Reading: `DistCheckpointReader` loads the chunks overlapping one requested slice (e.g. layer i
 of a stacked tensor), with the `.metadata` file unpickled by an allow-list (plain `pickle.load`
-would run any object it names) and tensor chunks read with `torch.load(weights_only=True)`.
+would run any object it names). Each chunk's pickle is read with `torch.load(weights_only=True)`
+without its data, to check it is one contiguous tensor of the expected shape and dtype; the raw
+bytes then go from the file straight into the output slice (one copy, where DCP's reader makes
+three: file -> bytes -> loaded tensor -> slice).
 """
 from __future__ import annotations
 
+import io
 import pickle
+import struct
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -28,7 +34,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 from torch.distributed import checkpoint as dcp
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from maspo_megatron.models.hf_io import CheckpointError
@@ -62,9 +68,22 @@ class _LazySavePlanner(MCoreSavePlanner):
             chunk = chunk.reshape(expected)  # add the stacked-layer axis
         if tuple(chunk.shape) != expected:
             raise CheckpointError(f"{key[0]}: chunk at {key[1]} has shape {tuple(chunk.shape)}, expected {expected}")
-        chunk = chunk.to(write_item.tensor_data.properties.dtype).contiguous()
+        chunk = _exact_storage(chunk.to(write_item.tensor_data.properties.dtype).contiguous())
         self._on_write(chunk.numel() * chunk.element_size())
         return chunk
+
+
+def _exact_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor re-based onto a storage of exactly its bytes (sharing the memory).
+
+    A row block of a larger tensor (a TP chunk, half of fused gate/up) keeps the whole storage;
+    DCP would clone it (torch.save writes whole storages), a full extra copy of the chunk."""
+    nbytes = tensor.numel() * tensor.element_size()
+    storage = tensor.untyped_storage()
+    if storage.nbytes() == nbytes:
+        return tensor
+    start = tensor.storage_offset() * tensor.element_size()
+    return torch.empty(0, dtype=tensor.dtype).set_(storage[start: start + nbytes], 0, tensor.shape)
 
 
 class _LazyTorchDistStrategy(SaveShardedStrategy):
@@ -208,7 +227,23 @@ class DistCheckpointReader:
         return self.tensors[key].properties.dtype
 
     def load(self, requests: Iterable[tuple[str, Optional[int]]]) -> list[torch.Tensor]:
-        """Loads [key, layer] slices in one read: layer=None -> the whole tensor, else tensor[layer]."""
+        """Loads [key, layer] slices: layer=None -> the whole tensor, else tensor[layer].
+
+        Each slice is read straight from the chunk files into its output (`_read_direct`); slices
+        that a chunk covers only in part (chunks spanning several layers) go through DCP's reader.
+        """
+        out, rest = [], []
+        for key, layer in requests:
+            tensor = _read_direct(self, key, layer)
+            out.append(tensor)
+            if tensor is None:
+                rest.append((len(out) - 1, key, layer))
+        if rest:
+            for (idx, _, _), tensor in zip(rest, self._load_dcp([(k, lay) for _, k, lay in rest]), strict=True):
+                out[idx] = tensor
+        return out
+
+    def _load_dcp(self, requests: list[tuple[str, Optional[int]]]) -> list[torch.Tensor]:
         state, targets = {}, []
         for idx, (key, layer) in enumerate(requests):
             shape = self.global_shape(key)
@@ -229,6 +264,117 @@ class DistCheckpointReader:
         dcp.load(pyt_state, storage_reader=_SafeFileSystemReader(str(self.dir), self.metadata), planner=MCoreLoadPlanner(),
                  no_dist=True)
         return targets
+
+
+class _FileView(io.RawIOBase):
+    """A read-only window [offset, offset + length) of an open binary file (one DCP item)."""
+
+    def __init__(self, handle, offset: int, length: int):
+        self._handle, self._offset, self._length, self._pos = handle, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = {0: pos, 1: self._pos + pos, 2: self._length + pos}[whence]
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        count = max(0, min(len(view), self._length - self._pos))
+        self._handle.seek(self._offset + self._pos)
+        got = self._handle.readinto(view[:count]) if count else 0
+        self._pos += got
+        return got
+
+
+def _chunk_data_offset(view: _FileView, nbytes: int, where: str) -> int:
+    """Offset inside one torch.save item (a zip archive) of its single tensor's raw bytes."""
+    with zipfile.ZipFile(view) as archive:
+        records = [i for i in archive.infolist() if "/data/" in i.filename and not i.filename.endswith("/")]
+    if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED or records[0].file_size != nbytes:
+        raise CheckpointError(f"{where}: expected one stored tensor record of {nbytes} bytes")
+    view.seek(records[0].header_offset)
+    header = view.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise CheckpointError(f"{where}: bad zip local header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return records[0].header_offset + 30 + name_len + extra_len
+
+
+def _read_direct(reader: DistCheckpointReader, key: str, layer: Optional[int]) -> Optional[torch.Tensor]:
+    """tensor[layer] (or the whole tensor) read from the chunk files into one new tensor, each
+    chunk's bytes going straight into its place (a bounce buffer only where that place is strided).
+
+    Each item's pickle is read with `weights_only=True` and without its data (`skip_data`) to
+    check it holds exactly a contiguous tensor of the metadata's shape and dtype; nothing else in
+    the file is interpreted. Returns None when some chunk lies only partly inside the slice.
+    """
+    md = reader.tensors.get(key)
+    if md is None:
+        raise CheckpointError(f"{key}: tensor not found in {reader.dir}")
+    shape, dtype = tuple(md.size), md.properties.dtype
+    if layer is not None and not 0 <= layer < shape[0]:
+        raise CheckpointError(f"{key}: layer {layer} out of range (checkpoint has {shape[0]})")
+    lo = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
+    hi = shape if layer is None else (layer + 1, *shape[1:])
+    target = torch.empty(tuple(h - low for low, h in zip(lo, hi, strict=True)), dtype=dtype)
+    plan, covered = [], 0
+    for chunk in md.chunks:
+        c_lo, c_size = tuple(chunk.offsets), tuple(chunk.sizes)
+        if any(o + s <= a or o >= b for o, s, a, b in zip(c_lo, c_size, lo, hi, strict=True)):
+            continue  # no overlap
+        if any(o < a or o + s > b for o, s, a, b in zip(c_lo, c_size, lo, hi, strict=True)):
+            return None  # the chunk reaches outside the slice
+        dest = target
+        for dim, (o, s, a) in enumerate(zip(c_lo, c_size, lo, strict=True)):
+            dest = dest.narrow(dim, o - a, s)
+        info = reader.metadata.storage_data.get(MetadataIndex(key, c_lo))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        plan.append((dest, info))
+        covered += dest.numel()
+    if covered != target.numel():
+        raise CheckpointError(f"{key}: the chunks in {reader.dir} do not cover {'all of it' if layer is None else f'layer {layer}'}")
+    handles: dict[str, object] = {}
+    try:
+        for dest, info in plan:
+            path = reader.dir / info.relative_path
+            if info.relative_path not in handles:
+                handles[info.relative_path] = open(path, "rb", buffering=0)
+            view = _FileView(handles[info.relative_path], info.offset, info.length)
+            where = f"{path} ({key} at {info.offset})"
+            try:
+                with torch.serialization.skip_data():
+                    meta = torch.load(io.BufferedReader(view), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(f"{where}: refusing to load: {str(exc).splitlines()[0]}") from None
+            nbytes = dest.numel() * dtype.itemsize
+            if not isinstance(meta, torch.Tensor) or tuple(meta.shape) != tuple(dest.shape) or meta.dtype != dtype \
+                    or not meta.is_contiguous() or meta.storage_offset() != 0 or meta.untyped_storage().nbytes() != nbytes:
+                raise CheckpointError(f"{where}: item does not hold a contiguous {dtype} tensor of shape {tuple(dest.shape)}")
+            data_offset = _chunk_data_offset(view, nbytes, where)
+            bounce = dest if dest.is_contiguous() else torch.empty(dest.shape, dtype=dtype)
+            view.seek(data_offset)
+            buf = memoryview(bounce.reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < nbytes:
+                got = view.readinto(buf[done:])
+                if not got:
+                    raise CheckpointError(f"{where}: truncated")
+                done += got
+            if bounce is not dest:
+                dest.copy_(bounce)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return target if layer is None else target[0]
 
 
 def load_model_weights(model_chunks: list, ckpt_dir: str | Path) -> None:

@@ -89,15 +89,33 @@ class SafetensorsFile:
             self.entries[name] = (shape, dtype, begin, end)
 
     def get(self, name: str) -> torch.Tensor:
-        shape, dtype, begin, end = self.entries[name]
+        shape, dtype, _, _ = self.entries[name]
         tensor = torch.empty(shape, dtype=dtype)
-        if end > begin:
-            with open(self.path, "rb") as handle:
-                handle.seek(self._data_start + begin)
-                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-                if handle.readinto(view) != end - begin:
-                    raise CheckpointError(f"{self.path}: tensor {name} is truncated")
+        self.read_rows_into(name, tensor)
         return tensor
+
+    def read_rows_into(self, name: str, dest: torch.Tensor, row_start: int = 0) -> None:
+        """Reads rows [row_start, row_start + dest.shape[0]) of tensor `name` straight into the
+        contiguous `dest` (same dtype and trailing shape): no intermediate buffer."""
+        shape, dtype, begin, end = self.entries[name]
+        rows = dest.shape[0] if dest.dim() else 1
+        if dest.dtype != dtype or tuple(dest.shape[1:]) != tuple(shape[1:]) or not dest.is_contiguous() \
+                or row_start < 0 or (shape and row_start + rows > shape[0]):
+            raise CheckpointError(f"{self.path}: tensor {name} {tuple(shape)} {dtype} cannot fill rows {row_start}.. "
+                                  f"of {tuple(dest.shape)} {dest.dtype}")
+        nbytes = dest.numel() * dtype.itemsize
+        if nbytes == 0:
+            return
+        row_bytes = (end - begin) // shape[0] if shape else 0
+        with open(self.path, "rb", buffering=0) as handle:
+            handle.seek(self._data_start + begin + row_start * row_bytes)
+            view = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < nbytes:  # raw reads may return short counts
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(f"{self.path}: tensor {name} is truncated")
+                done += got
 
 
 class HFCheckpointReader:
@@ -179,6 +197,21 @@ class HFCheckpointReader:
             raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
         return state[name]
 
+    def read_rows_into(self, name: str, dest: torch.Tensor, row_start: int = 0) -> None:
+        """dest[...] = tensor `name`[row_start : row_start + len(dest)]; safetensors files are read
+        straight into `dest` (which must be contiguous), other formats copied (cast if needed)."""
+        path = self.file_of(name)
+        if path.suffix == ".safetensors":
+            file = self._safe_file(path)
+            entry = file.entries.get(name)
+            if entry is None:
+                raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
+            if entry[1] == dest.dtype and dest.is_contiguous():
+                file.read_rows_into(name, dest, row_start)
+                return
+        source = self.get(name)
+        dest.copy_(source[row_start: row_start + dest.shape[0]] if dest.dim() else source)
+
     def close(self) -> None:
         self._handles.clear()
         self._bin_cache = (None, {})
@@ -240,6 +273,11 @@ class ShardedSafetensorsWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Writes the next declared tensor of its shard (cast to its declared dtype); others are ignored."""
+        self.add_parts(name, [tensor])
+
+    def add_parts(self, name: str, parts: list[torch.Tensor]) -> None:
+        """`add` for a tensor given as row blocks: parts[k][rows_k, ...] concatenated along dim 0
+        (e.g. per-group views of a fused qkv): each block is written as is, never concatenated."""
         if name not in self._shard_of:
             raise CheckpointError(f"{name}: not declared to the safetensors writer")
         k = self._shard_of[name]
@@ -249,12 +287,19 @@ class ShardedSafetensorsWriter:
         if name != expected:
             raise CheckpointError(f"{name}: written out of order (expected {expected})")
         shape, dtype = self._entries[name]
-        if tuple(tensor.shape) != shape:
-            raise CheckpointError(f"{name}: shape {tuple(tensor.shape)}, declared {shape}")
+        if len(parts) == 1:
+            found = tuple(parts[0].shape)
+        elif all(p.dim() == len(shape) and p.dim() > 0 and tuple(p.shape[1:]) == shape[1:] for p in parts):
+            found = (sum(p.shape[0] for p in parts), *shape[1:])
+        else:
+            found = tuple(tuple(p.shape) for p in parts)
+        if found != shape:
+            raise CheckpointError(f"{name}: shape {found}, declared {shape}")
         if k not in self._files:
             self._files[k] = self._open_shard(k)
-        data = tensor.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8)
-        self._files[k].write(memoryview(data.numpy()))
+        for part in parts:
+            data = part.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8)
+            self._files[k].write(memoryview(data.numpy()))
         self._written[k] += 1
         if self._written[k] == len(self._shards[k]):
             self._files.pop(k).close()

@@ -123,7 +123,7 @@ def test_existing_output_dir_is_refused(qwen2_dirs, tmp_path):
 
 def test_failure_while_writing_leaves_nothing(qwen2_dirs, tmp_path, monkeypatch):
     calls = {"n": 0}
-    original = convert_mod.WeightMap.hf_to_megatron
+    original = convert_mod.HFCheckpointReader.read_rows_into  # every HF tensor read goes through it
 
     def failing(self, *args, **kwargs):
         calls["n"] += 1
@@ -131,7 +131,7 @@ def test_failure_while_writing_leaves_nothing(qwen2_dirs, tmp_path, monkeypatch)
             raise OSError("disk full (simulated)")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(convert_mod.WeightMap, "hf_to_megatron", failing)
+    monkeypatch.setattr(convert_mod.HFCheckpointReader, "read_rows_into", failing)
     with pytest.raises(OSError, match="simulated"):
         hf_to_megatron(qwen2_dirs[0], tmp_path / "out", progress=False)
     assert calls["n"] == 7
