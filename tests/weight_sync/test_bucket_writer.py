@@ -56,8 +56,16 @@ def test_unknown_layout_and_split_dim_are_refused():
         scatter_shards("gate_up", [torch.zeros(4, 2)] * 2, 1, [torch.zeros(4, 2)] * 2, 1, 1)
 
 
-def test_buffers_alternate_are_reused_and_pre_touched():
+def test_one_buffer_by_default_reused_for_every_bucket():
     buffers = BucketBuffers(64)
+    first, second = buffers.next_buffer(64), buffers.next_buffer(10)
+    assert second.data_ptr() == first.data_ptr() and torch.count_nonzero(first) == 0
+    with pytest.raises(ValueError, match="count"):
+        BucketBuffers(64, count=3)
+
+
+def test_two_buffers_alternate_are_reused_and_pre_touched():
+    buffers = BucketBuffers(64, count=2)
     first, second, third = (buffers.next_buffer(64) for _ in range(3))
     assert first.data_ptr() != second.data_ptr()  # the consumer may hold one bucket while the next fills
     assert third.data_ptr() == first.data_ptr()  # reused, not reallocated
@@ -67,7 +75,7 @@ def test_buffers_alternate_are_reused_and_pre_touched():
 
 
 def test_oversize_bucket_gets_a_one_off_buffer_and_gpu_style_release_drops_buffers():
-    buffers = BucketBuffers(64, keep=False)
+    buffers = BucketBuffers(64, keep=False, count=2)
     regular = buffers.next_buffer(64)
     big = buffers.next_buffer(200)
     assert big.numel() == 200 and big.data_ptr() != regular.data_ptr()

@@ -10,13 +10,15 @@ the HF layout of each Megatron parameter is known before its gather (`WeightMap.
 - each TP shard (own shard, or a peer's shard in the /dev/shm staging buffer) is copied once, as a
   strided narrow copy, into its rows of q/k/v, gate/up or the plain tensor (padded vocab rows are
   never copied);
-- buckets live in two `BucketBuffers` that alternate and are reused across buckets and syncs.
+- buckets live in `BucketBuffers`, reused across buckets and syncs: ONE buffer by default (the
+  syncer), so a transport that packs a fresh flattened buffer per bucket (tensor) still peaks at two
+  buckets; `count=2` alternates two buffers for consumers that hold a bucket while the next fills.
 
-Lifetime (the consumer's contract): a yielded bucket's tensors are VIEWS of a reused buffer. They
-stay valid while the consumer handles that bucket and while the next one is being filled, and are
-overwritten when the bucket after next is filled. Consumers must finish with a bucket (copy it into
-parameters, write it to disk, broadcast it, flatten it) before asking for the bucket after next, and
-must not keep its tensors; every transport here does so synchronously inside `send`.
+Lifetime (the consumer's contract): a yielded bucket's tensors are VIEWS of a reused buffer. With
+one buffer they are valid until the consumer asks for the next bucket (with two: until it asks for
+the bucket after next). Consumers must finish with a bucket (copy it into parameters, write it to
+disk, broadcast it, flatten it) before then and must not keep its tensors; every transport here does
+so synchronously inside `send`.
 """
 from __future__ import annotations
 
@@ -36,27 +38,30 @@ def _aligned(nbytes: int) -> int:
 
 
 class BucketBuffers:
-    """Two uint8[bucket_bytes] buffers used in turn (at most two buckets alive); pre-touched once.
+    """`count` uint8[bucket_bytes] buffers used in turn (1 or 2); each pre-touched once.
 
     keep=True (CPU default) holds them between syncs, so page faults are paid once per run, not once
     per bucket; keep=False drops them at `release()` (GPUs: the caching allocator makes a fresh
     buffer cheap, and the memory goes back to training between syncs).
     """
 
-    def __init__(self, bucket_bytes: int, device: Optional[torch.device] = None, keep: Optional[bool] = None) -> None:
+    def __init__(self, bucket_bytes: int, device: Optional[torch.device] = None, keep: Optional[bool] = None,
+                 count: int = 1) -> None:
         if bucket_bytes <= 0:
             raise ValueError(f"weight_sync.bucket_bytes: must be > 0, got {bucket_bytes}")
+        if count not in (1, 2):
+            raise ValueError(f"BucketBuffers.count: 1 or 2 (at most two buckets alive), got {count}")
         self.bucket_bytes = int(bucket_bytes)
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.keep = self.device.type == "cpu" if keep is None else keep
-        self._buffers: List[Optional[torch.Tensor]] = [None, None]
+        self._buffers: List[Optional[torch.Tensor]] = [None] * count
         self._turn = 0
 
     def next_buffer(self, nbytes: int) -> torch.Tensor:
         """The buffer for the next bucket (uint8[>= nbytes]); a bucket larger than bucket_bytes (one
         oversize group) gets a one-off buffer in place of the slot it takes its turn in."""
         slot = self._turn
-        self._turn ^= 1
+        self._turn = (self._turn + 1) % len(self._buffers)
         if nbytes > self.bucket_bytes:
             self._buffers[slot] = None  # the previous occupant of this turn is dead by the contract
             return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -68,7 +73,7 @@ class BucketBuffers:
     def release(self) -> None:
         self._turn = 0
         if not self.keep:
-            self._buffers = [None, None]
+            self._buffers = [None] * len(self._buffers)
 
 
 def _check_shards(name: str, shards: Sequence[torch.Tensor], dim: Optional[int], full: Tuple[int, ...]) -> None:
