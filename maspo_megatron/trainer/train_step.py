@@ -159,7 +159,8 @@ def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicro
     from maspo_megatron.trainer.optim import all_grads_finite, current_lr
 
     settings = LossSettings.from_config(cfg.algorithm, temperature=cfg.rollout.temperature)
-    per_step: List[dict] = []
+    summed: dict = {}  # reduce_sums outputs added over every optimizer step of this RL step
+    updates_with_metrics = 0
     grad_norms: List[float] = []
     skipped = 0
     for _epoch in range(cfg.algorithm.ppo_epochs):
@@ -176,7 +177,7 @@ def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicro
             for chunk in policy.chunks:
                 chunk.zero_grad_buffer()
             reduced = _run(policy, batches, forward_step, forward_only=False)
-            metrics = finalize_metrics(reduce_sums(reduced, dims))
+            sums = reduce_sums(reduced, dims)
             if all_grads_finite(policy.chunks):
                 _, grad_norm, _ = optimizer.step()
                 scheduler.step(1)
@@ -185,16 +186,18 @@ def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicro
                 skipped += 1
                 optimizer.zero_grad()
                 grad_norms.append(math.nan)
-            if metrics is not None:
-                per_step.append(metrics)
+            if sums is not None:
+                updates_with_metrics += 1
+                for key, value in sums.items():
+                    summed[key] = summed.get(key, 0.0) + value
     if dims.rank != 0:
         return None
-    # Mean over the optimizer steps of this RL step, ignoring steps where a ratio is undefined
-    # (e.g. gate weight on gated tokens when the first, on-policy mini-batch gates nothing).
-    out = {}
-    for key in (per_step[0] if per_step else {}):
-        values = [m[key] for m in per_step if math.isfinite(m[key])]
-        out[key] = sum(values) / len(values) if values else math.nan
+    # Statistics pooled over the tokens of every optimizer step of this RL step (sums added, then
+    # finalised once): a per-update mean of ratios would be undefined on the first, on-policy
+    # update, where nothing is gated. The loss is the mean over the optimizer steps.
+    out = finalize_metrics(summed) if updates_with_metrics else {}
+    if updates_with_metrics:
+        out["train/loss"] = summed["loss_sum"] / updates_with_metrics
     finite = [g for g in grad_norms if math.isfinite(g)]
     out["train/grad_norm"] = sum(finite) / len(finite) if finite else math.nan
     out["train/grad_norm_max"] = max(finite) if finite else math.nan
