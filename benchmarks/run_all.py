@@ -74,7 +74,12 @@ def main(argv=None) -> int:
         for row in result:
             rows.append({"benchmark": name, **row})
         print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
-    table = format_table(rows) if rows else "(no rows)"
+    # One table per benchmark: their columns differ, and a union of all of them is unreadable.
+    sections = []
+    for name in dict.fromkeys(row["benchmark"] for row in rows):
+        own = [{k: v for k, v in row.items() if k != "benchmark"} for row in rows if row["benchmark"] == name]
+        sections.append(f"### {name}\n\n{format_table(own)}")
+    table = "\n\n".join(sections) if sections else "(no rows)"
     print(table)
     if args.out:
         header = f"Machine: {machine()}\nMode: {'quick' if args.quick else 'full'}\n\n"
