@@ -12,9 +12,11 @@ step over every running request), and is strict where the real server is:
 Weight payloads: `update_weights_from_tensor` takes one base64 pickle per TP rank holding a list of
 (name, tensor) or, with load_format "flattened_bucket", {"flattened_tensor": uint8[N], "metadata":
 [{name, shape, dtype, start_idx, end_idx, numel}]} (byte offsets); `init_weights_update_group` joins a
-gloo group: TCPStore(master_address, master_port, world_size) + ProcessGroupGloo(PrefixStore(group_name,
-store), rank_offset, world_size); `update_weights_from_distributed` then receives each tensor by
-broadcast from rank 0 in `names` order.
+gloo group exactly as SGLang's `init_custom_process_group` does (tcp:// rendezvous as rank
+`rank_offset + tp_rank`, PrefixStore(group_name), torch's `_new_process_group_helper`, which adds its
+own "<group_name>/" and "<device>/" key prefixes), so a trainer that meets the stand-in meets real
+SGLang; `update_weights_from_distributed` then receives each tensor by broadcast from rank 0 in
+`names` order; `/destroy_weights_update_group` calls `destroy_process_group` on it, as SGLang does.
 
 Zero-latency mode (`--zero-latency`): no model; `/generate` answers at once with fixed tokens.
 Use in-process (`StandinServer(...).start()`) or as a subprocess: `python tests/helpers/sglang_standin.py
@@ -471,25 +473,39 @@ class StandinServer:
         body = await self._json(request, fields, "InitWeightsUpdateGroupReqInput")
         if body.get("backend", "nccl") != "gloo":
             raise BadRequest("init_weights_update_group: the CPU stand-in supports backend='gloo' only")
-        import torch.distributed as dist
+        if self.tp_size != 1:  # real SGLang joins once per TP worker process; the stand-in is one process
+            raise BadRequest("init_weights_update_group: the stand-in joins as one TP rank; start it with tp_size=1")
+        group_name = body.get("group_name", "weight_update_group")
+        if not group_name:
+            raise BadRequest("init_weights_update_group: group_name cannot be empty")
 
         def join():
-            store = dist.TCPStore(body["master_address"], int(body["master_port"]), int(body["world_size"]), False,
-                                  timeout=datetime.timedelta(seconds=60))
-            prefixed = dist.PrefixStore(body.get("group_name", "weight_update_group"), store)
-            return dist.ProcessGroupGloo(prefixed, int(body["rank_offset"]), int(body["world_size"]))
+            return init_custom_process_group(
+                backend=body.get("backend", "nccl"), master_address=body["master_address"],
+                master_port=int(body["master_port"]), world_size=int(body["world_size"]),
+                rank=int(body["rank_offset"]) + 0,  # + tp_rank, which is 0 here
+                group_name=group_name, timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
 
         try:
+            if group_name in self.groups:
+                raise ValueError(f"Process group with name {group_name} already exists.")
             group = await asyncio.get_running_loop().run_in_executor(None, join)
-        except Exception as exc:  # rendezvous failure is reported, as SGLang does
-            return web.json_response({"success": False, "message": f"{type(exc).__name__}: {exc}"}, status=400)
-        self.groups[body.get("group_name", "weight_update_group")] = group
+        except Exception as exc:  # rendezvous failure is reported, as SGLang does (success false, HTTP 400)
+            message = f"Failed to initialize custom process group: {exc}."
+            return web.json_response({"success": False, "message": message}, status=400)
+        self.groups[group_name] = group
         return web.json_response({"success": True, "message": "Succeeded to initialize custom process group."})
 
     async def destroy_group(self, request: web.Request) -> web.Response:
+        import torch.distributed as dist
+
         body = await self._json(request, {"group_name"}, "DestroyWeightsUpdateGroupReqInput")
-        found = self.groups.pop(body.get("group_name", "weight_update_group"), None) is not None
-        return web.json_response({"success": found, "message": "destroyed" if found else "no such group"}, status=200 if found else 400)
+        group = self.groups.pop(body.get("group_name", "weight_update_group"), None)
+        if group is None:
+            return web.json_response({"success": False, "message": "The group to be destroyed does not exist."},
+                                     status=400)
+        dist.destroy_process_group(group)  # frees the group name: the same name can be joined again
+        return web.json_response({"success": True, "message": "Succeeded to destroy custom process group."})
 
     async def update_from_distributed(self, request: web.Request) -> web.Response:
         fields = {"names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version",
@@ -558,6 +574,34 @@ class StandinServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
         self._loop = None
+
+
+GROUP_TIMEOUT_S = 60.0  # SGLang uses torch's default (30 min); bounded here so a broken test fails, not hangs
+
+
+def init_custom_process_group(*, backend: str, master_address: str, master_port: int, world_size: int, rank: int,
+                              group_name: str, timeout: datetime.timedelta):
+    """A process group outside the default world, built the way sglang 0.5.23's
+    `sglang.srt.utils.init_custom_process_group` builds it (called by the model runner's
+    `init_weights_update_group` with init_method tcp://master_address:master_port): rendezvous,
+    PrefixStore(group_name), `_new_process_group_helper` (no global ranks: its own world), and the
+    identity rank map registered in `_world.pg_group_ranks`."""
+    import inspect
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    store, rank, world_size = next(dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
+                                                   timeout=timeout))
+    store.set_timeout(timeout)
+    store = dist.PrefixStore(group_name, store)
+    # torch 2.6 renamed pg_options to backend_options
+    options = "backend_options" if "backend_options" in inspect.signature(c10d._new_process_group_helper).parameters \
+        else "pg_options"
+    group, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
+                                              group_name=group_name, timeout=timeout, **{options: None})
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
 
 
 class _AnyObject:

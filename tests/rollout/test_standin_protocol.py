@@ -95,7 +95,7 @@ def test_api_key_memory_saver_and_old_servers(standin):
 
 
 def test_distributed_update_over_gloo(standin):
-    """The trainer side of SGLang's update group: TCPStore master + PrefixStore(group) + gloo rank 0."""
+    """The trainer side of SGLang's update group: TCPStore master, gloo rank 0 under init_custom_process_group's keys."""
     import datetime
 
     import torch.distributed as dist
@@ -110,7 +110,10 @@ def test_distributed_update_over_gloo(standin):
     answers = {}
     joiner = threading.Thread(target=lambda: answers.update(init=post(server, "/init_weights_update_group", init)))
     joiner.start()
-    group = dist.ProcessGroupGloo(dist.PrefixStore("g0", store), 0, 2)
+    # SGLang's init_custom_process_group key layout: PrefixStore(group_name), to which torch's
+    # _new_process_group_helper adds "<group_name>/" and "<device>/" (built by hand: the in-process
+    # stand-in has registered the group name "g0" in this process's c10d world already)
+    group = dist.ProcessGroupGloo(dist.PrefixStore("cpu/", dist.PrefixStore("g0/", dist.PrefixStore("g0", store))), 0, 2)
     joiner.join(60)
     assert answers["init"].status_code == 200
     assert post(server, "/init_weights_update_group", dict(init, backend="nccl")).status_code == 400  # CPU: gloo only

@@ -106,34 +106,14 @@ def _check_standin_run(rank0, plan):
         previous = result["expected"]["model.norm.weight"]
 
 
-def _standin_groups_like_sglang() -> bool:
-    """SGLang joins `/init_weights_update_group` through init_custom_process_group: PrefixStore(group_name)
-    + torch's _new_process_group_helper (which adds "<group_name>/" and "<device>/" key prefixes). A
-    stand-in that builds a bare ProcessGroupGloo meets different store keys and never rendezvouses."""
-    import inspect
-
-    from tests.helpers.sglang_standin import StandinServer
-
-    return "_new_process_group_helper" in inspect.getsource(StandinServer)
-
-
 def test_sync_into_standin_servers_over_disk_tensor_distributed(standin_servers, tmp_path):
-    """disk, tensor (flattened buckets) and distributed (one gloo group per pipeline stage, reused by
-    the next sync) into a 0.5.23 server, then tensor into an older server without
+    """disk, tensor (flattened buckets) and distributed (one gloo group per pipeline stage, joined by
+    the stand-in the way SGLang's init_custom_process_group joins; each sync's syncer destroys its
+    groups on close, and the next one joins again under the same names) into a 0.5.23 server, then tensor into an older server without
     /begin_weight_update (detected; updates are sent without a session)."""
     urls = {label: server.url for label, server in standin_servers.items()}
-    plan = [("new", "disk"), ("new", "tensor")]
-    if _standin_groups_like_sglang():
-        plan += [("new", "distributed"), ("new", "distributed")]
-    plan += [("old", "tensor")]
+    plan = [("new", "disk"), ("new", "tensor"), ("new", "distributed"), ("new", "distributed"), ("old", "tensor")]
     rank0 = run_distributed(cases.case_sglang, WORLD, urls, str(tmp_path / "sync"), plan, timeout_s=300)[0]
     _check_standin_run(rank0, plan)
     assert [p.name for p in (tmp_path / "sync").iterdir()] == ["v00000011"]  # the disk version dir
-
-
-def test_standin_builds_weight_update_groups_like_sglang():
-    if not _standin_groups_like_sglang():
-        pytest.skip("tests/helpers/sglang_standin.py joins /init_weights_update_group with a bare "
-                    "ProcessGroupGloo(PrefixStore(group_name, store)); real SGLang uses init_custom_process_group "
-                    "(PrefixStore(group_name) + _new_process_group_helper), so the distributed transport is "
-                    "left out of the stand-in run until the stand-in matches")
+    assert standin_servers["new"].call(lambda: dict(standin_servers["new"].groups)) == {}  # destroyed on close
