@@ -111,15 +111,8 @@ class TPGatherer:
             return [param.detach()] if self.dims.tp_rank == 0 else None
         shard = param.detach().contiguous()
         if self.shared:
-            slot = self._count % 2
-            self._count += 1
-            nbytes = _nbytes(shard)
-            if self.dims.tp_rank != 0:
-                self._staging[slot][:nbytes].copy_(shard.reshape(-1).view(torch.uint8))
-                dist.barrier(group=self.group)
-                return None
-            dist.barrier(group=self.group)
-            return [shard, *(buf[:nbytes].view(shard.dtype).view(shard.shape) for buf in self._staging[slot])]
+            peers = self._stage_shared(shard)
+            return None if peers is None else [shard, *peers]
         if self.dims.tp_rank != 0:
             dist.gather(shard, None, dst=self.source, group=self.group)
             return None
@@ -127,7 +120,8 @@ class TPGatherer:
         dist.gather(shard, parts, dst=self.source, group=self.group)
         return parts
 
-    def _gather_shared(self, shard: torch.Tensor, dim: int, glu: bool) -> Optional[torch.Tensor]:
+    def _stage_shared(self, shard: torch.Tensor) -> Optional[list]:
+        """Peers copy their shard into the shared staging slot; the source gets views of them (else None)."""
         slot = self._count % 2
         self._count += 1
         nbytes = _nbytes(shard)
@@ -136,7 +130,12 @@ class TPGatherer:
             dist.barrier(group=self.group)
             return None
         dist.barrier(group=self.group)
-        peers = [buf[:nbytes].view(shard.dtype).view(shard.shape) for buf in self._staging[slot]]
+        return [buf[:nbytes].view(shard.dtype).view(shard.shape) for buf in self._staging[slot]]
+
+    def _gather_shared(self, shard: torch.Tensor, dim: int, glu: bool) -> Optional[torch.Tensor]:
+        peers = self._stage_shared(shard)
+        if peers is None:
+            return None
         if dim == 0 and not glu:
             full = shard.new_empty((shard.shape[0] * self.dims.tp, *shard.shape[1:]))
             for part, piece in zip(full.chunk(self.dims.tp, dim=0), [shard, *peers], strict=True):
