@@ -34,7 +34,7 @@ from maspo_megatron.rollout.sglang.launcher import free_port  # noqa: E402
 from maspo_megatron.rollout.sglang.protocol import generate_payload  # noqa: E402
 from maspo_megatron.rollout.types import SamplingParams  # noqa: E402
 
-STANDIN = ROOT / "tests" / "helpers" / "sglang_standin.py"
+STANDIN = ROOT / "tests" / "helpers" / "sglang_standin"
 SAMPLING = SamplingParams(max_new_tokens=8)
 PROMPT = list(range(1, 33))
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-STANDIN_SCRIPT = str(Path(__file__).resolve().parents[1] / "helpers" / "sglang_standin.py")
+STANDIN_SCRIPT = str(Path(__file__).resolve().parents[1] / "helpers" / "sglang_standin")
 EOS_ID = 3
 
 

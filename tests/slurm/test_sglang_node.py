@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-STANDIN = REPO / "tests" / "helpers" / "sglang_standin.py"
+STANDIN = REPO / "tests" / "helpers" / "sglang_standin"
 
 
 def _free_port_block(n: int) -> int:
