@@ -22,7 +22,12 @@ class SGLangConfig:
     extra_args: List[str] = option(factory=list, help="passed verbatim to sglang.launch_server")
     startup_timeout_s: float = option(600.0, gt=0)
     request_timeout_s: float = option(600.0, gt=0)
-    max_concurrency: int = option(256, ge=1)
+    max_concurrency: int = option(256, ge=1, help="samples in flight at once over all servers")
+    samples_per_request: int = option(
+        32, ge=1,
+        help="samples coalesced into one batched /generate request (SGLang batch form, per-sample seeds); 1: one "
+             "request per sample. A batch answers when its slowest item ends, so larger values cost tail latency; "
+             "always 1 through a router (docs/rollout.md)")
     max_retries: int = option(3, ge=0)
     connect_timeout_s: float = option(10.0, gt=0)
     abort_grace_s: float = option(5.0, ge=0, help="how long an aborted request may take to return its partial output")

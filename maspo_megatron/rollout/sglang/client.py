@@ -1,9 +1,11 @@
 """Asyncio HTTP client for a fleet of SGLang servers (aiohttp).
 
-- `generate`: one `/generate` request per sample, at most `max_concurrency` in flight, each sent to
-  the least-loaded live server (or the router); connection errors, timeouts and 5xx mark that server
-  down for a cooldown and retry the sample on another one, up to `max_retries` times; 4xx is a
-  schema bug and fails at once with the server's message.
+- `generate`: samples are coalesced into batched `/generate` requests of up to `samples_per_request`
+  items (SGLang's batch form, one sampling dict and seed per item; 1, or a router, = one request per
+  sample), at most `max_concurrency` SAMPLES in flight, each request sent to the least-loaded live
+  server (counted in samples); connection errors, timeouts and 5xx mark that server down for a
+  cooldown and retry the whole group on another one, up to `max_retries` times; 4xx is a schema bug
+  and fails at once with the server's message.
 - `abort`: every in-flight `generate` returns promptly: the servers get `/abort_request
   {"abort_all": true}` and answer with `finish_reason.type == "abort"`; what has not answered within
   `abort_grace_s` (dead server) and what had not started becomes an empty "abort" sample.
@@ -13,22 +15,70 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
+import math
 import time
 from typing import Any, Mapping, Optional, Sequence
 
 import aiohttp
 
 from maspo_megatron.rollout.local.sampling import sequence_seed
-from maspo_megatron.rollout.sglang.protocol import generate_payload, parse_generate_response
+from maspo_megatron.rollout.sglang.protocol import (
+    batch_payload,
+    parse_batch_response,
+    parse_generate_response,
+    sampling_dict,
+)
 from maspo_megatron.rollout.types import RolloutError, Sample, SamplingParams
 
+_JSON_HEADERS = {"Content-Type": "application/json"}
 _RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError, ConnectionError)
 
 
 class EndpointMissing(RolloutError):
     """The server answered 404: it has no such endpoint (e.g. an SGLang older than the feature)."""
+
+
+class _SampleBudget:
+    """A counting semaphore acquired k units at a time, first come first served (a group of k
+    samples takes k of the `max_concurrency` places at once, so partial holds cannot deadlock)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.available = capacity
+        self._waiters: collections.deque = collections.deque()
+
+    async def acquire(self, count: int) -> None:
+        if not self._waiters and self.available >= count:
+            self.available -= count
+            return
+        waiter = (count, asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        try:
+            await waiter[1]
+        except asyncio.CancelledError:
+            if waiter[1].done() and not waiter[1].cancelled():
+                self.release(count)  # granted just as it was cancelled: give the places back
+            else:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
+                self._wake()
+            raise
+
+    def release(self, count: int) -> None:
+        self.available += count
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and (self._waiters[0][1].done() or self._waiters[0][0] <= self.available):
+            count, future = self._waiters.popleft()
+            if future.done():  # cancelled while queued
+                continue
+            self.available -= count
+            future.set_result(None)
 
 
 @dataclasses.dataclass
@@ -41,7 +91,7 @@ class _Server:
 
 @dataclasses.dataclass(eq=False)
 class _Call:
-    """One `generate` call: its per-sample tasks and its abort state."""
+    """One `generate` call: its per-group tasks and its abort state."""
 
     tasks: list = dataclasses.field(default_factory=list)
     aborted: bool = False
@@ -65,6 +115,7 @@ class SGLangClient:
         router_url: Optional[str] = None,
         api_key: Optional[str] = None,
         max_concurrency: int = 256,
+        samples_per_request: int = 32,
         request_timeout_s: float = 600.0,
         connect_timeout_s: float = 10.0,
         max_retries: int = 3,
@@ -78,13 +129,16 @@ class SGLangClient:
         self._servers = [_Server(u) for u in ([self.router_url] if self.router_url else self.worker_urls)]
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.max_concurrency = max_concurrency
+        if samples_per_request < 1:
+            raise ValueError(f"rollout.sglang.samples_per_request: {samples_per_request} must be >= 1")
+        self.samples_per_request = samples_per_request
         self.request_timeout_s = request_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.max_retries = max_retries
         self.down_cooldown_s = down_cooldown_s
         self.abort_grace_s = abort_grace_s
         self._session: Optional[aiohttp.ClientSession] = None
-        self._semaphore: Optional[asyncio.Semaphore] = None
+        self._budget: Optional[_SampleBudget] = None
         self._calls: set[_Call] = set()
         self._round_robin = 0
         self.weight_update_session_supported: Optional[bool] = None
@@ -93,7 +147,7 @@ class SGLangClient:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=0, force_close=False)
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
-            self._semaphore = asyncio.Semaphore(self.max_concurrency)
+            self._budget = _SampleBudget(self.max_concurrency)
         return self._session
 
     async def close(self) -> None:
@@ -105,13 +159,13 @@ class SGLangClient:
 
     @staticmethod
     async def _read_body(response: aiohttp.ClientResponse) -> Any:
-        text = await response.text()
-        if not text:
+        raw = await response.read()
+        if not raw:
             return None
         try:
-            return json.loads(text)
+            return json.loads(raw)
         except ValueError:
-            return text
+            return raw.decode("utf-8", "replace")
 
     # ---- generation ------------------------------------------------------------------------------
     async def generate(
@@ -119,13 +173,12 @@ class SGLangClient:
     ) -> list[list[Sample]]:
         """prompts[P][len] -> P lists of n samples, in order. Raises RolloutError if a sample fails."""
         await self._get_session()
+        items = self._sample_items(prompts, n, sampling)
+        size = self._group_size(len(items))
+        groups = [items[i : i + size] for i in range(0, len(items), size)]
         call = _Call()
         self._calls.add(call)
-        for p, prompt in enumerate(prompts):
-            for s in range(n):
-                seed = sequence_seed(sampling.seed, p, s) if sampling.seed is not None else None
-                payload = generate_payload(prompt, sampling, seed)
-                call.tasks.append(asyncio.ensure_future(self._generate_one(payload, call, weight_version)))
+        call.tasks = [asyncio.ensure_future(self._generate_group(group, call, weight_version)) for group in groups]
         try:
             pending = set(call.tasks)
             while pending:
@@ -142,9 +195,32 @@ class SGLangClient:
             self._calls.discard(call)
             if call.watchdog is not None:
                 call.watchdog.cancel()
-        # Tasks cancelled by the abort watchdog (no answer within abort_grace_s) are empty aborts.
-        samples = [_aborted(weight_version) if t.cancelled() else t.result() for t in call.tasks]
+        # Groups cancelled by the abort watchdog (no answer within abort_grace_s) are empty aborts.
+        samples = []
+        for task, group in zip(call.tasks, groups, strict=True):
+            samples.extend([_aborted(weight_version)] * len(group) if task.cancelled() else task.result())
         return [samples[p * n : (p + 1) * n] for p in range(len(prompts))]
+
+    @staticmethod
+    def _sample_items(prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[tuple[list[int], dict]]:
+        """(input_ids, sampling_params) per sample, prompt-major; each sample has its own seed."""
+        base = sampling_dict(sampling)
+        items = []
+        for p, prompt in enumerate(prompts):
+            input_ids = [int(t) for t in prompt]
+            for s in range(n):
+                params = base if sampling.seed is None else {**base, "sampling_seed": sequence_seed(sampling.seed, p, s)}
+                items.append((input_ids, params))
+        return items
+
+    def _group_size(self, total: int) -> int:
+        """Samples per request: `samples_per_request`, at most `max_concurrency`, and small enough that
+        every server gets a share of a small call. A router gets one sample per request: it is not
+        known to forward a batch with per-item sampling params intact (docs/rollout.md)."""
+        if self.router_url or self.samples_per_request == 1:
+            return 1
+        share = math.ceil(total / max(1, len(self._servers)))
+        return max(1, min(self.samples_per_request, self.max_concurrency, share))
 
     def _pick_server(self) -> tuple[_Server, float]:
         """The least-loaded live server, or (when all are down) the first to come back and its wait."""
@@ -163,17 +239,24 @@ class SGLangClient:
         server.failures += 1
         server.down_until = time.monotonic() + self.down_cooldown_s * 2 ** min(server.failures - 1, 3)
 
-    async def _generate_one(self, payload: dict, call: _Call, weight_version: int) -> Sample:
-        assert self._semaphore is not None
-        async with self._semaphore:
+    async def _generate_group(self, items: list[tuple[list[int], dict]], call: _Call, weight_version: int) -> list[Sample]:
+        """One request for `items` (a single sample, or a batch), retried whole on failure."""
+        assert self._budget is not None
+        count = len(items)
+        if count == 1:
+            payload = {"input_ids": items[0][0], "sampling_params": items[0][1], "return_logprob": True}
+        else:
+            payload = batch_payload(items)
+        await self._budget.acquire(count)
+        try:
             errors = []
             for _attempt in range(self.max_retries + 1):
                 if call.aborted:
-                    return _aborted(weight_version)
+                    return [_aborted(weight_version)] * count
                 server, wait_s = self._pick_server()
                 if wait_s > 0:
                     await asyncio.sleep(wait_s)
-                server.in_flight += 1
+                server.in_flight += count
                 try:
                     status, body = await self._post_json(server.url + "/generate", payload)
                 except _RETRYABLE as exc:
@@ -181,21 +264,26 @@ class SGLangClient:
                     errors.append(f"{server.url}: {type(exc).__name__}: {exc}")
                     continue
                 finally:
-                    server.in_flight -= 1
+                    server.in_flight -= count
                 if status == 200:
                     server.failures = 0
-                    return parse_generate_response(body, url=server.url, default_weight_version=weight_version)
+                    if count == 1:
+                        return [parse_generate_response(body, url=server.url, default_weight_version=weight_version)]
+                    return parse_batch_response(body, count, url=server.url, default_weight_version=weight_version)
                 if 400 <= status < 500:
                     raise RolloutError(f"{server.url}/generate: HTTP {status} (request rejected): {str(body)[:300]}")
                 self._mark_down(server)
                 errors.append(f"{server.url}: HTTP {status}: {str(body)[:200]}")
             if call.aborted:
-                return _aborted(weight_version)
-            raise RolloutError(f"/generate failed {self.max_retries + 1} times; errors: {'; '.join(errors)}")
+                return [_aborted(weight_version)] * count
+            raise RolloutError(f"/generate ({count} samples) failed {self.max_retries + 1} times; errors: {'; '.join(errors)}")
+        finally:
+            self._budget.release(count)
 
     async def _post_json(self, url: str, payload: Any) -> tuple[int, Any]:
         session = await self._get_session()
-        async with session.post(url, json=payload, timeout=self._timeout()) as response:
+        data = json.dumps(payload, separators=(",", ":")).encode()
+        async with session.post(url, data=data, headers=_JSON_HEADERS, timeout=self._timeout()) as response:
             return response.status, await self._read_body(response)
 
     async def abort(self) -> None:

@@ -38,6 +38,7 @@ class SGLangEngine:
             router_url=router_url,
             api_key=cfg.api_key,
             max_concurrency=cfg.max_concurrency,
+            samples_per_request=cfg.samples_per_request,
             request_timeout_s=cfg.request_timeout_s,
             connect_timeout_s=cfg.connect_timeout_s,
             max_retries=cfg.max_retries,

@@ -1,8 +1,12 @@
 """The SGLang 0.5.23 `/generate` schema, in one place: request bodies out, `Sample`s in.
 
-Request (one sample per request, so retries and seeds are per sample):
+One sample (`samples_per_request` = 1, and always through a router):
     {"input_ids": [int], "sampling_params": {...}, "return_logprob": true}
-Response (non-streaming, single input):
+A batch of k samples (sglang io_struct.py `GenerateReqInput.normalize_batch_and_arguments`):
+    {"input_ids": [[int], ...k], "sampling_params": [{...}, ...k], "return_logprob": true}
+  one sampling dict per item, so every sample keeps its own `sampling_seed`; no `n` is sent (the
+  client expands n itself: n > 1 would make the server draw its own seeds).
+Response: one result object, or for a batch a list of k of them in item order:
     {"text": str, "output_ids": [int], "meta_info": {
         "finish_reason": {"type": "stop"|"length"|"abort", ...},
         "output_token_logprobs": [[logprob, token_id, text|null], ...],
@@ -19,8 +23,8 @@ from maspo_megatron.rollout.types import FINISH_REASONS, RolloutError, Sample, S
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos", "sampling_seed")
 
 
-def generate_payload(prompt: Sequence[int], sampling: SamplingParams, sampling_seed: Optional[int] = None) -> dict:
-    """The JSON body of one `/generate` request for one sample of `prompt`."""
+def sampling_dict(sampling: SamplingParams, sampling_seed: Optional[int] = None) -> dict:
+    """The `sampling_params` object of one sample."""
     params: dict[str, Any] = {
         "max_new_tokens": sampling.max_new_tokens,
         "temperature": sampling.temperature,
@@ -33,7 +37,19 @@ def generate_payload(prompt: Sequence[int], sampling: SamplingParams, sampling_s
         params["ignore_eos"] = True
     if sampling_seed is not None:
         params["sampling_seed"] = int(sampling_seed)
-    return {"input_ids": [int(t) for t in prompt], "sampling_params": params, "return_logprob": True}
+    return params
+
+
+def generate_payload(prompt: Sequence[int], sampling: SamplingParams, sampling_seed: Optional[int] = None) -> dict:
+    """The JSON body of one `/generate` request for one sample of `prompt`."""
+    return {"input_ids": [int(t) for t in prompt], "sampling_params": sampling_dict(sampling, sampling_seed),
+            "return_logprob": True}
+
+
+def batch_payload(items: Sequence[tuple[list[int], dict]]) -> dict:
+    """items[k] = (input_ids, sampling_params dict) -> the body of one batched `/generate` request."""
+    return {"input_ids": [ids for ids, _ in items], "sampling_params": [params for _, params in items],
+            "return_logprob": True}
 
 
 def parse_weight_version(value: Any, default: int) -> int:
@@ -45,7 +61,7 @@ def parse_weight_version(value: Any, default: int) -> int:
 
 
 def parse_generate_response(body: Any, *, url: str, default_weight_version: int) -> Sample:
-    """One `/generate` response dict -> `Sample`; malformed bodies raise RolloutError naming `url`."""
+    """One `/generate` result dict -> `Sample`; malformed bodies raise RolloutError naming `url`."""
     if isinstance(body, list) and len(body) == 1:
         body = body[0]
     if not isinstance(body, dict) or not isinstance(body.get("meta_info"), dict):
@@ -57,14 +73,18 @@ def parse_generate_response(body: Any, *, url: str, default_weight_version: int)
     triples = meta.get("output_token_logprobs")
     if not isinstance(triples, list):
         raise RolloutError(f"{url}/generate: meta_info.output_token_logprobs missing (was return_logprob sent?)")
-    token_ids, log_probs = [], []
-    for position, triple in enumerate(triples):
-        if not isinstance(triple, (list, tuple)) or len(triple) != 3 or triple[0] is None:
-            raise RolloutError(f"{url}/generate: output_token_logprobs[{position}] = {triple!r} is not (logprob, token_id, text)")
-        log_probs.append(float(triple[0]))
-        token_ids.append(int(triple[1]))
+    try:  # the common case in two comprehensions; the slow loop below only names a bad entry
+        if any(len(triple) != 3 for triple in triples):
+            raise TypeError
+        log_probs = [float(triple[0]) for triple in triples]
+        token_ids = [int(triple[1]) for triple in triples]
+    except (TypeError, ValueError):
+        for position, triple in enumerate(triples):
+            if not isinstance(triple, (list, tuple)) or len(triple) != 3 or triple[0] is None:
+                raise RolloutError(f"{url}/generate: output_token_logprobs[{position}] = {triple!r} is not (logprob, token_id, text)") from None
+        raise RolloutError(f"{url}/generate: output_token_logprobs holds non-numeric entries") from None
     output_ids = body.get("output_ids")
-    if output_ids is not None and list(output_ids) != token_ids:
+    if output_ids is not None and output_ids != token_ids:
         raise RolloutError(f"{url}/generate: output_ids and output_token_logprobs disagree ({len(output_ids)} vs {len(token_ids)} tokens)")
     return Sample(
         token_ids=token_ids,
@@ -72,3 +92,11 @@ def parse_generate_response(body: Any, *, url: str, default_weight_version: int)
         finish_reason=finish["type"],
         weight_version=parse_weight_version(meta.get("weight_version"), default_weight_version),
     )
+
+
+def parse_batch_response(body: Any, count: int, *, url: str, default_weight_version: int) -> list[Sample]:
+    """The response to a batch of `count` items -> `count` Samples in item order."""
+    if not isinstance(body, list) or len(body) != count:
+        got = f"a list of {len(body)}" if isinstance(body, list) else type(body).__name__
+        raise RolloutError(f"{url}/generate: a batch of {count} items was answered with {got} results")
+    return [parse_generate_response(item, url=url, default_weight_version=default_weight_version) for item in body]
