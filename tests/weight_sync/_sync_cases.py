@@ -8,21 +8,21 @@ VOCAB = 100  # padded to 256 rows on the Megatron side at TP2: the sync must tri
 SEED_POLICY, SEED_ENGINE = 11, 22
 
 
-def hf_config(tied: bool):
+def hf_config(tied: bool, heads: int = 4, kv_heads: int = 2):
     import transformers
 
     return transformers.Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-6,
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=128, tie_word_embeddings=tied, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, use_sliding_window=False, hidden_act="silu",
         eos_token_id=VOCAB + 5)  # no eos inside the vocab: sampled sequences run to max_new_tokens
 
 
-def hf_model(tied: bool, seed: int):
+def hf_model(tied: bool, seed: int, **heads):
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(tied)).float().eval()
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(tied, **heads)).float().eval()
     with torch.no_grad():  # HF zero-inits biases and ones-inits norms: randomise so every tensor is distinctive
         for name, param in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
@@ -30,12 +30,13 @@ def hf_model(tied: bool, seed: int):
     return model
 
 
-def reference_state(tied: bool) -> dict:
-    return {k: v.clone() for k, v in hf_model(tied, SEED_POLICY).state_dict().items()}
+def reference_state(tied: bool, **heads) -> dict:
+    return {k: v.clone() for k, v in hf_model(tied, SEED_POLICY, **heads).state_dict().items()}
 
 
-def build_policy(tied: bool, tp: int = 2, pp: int = 2):
-    """(dims, chunks, wmap) with the policy's weights loaded from the reference HF model."""
+def build_policy(tied: bool, tp: int = 2, pp: int = 2, **heads):
+    """(dims, chunks, wmap) with the policy's weights loaded from the reference HF model;
+    heads: `heads` / `kv_heads` of `hf_config` (TP4 needs 4 query groups)."""
     from maspo_megatron.config.model import ModelConfig
     from maspo_megatron.config.parallel import ParallelConfig
     from maspo_megatron.models import WeightMap
@@ -46,11 +47,11 @@ def build_policy(tied: bool, tp: int = 2, pp: int = 2):
 
     parallel = ParallelConfig(tp=tp, pp=pp)
     dims = init_distributed(parallel, seed=1)
-    config, meta = build_model_config(hf_config(tied), ModelConfig(dtype="fp32"), parallel)
+    config, meta = build_model_config(hf_config(tied, **heads), ModelConfig(dtype="fp32"), parallel)
     chunk = gpt_model_provider(config, meta, pre_process=dims.is_first_stage, post_process=dims.is_last_stage)
-    wmap = WeightMap.from_hf_config(hf_config(tied), tp=tp)
+    wmap = WeightMap.from_hf_config(hf_config(tied, **heads), tp=tp)
     assert meta.padded_vocab_size > VOCAB
-    reference = reference_state(tied)
+    reference = reference_state(tied, **heads)
     load_hf_weights(chunk, wmap, reference.__getitem__, dims.tp_rank, dims.tp)
     return dims, [chunk], wmap
 
@@ -299,4 +300,41 @@ def case_sglang(urls: dict, disk_dir: str, plan: list) -> dict:
             syncer.close()
             if engine is not None:
                 engine.shutdown()
+    return out
+
+
+# ---- export paths: shared bucket vs collective vs general --------------------------------------------
+def _export_pass(dims, chunks, wmap, bucket_bytes: int, buffers) -> dict:
+    """One export per path on every rank; on stage sources the buckets (names + cloned tensors)."""
+    from maspo_megatron.rollout.weight_sync.bucket_writer import iter_export_buckets
+    from maspo_megatron.rollout.weight_sync.bucketing import iter_buckets
+    from maspo_megatron.rollout.weight_sync.hf_stream import megatron_hf_stream
+
+    def collect(buckets):
+        return [[(n, t.clone()) for n, t in bucket] for bucket in buckets]
+
+    return {"shared": collect(iter_export_buckets(chunks, wmap, dims, buffers["shared"], shared=True)),
+            "auto": collect(iter_export_buckets(chunks, wmap, dims, buffers["auto"])),
+            "collective": collect(iter_export_buckets(chunks, wmap, dims, buffers["collective"], shared=False)),
+            "general": collect(iter_buckets(megatron_hf_stream(chunks, wmap, dims), bucket_bytes))}
+
+
+def case_export_paths(tp: int, plans: list) -> list:
+    """For each (tied, bucket_bytes, heads): the shared-bucket, auto, collective and general exports of a
+    TP x PP2 policy, twice through the same (kept) buffers with the policy moved in between."""
+    from maspo_megatron.rollout.weight_sync.bucket_writer import BucketBuffers
+
+    out = []
+    for tied, bucket_bytes, heads in plans:
+        dims, chunks, wmap = build_policy(tied, tp=tp, pp=2, **heads)
+        buffers = {key: BucketBuffers(bucket_bytes) for key in ("shared", "auto", "collective")}
+        passes = [_export_pass(dims, chunks, wmap, bucket_bytes, buffers)]
+        with torch.no_grad():
+            for chunk in chunks:
+                for param in chunk.parameters():
+                    param.mul_(-1.5).add_(0.25)  # the second pass must not see the first's bytes
+        passes.append(_export_pass(dims, chunks, wmap, bucket_bytes, buffers))
+        out.append({"tied": tied, "bucket_bytes": bucket_bytes, "heads": heads, "passes": passes,
+                    "source": dims.tp_rank == 0, "auto_picked_shared": buffers["auto"].shared is not None,
+                    "shared_nbytes": buffers["shared"].shared.nbytes, "padded_vocab": wmap.meta.padded_vocab_size})
     return out
