@@ -1,15 +1,19 @@
 """Rollout client throughput: the asyncio SGLang client vs a plain sequential `requests` loop.
 
-Both talk to the same stand-in server subprocess (tests/helpers/sglang_standin.py --zero-latency: it
-answers /generate with fixed tokens, no model). Two scenarios, each with its own sequential baseline:
-- zero-latency server: answers at once, so only client + server CPU cost is measured (requests per
-  second, and the latency the client adds per request at concurrency 1). Both sides are Python
-  processes on the same cores here, so this ratio is bounded by CPU, not by the client's design;
-- server answers after a fixed service time (an asyncio sleep, no CPU): what overlapping requests
-  buys, i.e. the rate the client sustains with many requests in flight (the 20x criterion).
+Both talk to the same stand-in server subprocess (tests/helpers/sglang_standin --zero-latency: it
+answers /generate with fixed tokens, no model). "Requests" are samples to generate. The baseline is a
+plain `requests` loop, one sample per POST on a keep-alive session. The client runs at concurrency
+(samples in flight) 1, 64 and 512, with its default batching (`samples_per_request`, several samples
+per HTTP request) and with samples_per_request=1 (one HTTP request per sample). Two scenarios, each
+with its own sequential baseline:
+- zero-latency server: answers at once, so only client + server CPU cost is measured (samples per
+  second, and the latency the client adds per sample at concurrency 1). Both sides are Python
+  processes on the same cores here;
+- server answers after a fixed service time per HTTP request (an asyncio sleep, no CPU): what
+  overlapping requests buys.
 Rows are ratios against the sequential loop measured in the same run.
 
-    python benchmarks/rollout_client.py            # 4096 requests per concurrency level
+    python benchmarks/rollout_client.py            # 8192 samples per concurrent measurement
     python benchmarks/rollout_client.py --quick    # smoke size
 """
 from __future__ import annotations
@@ -68,8 +72,9 @@ def sequential_loop(url: str, count: int) -> float:
         return time.perf_counter() - started
 
 
-def client_run(url: str, count: int, concurrency: int) -> float:
-    engine = SGLangEngine(SGLangConfig(urls=[url], max_concurrency=concurrency, request_timeout_s=120))
+def client_run(url: str, count: int, concurrency: int, samples_per_request: int) -> float:
+    engine = SGLangEngine(SGLangConfig(urls=[url], max_concurrency=concurrency, samples_per_request=samples_per_request,
+                                       request_timeout_s=120))
     try:
         engine.generate([PROMPT] * concurrency, 1, SAMPLING)  # open the connection pool this run will use
         started = time.perf_counter()
@@ -92,17 +97,22 @@ def measure(scenario: str, server_args: list[str], count: int, sequential_count:
         rows.append({"bench": "rollout_client", "scenario": scenario, "case": "sequential requests loop",
                      "requests": sequential_count, "req_per_s": round(seq_rps, 1), "ms_per_req": round(seq_latency_ms, 3),
                      "ratio_vs_sequential": 1.0})
+        batched = SGLangConfig().samples_per_request
         for concurrency in (1, 64, 512):
-            n = sequential_count if concurrency == 1 else count
-            elapsed = client_run(url, n, concurrency)
-            rps = n / elapsed
-            row = {"bench": "rollout_client", "scenario": scenario, "case": f"asyncio client, concurrency {concurrency}",
-                   "requests": n, "req_per_s": round(rps, 1), "ms_per_req": round(1000 * elapsed / n, 3),
-                   "ratio_vs_sequential": round(rps / seq_rps, 2)}
-            if concurrency == 1:
-                # What the client adds per request over the plain loop (both wait for the same server).
-                row["added_latency_ms"] = round(1000 * elapsed / n - seq_latency_ms, 3)
-            rows.append(row)
+            for per_request in ((1,) if concurrency == 1 else (batched, 1)):
+                n = sequential_count if concurrency == 1 else count
+                if per_request == 1 and concurrency > 1:
+                    n = count // 2  # the unbatched client is slower: fewer samples keep the run short
+                elapsed = client_run(url, n, concurrency, per_request)
+                rps = n / elapsed
+                row = {"bench": "rollout_client", "scenario": scenario,
+                       "case": f"client, concurrency {concurrency}, {per_request} sample(s)/request",
+                       "requests": n, "req_per_s": round(rps, 1), "ms_per_req": round(1000 * elapsed / n, 3),
+                       "ratio_vs_sequential": round(rps / seq_rps, 2)}
+                if concurrency == 1:
+                    # What the client adds per sample over the plain loop (both wait for the same server).
+                    row["added_latency_ms"] = round(1000 * elapsed / n - seq_latency_ms, 3)
+                rows.append(row)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -112,17 +122,17 @@ def measure(scenario: str, server_args: list[str], count: int, sequential_count:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke size")
-    parser.add_argument("--requests", type=int, default=None, help="requests per concurrent measurement")
+    parser.add_argument("--requests", type=int, default=None, help="samples per concurrent measurement")
     parser.add_argument("--service-ms", type=float, default=100.0,
-                        help="server time per request of the second scenario (asyncio sleep in the stand-in; real generation takes seconds)")
+                        help="server time per HTTP request of the second scenario (asyncio sleep in the stand-in; real generation takes seconds)")
     args = parser.parse_args(argv)
-    count = args.requests or (512 if args.quick else 4096)
+    count = args.requests or (1024 if args.quick else 8192)
     rows = measure("zero-latency server", [], count, max(64, count // 8))
     delay = ["--response-delay-s", str(args.service_ms / 1000)]
     rows += measure(f"server answers after {args.service_ms:g} ms", delay, count, 16 if args.quick else 50)
-    print(f"{'scenario':<30} {'case':<30} {'requests':>8} {'req/s':>9} {'ms/req':>8} {'x seq':>7} {'added ms':>9}")
+    print(f"{'scenario':<30} {'case':<42} {'samples':>8} {'samples/s':>9} {'ms/smp':>8} {'x seq':>7} {'added ms':>9}")
     for row in rows:
-        print(f"{row['scenario']:<30} {row['case']:<30} {row['requests']:>8} {row['req_per_s']:>9} {row['ms_per_req']:>8} "
+        print(f"{row['scenario']:<30} {row['case']:<42} {row['requests']:>8} {row['req_per_s']:>9} {row['ms_per_req']:>8} "
               f"{row['ratio_vs_sequential']:>7} {row.get('added_latency_ms', ''):>9}")
     return rows
 

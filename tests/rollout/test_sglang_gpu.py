@@ -78,3 +78,28 @@ def test_pause_continue_and_memory(engine):
     engine.resume_memory_occupation(["kv_cache", "weights"])
     again = engine.generate([[3, 4, 5]], 1, SamplingParams(max_new_tokens=4, ignore_eos=True))
     assert again[0][0].finish_reason == "length"
+
+
+def test_batched_generate_request(engine):
+    """SGLang's batch form: per-item sampling params and seeds, one result per item in order; and the
+    client's batching (samples_per_request) against the real server."""
+    import requests
+
+    url = engine.worker_urls[0]
+    body = {"input_ids": [[5, 6, 7], [9, 10]], "return_logprob": True,
+            "sampling_params": [{"max_new_tokens": 3, "ignore_eos": True, "sampling_seed": 1},
+                                {"max_new_tokens": 5, "ignore_eos": True, "sampling_seed": 2}]}
+    answer = requests.post(url + "/generate", json=body, timeout=120)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()
+    assert isinstance(results, list) and len(results) == 2
+    for result, length in zip(results, (3, 5), strict=True):
+        meta = result["meta_info"]
+        assert meta["finish_reason"]["type"] == "length" and len(result["output_ids"]) == length
+        assert [t[1] for t in meta["output_token_logprobs"]] == result["output_ids"]
+    mismatch = dict(body, sampling_params=body["sampling_params"] + [{}])  # a real server must not hang on it
+    assert requests.post(url + "/generate", json=dict(mismatch, rid=["a"]), timeout=120).status_code == 400
+    assert engine.client.samples_per_request > 1
+    groups = engine.generate([[3, 4, 5], [6, 7]], 4, SamplingParams(max_new_tokens=6, ignore_eos=True, seed=3))
+    assert [len(g) for g in groups] == [4, 4]
+    assert all(s.finish_reason == "length" and len(s.token_ids) == 6 for g in groups for s in g)

@@ -51,7 +51,12 @@ class GenerationMixin:
         self.generate_items += len(jobs)
         if self.zero_latency:
             if self.response_delay_s:
-                await asyncio.sleep(self.response_delay_s)  # models server time without using CPU
+                self.items_in_flight += len(jobs)
+                self.max_items_in_flight = max(self.max_items_in_flight, self.items_in_flight)
+                try:
+                    await asyncio.sleep(self.response_delay_s)  # models server time without using CPU
+                finally:
+                    self.items_in_flight -= len(jobs)
             pieces = [self._fixed_output(prompt, params, logprob, rid) for prompt, params, logprob, rid in jobs]
             raw = pieces[0] if single else b"[" + b",".join(pieces) + b"]"
             return web.Response(body=raw, content_type="application/json")
@@ -111,7 +116,8 @@ class GenerationMixin:
 
     def _init_generation(self) -> None:
         self.generate_count = 0
-        self.generate_items = 0
+        self.generate_items = 0  # results answered (batch items, n expanded)
+        self.items_in_flight = self.max_items_in_flight = 0  # zero-latency mode with a response delay
         self._fixed_pieces: dict = {}
         self._id_prefix = uuid.uuid4().hex[:16]
         self._id_counter = itertools.count()

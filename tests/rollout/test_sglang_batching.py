@@ -1,0 +1,165 @@
+"""Batched /generate (rollout.sglang.samples_per_request): same samples as one request per sample,
+per-item finish reasons, samples-in-flight bound, whole-group retry when a server dies, abort."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+import torch
+
+from maspo_megatron.config import SGLangConfig
+from maspo_megatron.rollout import RolloutError, SamplingParams
+from maspo_megatron.rollout.local.sampling import sequence_seed
+from maspo_megatron.rollout.sglang import SGLangEngine
+from maspo_megatron.rollout.sglang.launcher import free_port
+from maspo_megatron.rollout.sglang.protocol import generate_payload
+from tests.rollout.conftest import EOS_ID, STANDIN_SCRIPT
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11], [12]]
+
+
+def engine_for(*urls, **overrides):
+    settings = {"request_timeout_s": 60, "connect_timeout_s": 5, "abort_grace_s": 3, **overrides}
+    cfg = SGLangConfig(urls=list(urls), **settings)
+    return SGLangEngine(cfg)
+
+
+def flat(groups):
+    return [s for g in groups for s in g]
+
+
+def test_batched_samples_equal_per_sample_requests(standin):
+    """n > 1, seeded: batches of up to 32 give exactly the samples of one request per sample, and a
+    batch mixes stop and length finishes item by item."""
+    server = standin()
+    batched, single = engine_for(server.url), engine_for(server.url, samples_per_request=1)
+    # About a quarter of the vocabulary stops: within 5 tokens some samples stop and some run out.
+    sampling = SamplingParams(temperature=0.9, max_new_tokens=5, seed=11, stop_token_ids=tuple(range(40, 56)))
+    try:
+        assert batched.client.samples_per_request == 32
+        got = batched.generate(PROMPTS, 4, sampling)
+        assert (server.generate_count, server.generate_items) == (1, 12)  # one batch of 12 items
+        want = single.generate(PROMPTS, 4, sampling)
+        assert (server.generate_count, server.generate_items) == (13, 24)
+        assert [len(g) for g in got] == [4, 4, 4]
+        for a, b in zip(flat(got), flat(want), strict=True):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            torch.testing.assert_close(a.log_probs, b.log_probs, atol=0, rtol=0)
+        reasons = {s.finish_reason for s in flat(got)}
+        assert reasons == {"stop", "length"}, reasons
+        for sample in flat(got):
+            stopped = sample.token_ids[-1] in range(40, 56) or sample.token_ids[-1] == EOS_ID
+            assert (sample.finish_reason == "stop") == stopped
+            assert sample.finish_reason == "stop" or len(sample.token_ids) == 5
+        assert len({tuple(s.token_ids) for s in got[1]}) > 1  # per-sample seeds inside one batch
+        # Sample s of prompt p is the one a lone request with that prompt and seed gets (order and seeds).
+        for p, s in [(0, 0), (1, 3), (2, 1)]:
+            body = generate_payload(PROMPTS[p], sampling, sequence_seed(11, p, s))
+            alone = requests.post(server.url + "/generate", json=body, timeout=30).json()
+            assert got[p][s].token_ids == alone["output_ids"]
+    finally:
+        batched.shutdown()
+        single.shutdown()
+
+
+def test_concurrency_counts_samples_and_servers_share_small_calls(standin):
+    a = standin(zero_latency=True, response_delay_s=0.2)
+    b = standin(zero_latency=True, response_delay_s=0.2)
+    engine = engine_for(a.url, b.url, max_concurrency=10, samples_per_request=4)
+    try:
+        groups = engine.generate([[1, 2]] * 40, 1, SamplingParams(max_new_tokens=3))
+        assert all(g[0].finish_reason == "length" and len(g[0].token_ids) == 3 for g in groups)
+        assert a.generate_items + b.generate_items == 40 and a.generate_items > 0 and b.generate_items > 0
+        assert a.max_items_in_flight + b.max_items_in_flight <= 10  # samples, not requests
+        assert max(a.max_items_in_flight, b.max_items_in_flight) >= 4  # batches really went out
+        # A small call is spread over both servers instead of riding in one batch.
+        before = (a.generate_items, b.generate_items)
+        engine.generate([[3]], 6, SamplingParams(max_new_tokens=2))
+        assert (a.generate_items - before[0], b.generate_items - before[1]) == (3, 3)
+    finally:
+        engine.shutdown()
+
+
+def _spawn(port, *extra):
+    return subprocess.Popen([sys.executable, STANDIN_SCRIPT, "--zero-latency", "--port", str(port), *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_healthy(url, deadline_s=60):
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/health_generate", timeout=1).status_code == 200:
+                return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} not healthy")
+
+
+def test_server_killed_mid_batch_group_retried_then_clear_error():
+    ports = [free_port(), free_port()]
+    processes = [_spawn(port, "--response-delay-s", "1.0") for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    engine = None
+    try:
+        for url in urls:
+            _wait_healthy(url)
+        engine = engine_for(*urls, samples_per_request=8, max_retries=2, request_timeout_s=30)
+        result = {}
+        worker = threading.Thread(target=lambda: result.update(
+            out=engine.generate([[4, 5, 6]] * 32, 1, SamplingParams(max_new_tokens=4))))
+        worker.start()
+        time.sleep(0.4)  # 4 batches of 8 in flight, 2 on each server
+        os.killpg(processes[0].pid, signal.SIGKILL)
+        worker.join(30)
+        assert not worker.is_alive(), "generate() hung after a server died mid-batch"
+        assert all(g[0].finish_reason == "length" and len(g[0].token_ids) == 4 for g in result["out"])
+        os.killpg(processes[1].pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(RolloutError, match=r"/generate \(8 samples\) failed 3 times"):
+            engine.generate([[4]] * 16, 1, SamplingParams(max_new_tokens=4))
+        assert time.monotonic() - started < 20
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_abort_of_batched_requests(standin):
+    server = standin(token_delay_s=0.05)
+    engine = engine_for(server.url, max_concurrency=8, samples_per_request=4)
+    try:
+        result = {}
+        sampling = SamplingParams(max_new_tokens=200, ignore_eos=True)
+        worker = threading.Thread(target=lambda: result.update(out=engine.generate(PROMPTS, 4, sampling)))
+        worker.start()
+        time.sleep(0.6)
+        started = time.monotonic()
+        engine.abort()
+        worker.join(20)
+        assert not worker.is_alive(), "generate() did not return after abort()"
+        assert time.monotonic() - started < 5
+        samples = flat(result["out"])
+        assert len(samples) == 12 and all(s.finish_reason == "abort" for s in samples)
+        assert sum(len(s.token_ids) > 0 for s in samples) >= 8  # both running batches answer per item
+        assert server.generate_count == 2  # the third group never went out (budget of 8 samples)
+        again = engine.generate([[1]], 5, SamplingParams(max_new_tokens=2, ignore_eos=True))
+        assert [s.finish_reason for s in again[0]] == ["length"] * 5
+    finally:
+        engine.shutdown()
+
+
+def test_unexpected_batch_answer_is_a_clear_error():
+    from maspo_megatron.rollout.sglang.protocol import parse_batch_response
+
+    with pytest.raises(RolloutError, match="a batch of 3 items was answered with a list of 2 results"):
+        parse_batch_response([{}, {}], 3, url="http://x", default_weight_version=0)
+    with pytest.raises(RolloutError, match="answered with dict"):
+        parse_batch_response({"meta_info": {}}, 2, url="http://x", default_weight_version=0)
