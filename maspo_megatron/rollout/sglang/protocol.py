@@ -54,16 +54,17 @@ def batch_payload(items: Sequence[tuple[list[int], dict]]) -> dict:
 
 def parse_weight_version(value: Any, default: int) -> int:
     """SGLang reports `weight_version` as a string ("default" until a sync sets one)."""
+    if value is None or value == "default":  # the common case, without raising
+        return default
     try:
         return int(value)
     except (TypeError, ValueError):
         return default
 
 
-def parse_generate_response(body: Any, *, url: str, default_weight_version: int) -> Sample:
-    """One `/generate` result dict -> `Sample`; malformed bodies raise RolloutError naming `url`."""
-    if isinstance(body, list) and len(body) == 1:
-        body = body[0]
+def _parse_result(body: Any, url: str) -> tuple[list[int], list[float], str, Any]:
+    """One `/generate` result dict -> (token_ids, log_probs, finish type, weight_version); malformed
+    results raise RolloutError naming `url`."""
     if not isinstance(body, dict) or not isinstance(body.get("meta_info"), dict):
         raise RolloutError(f"{url}/generate: response has no meta_info object: {str(body)[:200]}")
     meta = body["meta_info"]
@@ -73,11 +74,9 @@ def parse_generate_response(body: Any, *, url: str, default_weight_version: int)
     triples = meta.get("output_token_logprobs")
     if not isinstance(triples, list):
         raise RolloutError(f"{url}/generate: meta_info.output_token_logprobs missing (was return_logprob sent?)")
-    try:  # the common case in two comprehensions; the slow loop below only names a bad entry
-        if any(len(triple) != 3 for triple in triples):
-            raise TypeError
-        log_probs = [float(triple[0]) for triple in triples]
-        token_ids = [int(triple[1]) for triple in triples]
+    try:  # unpacking checks the triple shape; the loop below only runs to name a bad entry
+        log_probs = [float(logprob) for logprob, _token, _text in triples]
+        token_ids = [int(token) for _logprob, token, _text in triples]
     except (TypeError, ValueError):
         for position, triple in enumerate(triples):
             if not isinstance(triple, (list, tuple)) or len(triple) != 3 or triple[0] is None:
@@ -86,12 +85,16 @@ def parse_generate_response(body: Any, *, url: str, default_weight_version: int)
     output_ids = body.get("output_ids")
     if output_ids is not None and output_ids != token_ids:
         raise RolloutError(f"{url}/generate: output_ids and output_token_logprobs disagree ({len(output_ids)} vs {len(token_ids)} tokens)")
-    return Sample(
-        token_ids=token_ids,
-        log_probs=log_probs,
-        finish_reason=finish["type"],
-        weight_version=parse_weight_version(meta.get("weight_version"), default_weight_version),
-    )
+    return token_ids, log_probs, finish["type"], meta.get("weight_version")
+
+
+def parse_generate_response(body: Any, *, url: str, default_weight_version: int) -> Sample:
+    """One `/generate` result dict (or a list holding one) -> `Sample`."""
+    if isinstance(body, list) and len(body) == 1:
+        body = body[0]
+    token_ids, log_probs, finish, version = _parse_result(body, url)
+    return Sample(token_ids=token_ids, log_probs=log_probs, finish_reason=finish,
+                  weight_version=parse_weight_version(version, default_weight_version))
 
 
 def parse_batch_response(body: Any, count: int, *, url: str, default_weight_version: int) -> list[Sample]:
@@ -99,4 +102,5 @@ def parse_batch_response(body: Any, count: int, *, url: str, default_weight_vers
     if not isinstance(body, list) or len(body) != count:
         got = f"a list of {len(body)}" if isinstance(body, list) else type(body).__name__
         raise RolloutError(f"{url}/generate: a batch of {count} items was answered with {got} results")
+    # Each sample owns its log-prob tensor (views of one batch tensor would pickle the whole batch).
     return [parse_generate_response(item, url=url, default_weight_version=default_weight_version) for item in body]
