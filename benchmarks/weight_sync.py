@@ -1,16 +1,21 @@
 """Weight-sync export throughput and peak memory: the bucket iterator vs a plain memory copy.
 
 A Llama-shaped bf16 policy of >= 1 GB (--quick: ~10 MB) runs as TP2 x PP2 on four gloo processes.
-Each pipeline stage's source exports through the real path: "bucket iterator" is the syncer's fast
-path (TP shards scattered straight into two reused bucket buffers, bucket_writer.py); "general path"
-is the FP8 route (TP gather into a fresh full tensor, family table split, bucketing); "+flatten"
-also packs every bucket into a fresh uint8 buffer as the tensor transport does. Times are the best
-of three passes (a syncer keeps its buffers, so steady state is what a training run sees), memory
-the worst (the first pass allocates the reused buffers). Baseline, in the same processes: `dst.copy_(src)` of the same number of bytes
-(stage-sized, pre-touched buffers, one bucket-sized slice at a time), and `clone()` of the same
-slices into fresh memory (what producing new tensors costs: allocation + page faults). Reported:
-GB/s and ratios (issue target >= 0.5x memcpy), and the sources' peak extra RSS during the export as
-a multiple of bucket_bytes (target <= 2).
+Each pipeline stage exports through the real code: "shared bucket" is the syncer's path on one CPU
+host (bucket_writer.py: the bucket buffer is /dev/shm mapped by both TP ranks, each writes only its
+own shards into it, in parallel); "gathered to the source" is the same iterator with the shards
+moved to the source first (what CUDA / several hosts use; on one host via /dev/shm staging); the
+"general path" is the FP8 route (TP gather into a fresh full tensor, family table split, bucketing);
+"+flatten" also packs every bucket into a fresh uint8 buffer as the tensor transport does. Each case
+gets fresh buffers and runs one untimed memory pass (RSS and Pss sampled) and five timed passes; the
+time is the best timed pass (a syncer keeps its buffers, so steady state is what a run sees), memory
+the worst pass (the first one maps/allocates the reused buffers). Baseline, in the same processes:
+`dst.copy_(src)` of the same number of bytes on each stage source (stage-sized, pre-touched buffers,
+one bucket-sized slice at a time), and `clone()` of the same slices into fresh memory (allocation +
+page faults). Reported: GB/s and ratios (issue target >= 0.5x memcpy); memory as multiples of
+bucket_bytes: the sources' peak extra RSS (target <= 2; shared pages count in full in the RSS of
+every process that touched them) and the TP group's extra Pss in the memory pass (shared pages split
+between the ranks that map them; peak over time of the sum over a stage's ranks, max over stages).
 
     flock /tmp/maspo_heavy.lock .venv/bin/python benchmarks/weight_sync.py    # full (>= 1 GB)
     .venv/bin/python benchmarks/weight_sync.py --quick                        # smoke size
@@ -37,7 +42,7 @@ FULL = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, nu
             vocab_size=32000, num_hidden_layers=10, bucket_bytes=256 * 2**20)
 QUICK = dict(hidden_size=256, intermediate_size=704, num_attention_heads=4, num_key_value_heads=2,
              vocab_size=4000, num_hidden_layers=4, bucket_bytes=2 * 2**20)
-REPEATS = 3  # the best of three: the first pass also pays page faults of fresh buffers
+REPEATS = 5  # timed passes, the best counts (a loaded shared machine); the untimed memory pass comes first
 
 
 def _rss_bytes() -> int:
@@ -45,17 +50,35 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class _PeakRss:
-    """Samples this process's RSS every millisecond while active."""
+def _pss_bytes() -> int:
+    """Proportional set size: shared pages divided by the number of processes mapping them."""
+    with open("/proc/self/smaps_rollup") as handle:
+        for line in handle:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
-    def __init__(self) -> None:
-        self.peak = _rss_bytes()
+
+class _PeakMem:
+    """Samples this process's RSS (and, with pss=True, its Pss: reading smaps_rollup walks the page
+    tables, so only in the untimed pass) every millisecond while active."""
+
+    def __init__(self, pss: bool) -> None:
+        self._pss = pss
+        self.peak_rss = _rss_bytes()
+        self.pss_series: list = []  # (time.monotonic(), Pss bytes): the same clock in every process
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._sample()
+
+    def _sample(self) -> None:
+        self.peak_rss = max(self.peak_rss, _rss_bytes())
+        if self._pss:
+            self.pss_series.append((time.monotonic(), _pss_bytes()))
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
+            self._sample()
             time.sleep(0.001)
 
     def __enter__(self):
@@ -65,7 +88,7 @@ class _PeakRss:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+        self._sample()
 
 
 def _hf_config(shape: dict):
@@ -105,16 +128,16 @@ def _worker(shape: dict, out_path: str) -> None:
     wmap = WeightMap.from_hf_config(_hf_config(shape), tp=2)
     bucket_bytes = shape["bucket_bytes"]
     source = is_export_source(dims)
-    result = {"source": source, "rank": dist.get_rank()}
+    result = {"source": source, "rank": dist.get_rank(), "pp_rank": dims.pp_rank}
 
-    buffers = BucketBuffers(bucket_bytes)  # the syncer keeps one for its lifetime, as here
+    buffers = [None]  # fresh per case (its memory is the case's own); kept across its passes, as a syncer does
 
-    def export(flatten: bool, general: bool = False) -> tuple[float, int, int]:
+    def export(flatten: bool = False, general: bool = False, shared=None) -> tuple[float, int, int]:
         moved = largest = 0
         dist.barrier()
         start = time.perf_counter()
         buckets = (iter_buckets(megatron_hf_stream([chunk], wmap, dims), bucket_bytes) if general
-                   else iter_export_buckets([chunk], wmap, dims, buffers))
+                   else iter_export_buckets([chunk], wmap, dims, buffers[0], shared=shared))
         for bucket in buckets:
             moved += bucket_nbytes(bucket)
             largest = max(largest, max(t.numel() * t.element_size() for _, t in bucket))
@@ -138,21 +161,29 @@ def _worker(shape: dict, out_path: str) -> None:
         return time.perf_counter() - start, moved, 0
 
     cases = (("gather_gloo", lambda: gather_only(False)), ("gather", lambda: gather_only(True)),
-             ("general", lambda: export(False, general=True)), ("iterator", lambda: export(False)),
-             ("flatten", lambda: export(True)))
+             ("general", lambda: export(general=True)), ("iterator", lambda: export(shared=False)),
+             ("shared", lambda: export()), ("flatten", lambda: export(flatten=True)))
     for key, run_once in cases:
-        best, worst_rss = None, 0
-        for _ in range(REPEATS):
-            base = _rss_bytes()
-            with _PeakRss() as peak:
+        buffers[0] = BucketBuffers(bucket_bytes)
+        best, worst_rss, pss_series = None, 0, []
+        for repeat in range(REPEATS + 1):  # pass 0: memory only (Pss sampling costs CPU), untimed
+            dist.barrier()
+            base_rss = _rss_bytes()
+            with _PeakMem(pss=repeat == 0) as peak:
                 seconds, moved, largest = run_once()
-            run = {"seconds": seconds, "bytes": moved, "largest_tensor_bytes": largest}
-            best = run if best is None or seconds < best["seconds"] else best
-            # worst memory over the repeats, best time: the first repeat allocates the reused buffers
-            worst_rss = max(worst_rss, peak.peak - base)
-        result[key] = dict(best, extra_rss=worst_rss)
+            if repeat == 0:
+                pss_series = [(t, b - peak.pss_series[0][1]) for t, b in peak.pss_series]
+            else:
+                run = {"seconds": seconds, "bytes": moved, "largest_tensor_bytes": largest}
+                best = run if best is None or seconds < best["seconds"] else best
+            worst_rss = max(worst_rss, peak.peak_rss - base_rss)
+        shared_buffer = buffers[0].shared
+        result[key] = dict(best, extra_rss=worst_rss, pss_series=pss_series,
+                           shm_bytes=0 if shared_buffer is None else shared_buffer.nbytes)
+        buffers[0] = shared_buffer = None  # unmaps the case's buffers before the next case
+        dist.barrier()
 
-    stage_bytes = [result["iterator"]["bytes"]]
+    stage_bytes = [result["shared"]["bytes"]]
     if source:  # baseline: copy_ of the same bytes (source and target as large as the stage, so no
         # cache reuse flatters it), one bucket-sized slice at a time
         total = stage_bytes[0]
@@ -208,28 +239,45 @@ def _launch(shape: dict, workdir: str) -> list[dict]:
     return [json.loads(Path(workdir, f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
+CASES = (("gather_gloo", "TP gather alone, gloo (loopback TCP)"),
+         ("gather", "TP gather alone, /dev/shm staging"),
+         ("general", "general path (full tensors, fresh memory; FP8 uses it)"),
+         ("iterator", "bucket iterator, shards gathered to the source (CUDA / several hosts)"),
+         ("shared", "bucket iterator, shared bucket: each TP rank writes its own shards (one host)"),
+         ("flatten", "shared bucket + flatten (tensor transport)"))
+
+
+def _group_peak(series: list[list]) -> int:
+    """Peak over time of the sum of several processes' sampled values (each held until its next sample)."""
+    events = sorted((t, index, value) for index, one in enumerate(series) for t, value in one)
+    current, peak = [0] * len(series), 0
+    for _, index, value in events:
+        current[index] = value
+        peak = max(peak, sum(current))
+    return peak
+
+
 def _rows(results: list[dict], shape: dict) -> list[dict]:
     sources = [r for r in results if r["source"]]
-    total = sum(r["iterator"]["bytes"] for r in sources)
+    total = sum(r["shared"]["bytes"] for r in sources)
     memcpy_s = max(r["memcpy"]["seconds"] for r in sources)  # stages run side by side
     clone_s = max(r["memcpy"]["clone_seconds"] for r in sources)
     bucket = shape["bucket_bytes"]
-    largest = max(r["iterator"]["largest_tensor_bytes"] for r in sources)
+    largest = max(r["shared"]["largest_tensor_bytes"] for r in sources)
     gather_s = max(r["gather"]["seconds"] for r in sources)
+    stages = sorted({r["pp_rank"] for r in results})
     rows = []
-    for key, label in (("gather_gloo", "TP gather alone, gloo (loopback TCP)"),
-                       ("gather", "TP gather alone, shared memory (used)"),
-                       ("general", "general path (full tensors, fresh memory; FP8 uses it)"),
-                       ("iterator", "bucket iterator (shards into reused buffers)"),
-                       ("flatten", "bucket iterator + flatten")):
+    for key, label in CASES:
         seconds = max(r[key]["seconds"] for r in sources)
         extra = max(r[key]["extra_rss"] for r in sources)
+        group_pss = max(_group_peak([r[key]["pss_series"] for r in results if r["pp_rank"] == stage]) for stage in stages)
         rows.append({
             "benchmark": "weight_sync", "case": f"{label}, TP2xPP2, {total / 1e9:.2f} GB bf16",
             "ours_GB_per_s": total / seconds / 1e9, "memcpy_GB_per_s": total / memcpy_s / 1e9,
             "ratio_vs_memcpy": memcpy_s / seconds, "clone_GB_per_s": total / clone_s / 1e9,
             "ratio_vs_clone": clone_s / seconds, "ratio_vs_gather_alone": gather_s / seconds,
-            "peak_extra_rss_in_buckets": extra / bucket, "bucket_MiB": bucket / 2**20,
+            "peak_extra_rss_in_buckets": extra / bucket, "tp_group_extra_pss_in_buckets": group_pss / bucket,
+            "shm_MiB": max(r[key]["shm_bytes"] for r in sources) / 2**20, "bucket_MiB": bucket / 2**20,
             "largest_tensor_MiB": largest / 2**20,
         })
     return rows
