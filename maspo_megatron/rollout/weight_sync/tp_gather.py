@@ -12,7 +12,6 @@ enters after it has read parameter i - 2 from that buffer.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from typing import Iterable, Optional
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from maspo_megatron.models import layouts
+from maspo_megatron.rollout.weight_sync.shared_bucket import one_cpu_host
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -43,11 +43,7 @@ class TPGatherer:
             self._open_staging(max((_nbytes(p) for p in params), default=0))
 
     def _one_cpu_host(self, params: list) -> bool:
-        if self.group is None or any(p.is_cuda for p in params):
-            return False
-        hosts = [None] * self.dims.tp
-        dist.all_gather_object(hosts, socket.gethostname(), group=self.group)
-        return len(set(hosts)) == 1
+        return self.group is not None and one_cpu_host(params, self.dims)
 
     def _open_staging(self, nbytes: int) -> None:
         token = [uuid.uuid4().hex if self.dims.tp_rank == 0 else None]
