@@ -11,7 +11,8 @@ with its own sequential baseline:
   processes on the same cores here;
 - server answers after a fixed service time per HTTP request (an asyncio sleep, no CPU): what
   overlapping requests buys.
-Rows are ratios against the sequential loop measured in the same run.
+Rows are ratios against the sequential loop measured in the same run: the zero-latency cases run 3
+times interleaved with the baseline (median of each), since other jobs on the same cores move both.
 
     python benchmarks/rollout_client.py            # 8192 samples per concurrent measurement
     python benchmarks/rollout_client.py --quick    # smoke size
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -86,36 +88,39 @@ def client_run(url: str, count: int, concurrency: int, samples_per_request: int)
         engine.shutdown()
 
 
-def measure(scenario: str, server_args: list[str], count: int, sequential_count: int) -> list[dict]:
+def measure(scenario: str, server_args: list[str], count: int, sequential_count: int, repeats: int) -> list[dict]:
+    """Every case `repeats` times, interleaved (sequential loop, then each client case, again ...),
+    so a load spike from other jobs hits baseline and client alike; rows report the median rate."""
     process, url = start_server(server_args)
-    rows = []
+    batched = SGLangConfig().samples_per_request
+    cases = [(1, 1, sequential_count)] + [(c, k, count if k > 1 else count // 2)  # unbatched is slower: fewer samples
+                                          for c in (64, 512) for k in (batched, 1)]
+    seq_s: list[float] = []
+    client_s: dict[tuple, list[float]] = {case: [] for case in cases}
     try:
         sequential_loop(url, 16)  # warm-up
-        seq_s = sequential_loop(url, sequential_count)
-        seq_rps = sequential_count / seq_s
-        seq_latency_ms = 1000 * seq_s / sequential_count
-        rows.append({"bench": "rollout_client", "scenario": scenario, "case": "sequential requests loop",
-                     "requests": sequential_count, "req_per_s": round(seq_rps, 1), "ms_per_req": round(seq_latency_ms, 3),
-                     "ratio_vs_sequential": 1.0})
-        batched = SGLangConfig().samples_per_request
-        for concurrency in (1, 64, 512):
-            for per_request in ((1,) if concurrency == 1 else (batched, 1)):
-                n = sequential_count if concurrency == 1 else count
-                if per_request == 1 and concurrency > 1:
-                    n = count // 2  # the unbatched client is slower: fewer samples keep the run short
-                elapsed = client_run(url, n, concurrency, per_request)
-                rps = n / elapsed
-                row = {"bench": "rollout_client", "scenario": scenario,
-                       "case": f"client, concurrency {concurrency}, {per_request} sample(s)/request",
-                       "requests": n, "req_per_s": round(rps, 1), "ms_per_req": round(1000 * elapsed / n, 3),
-                       "ratio_vs_sequential": round(rps / seq_rps, 2)}
-                if concurrency == 1:
-                    # What the client adds per sample over the plain loop (both wait for the same server).
-                    row["added_latency_ms"] = round(1000 * elapsed / n - seq_latency_ms, 3)
-                rows.append(row)
+        for _ in range(repeats):
+            seq_s.append(sequential_loop(url, sequential_count))
+            for concurrency, per_request, n in cases:
+                client_s[(concurrency, per_request, n)].append(client_run(url, n, concurrency, per_request))
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    seq_rps = sequential_count / statistics.median(seq_s)
+    seq_latency_ms = 1000 / seq_rps
+    rows = [{"bench": "rollout_client", "scenario": scenario, "case": "sequential requests loop",
+             "requests": sequential_count, "runs": repeats, "req_per_s": round(seq_rps, 1),
+             "ms_per_req": round(seq_latency_ms, 3), "ratio_vs_sequential": 1.0}]
+    for (concurrency, per_request, n), times in client_s.items():
+        rps = n / statistics.median(times)
+        row = {"bench": "rollout_client", "scenario": scenario,
+               "case": f"client, concurrency {concurrency}, {per_request} sample(s)/request",
+               "requests": n, "runs": repeats, "req_per_s": round(rps, 1), "ms_per_req": round(1000 / rps, 3),
+               "ratio_vs_sequential": round(rps / seq_rps, 2)}
+        if concurrency == 1:
+            # What the client adds per sample over the plain loop (both wait for the same server).
+            row["added_latency_ms"] = round(1000 / rps - seq_latency_ms, 3)
+        rows.append(row)
     return rows
 
 
@@ -123,13 +128,16 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke size")
     parser.add_argument("--requests", type=int, default=None, help="samples per concurrent measurement")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="interleaved repetitions of the zero-latency scenario (median reported; default 3, quick 1)")
     parser.add_argument("--service-ms", type=float, default=100.0,
                         help="server time per HTTP request of the second scenario (asyncio sleep in the stand-in; real generation takes seconds)")
     args = parser.parse_args(argv)
     count = args.requests or (1024 if args.quick else 8192)
-    rows = measure("zero-latency server", [], count, max(64, count // 8))
+    repeats = args.repeats or (1 if args.quick else 3)
+    rows = measure("zero-latency server", [], count, max(64, count // 8), repeats)
     delay = ["--response-delay-s", str(args.service_ms / 1000)]
-    rows += measure(f"server answers after {args.service_ms:g} ms", delay, count, 16 if args.quick else 50)
+    rows += measure(f"server answers after {args.service_ms:g} ms", delay, count, 16 if args.quick else 50, 1)
     print(f"{'scenario':<30} {'case':<42} {'samples':>8} {'samples/s':>9} {'ms/smp':>8} {'x seq':>7} {'added ms':>9}")
     for row in rows:
         print(f"{row['scenario']:<30} {row['case']:<42} {row['requests']:>8} {row['req_per_s']:>9} {row['ms_per_req']:>8} "
