@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from maspo_megatron.models.hf_loader import stage_layer_offset
@@ -104,17 +103,6 @@ class BucketBuffers:
 
 
 # ---- per-shard scatter --------------------------------------------------------------------------
-def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-    """dst.copy_(src); on CPU with rows contiguous in both, numpy's copy of the same bytes (viewed as
-    uint8): torch's copy into a strided destination (the column half of a row-parallel weight) runs at
-    ~half of memcpy, numpy's at memcpy speed (measured in docs/weight_sync.md)."""
-    if (dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype and dst.shape == src.shape
-            and dst.dim() > 0 and dst.stride(-1) == 1 and src.stride(-1) == 1 and dst.numel() > 0):
-        np.copyto(dst.view(torch.uint8).numpy(), src.view(torch.uint8).numpy(), casting="no")
-        return
-    dst.copy_(src)
-
-
 def _check_shard(name: str, shard: torch.Tensor, dim: Optional[int], tp: int, full: Tuple[int, ...]) -> None:
     want = list(full)
     if dim is not None:
@@ -137,7 +125,7 @@ def scatter_shard(layout: str, shard: torch.Tensor, rank: int, tp: int, dim: Opt
         rank, tp = 0, 1
     if layout == "copy":
         target = dests[0].chunk(tp, dim=dim)[rank] if tp > 1 else dests[0]
-        _copy(target, shard)
+        target.copy_(shard)
         return
     if dim not in (None, 0):
         raise ValueError(f"{layout} layout split over dim {dim}: only dim 0 is supported")
@@ -145,13 +133,13 @@ def scatter_shard(layout: str, shard: torch.Tensor, rank: int, tp: int, dim: Opt
         rows, start = dests[0].shape[0], rank * shard.shape[0]
         take = max(0, min(shard.shape[0], rows - start))
         if take:
-            _copy(dests[0].narrow(0, start, take), shard.narrow(0, 0, take))
+            dests[0].narrow(0, start, take).copy_(shard.narrow(0, 0, take))
         return
     if layout == "gate_up":
         gate, up = dests
         rows = gate.shape[0] // tp
-        _copy(gate.narrow(0, rank * rows, rows), shard.narrow(0, 0, rows))
-        _copy(up.narrow(0, rank * rows, rows), shard.narrow(0, rows, rows))
+        gate.narrow(0, rank * rows, rows).copy_(shard.narrow(0, 0, rows))
+        up.narrow(0, rank * rows, rows).copy_(shard.narrow(0, rows, rows))
         return
     if layout == "qkv":
         q, k, v = dests
@@ -162,10 +150,10 @@ def scatter_shard(layout: str, shard: torch.Tensor, rank: int, tp: int, dim: Opt
         q_rows = heads_per_group * head_dim
         grouped = shard.view(groups_per_rank, (heads_per_group + 2) * head_dim, *rest)
         first = rank * groups_per_rank
-        _copy(q.view(num_groups, q_rows, *rest).narrow(0, first, groups_per_rank), grouped.narrow(1, 0, q_rows))
-        _copy(k.view(num_groups, head_dim, *rest).narrow(0, first, groups_per_rank), grouped.narrow(1, q_rows, head_dim))
-        _copy(v.view(num_groups, head_dim, *rest).narrow(0, first, groups_per_rank),
-              grouped.narrow(1, q_rows + head_dim, head_dim))
+        q.view(num_groups, q_rows, *rest).narrow(0, first, groups_per_rank).copy_(grouped.narrow(1, 0, q_rows))
+        k.view(num_groups, head_dim, *rest).narrow(0, first, groups_per_rank).copy_(grouped.narrow(1, q_rows, head_dim))
+        v.view(num_groups, head_dim, *rest).narrow(0, first, groups_per_rank).copy_(
+            grouped.narrow(1, q_rows + head_dim, head_dim))
         return
     raise ValueError(f"unknown layout {layout!r}")
 
