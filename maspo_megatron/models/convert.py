@@ -11,6 +11,7 @@ tokenizer files, for the way back) and `maspo_conversion.json` (what was convert
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,9 +24,17 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from maspo_megatron.models.dist_ckpt import DistCheckpointReader, extra_state_object, meta_sharded_tensor, save_lazy
+from maspo_megatron.models.byte_copy import RowMap, SegmentCopier, SpliceTarget, merge_segments, slice_rows
+from maspo_megatron.models.dist_ckpt import (
+    DistCheckpointReader,
+    extra_state_object,
+    meta_sharded_tensor,
+    row_map,
+    save_lazy,
+)
 from maspo_megatron.models.families import FAMILIES
 from maspo_megatron.models.hf_io import DTYPES, CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter
+from maspo_megatron.models.layouts import hf_row_blocks
 from maspo_megatron.models.meta import load_hf_config_dict, model_meta
 from maspo_megatron.models.weight_map import MegatronTensor, WeightMap
 
@@ -68,6 +77,19 @@ def ensure_process_group() -> bool:
     else:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     return True
+
+
+@contextlib.contextmanager
+def _conversion_scope(tmp: Path, created_group: bool):
+    """On any error the hidden partial output goes; the process group this call created always does."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if created_group:
+            dist.destroy_process_group()
 
 
 def _prepare_out_dir(out_dir: Path) -> Path:
@@ -167,6 +189,44 @@ def _build_full(mt: MegatronTensor, wmap: WeightMap, reader: HFCheckpointReader,
     return out
 
 
+def _row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of one row (dim 0) of a contiguous tensor; a 1-D tensor's rows are its elements."""
+    return torch.Size(shape[1:]).numel() * dtype.itemsize
+
+
+def _hf_row_map(mt: MegatronTensor, wmap: WeightMap, reader: HFCheckpointReader, dtype: torch.dtype) -> Optional[RowMap]:
+    """Which HF file bytes hold each row of the full Megatron tensor `mt` (vocab padding rows: none),
+    when every source is a safetensors tensor already in `dtype`; None otherwise (built in memory)."""
+    meta = wmap.meta
+    try:
+        blocks = hf_row_blocks(mt.rule.layout, mt.shape[0], meta.num_heads, meta.num_kv_heads, meta.head_dim, meta.vocab_size)
+    except ValueError:
+        return None
+    rows: RowMap = []
+    for name, name_blocks in zip([n.format(i=mt.layer) for n in mt.rule.hf], blocks, strict=True):
+        located = reader.locate(name)
+        if located is None or located[3] != dtype:
+            return None
+        path, offset, shape, _ = located
+        hf_row = 0
+        for start, count in name_blocks:
+            rows.append((start, count, path, offset + hf_row * _row_bytes(shape, dtype)))
+            hf_row += count
+    return sorted(rows)
+
+
+def _fragment_rows(mt: MegatronTensor, piece: int, pieces: int) -> Optional[tuple[int, int]]:
+    """Rows [lo, hi) of the full tensor that checkpoint chunk `piece` holds; None when the chunk
+    is a column block (TP split along dim 1), which is not one run of rows."""
+    dim = mt.rule.tp_dim
+    if dim is None or pieces == 1:
+        return 0, mt.shape[0]
+    if dim != 0:
+        return None
+    per = mt.shape[0] // pieces
+    return piece * per, (piece + 1) * per
+
+
 def hf_to_megatron(
     hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
     dtype: Optional[str] = None, vocab_divisible_by: int = 128, progress: bool = True,
@@ -185,7 +245,7 @@ def hf_to_megatron(
     created = ensure_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     tmp = _prepare_out_dir(out_dir)
-    try:
+    with _conversion_scope(tmp, created):
         cfg = load_hf_config_dict(hf_dir)
         meta = model_meta(cfg, tp=tp, vocab_divisible_by=vocab_divisible_by)
         check_parallel_fit(meta, ParallelConfig(tp=tp, pp=pp))
@@ -207,28 +267,55 @@ def hf_to_megatron(
                 cache[mt.name] = _build_full(mt, wmap, reader, src_dtypes)
             return cache[mt.name]
 
-        def make_producer(mt: MegatronTensor, piece: int, pieces: int, dim: Optional[int]) -> Callable[[], torch.Tensor]:
+        # chunks whose bytes are runs of HF file bytes are copied file to file by the kernel: DCP
+        # gets a view of one never-touched allocation and the output stream copies the runs
+        splice = SpliceTarget(SegmentCopier())
+        placeholder: list[torch.Tensor] = []
+
+        def make_producer(mt: MegatronTensor, piece: int, pieces: int, rows: Optional[RowMap], chunk_shape: tuple,
+                          dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+            span = _fragment_rows(mt, piece, pieces)
+
             def produce() -> torch.Tensor:
+                if rows is not None and span is not None:
+                    segments = slice_rows(rows, *span, _row_bytes(mt.shape, dtype))
+                    nbytes = sum(seg.nbytes for seg in segments)
+                    chunk = placeholder[0][:nbytes].view(dtype).view(chunk_shape)
+                    if nbytes:  # torch.save writes nothing for an empty tensor
+                        splice.expect(chunk.data_ptr(), segments, f"{mt.name} chunk {piece}")
+                    return chunk
                 full = full_of(mt)
-                return full if dim is None else torch.chunk(full, pieces, dim=dim)[piece]
+                return full if mt.rule.tp_dim is None else torch.chunk(full, pieces, dim=mt.rule.tp_dim)[piece]
             return produce
 
+        spliced_bytes = 0
         for mt in wmap.megatron_tensors():
             stage = 0 if mt.name.startswith("embedding.") else (pp - 1 if mt.layer is None else mt.layer // layers_per_stage)
             target = DTYPES[dtype] if dtype else src_dtypes[mt.rule.hf[0].format(i=mt.layer)]
             ch = _chunking(mt, wmap, tp)
+            rows = None
             for j, (offsets, tp_rank) in enumerate(zip(ch.rank_offsets, ch.tp_ranks, strict=True)):
                 if (stage * tp + tp_rank) % world != rank:
                     continue
+                if rows is None:
+                    rows = _hf_row_map(mt, wmap, reader, target)
                 sh = meta_sharded_tensor(ch.key, ch.chunk_shape, target, *offsets, prepend_axis_num=ch.prepend)
                 state[f"{mt.name}#{j}"] = sh
-                producers[(ch.key, tuple(sh.global_offset))] = make_producer(mt, j, len(ch.rank_offsets), mt.rule.tp_dim)
-                total += sh.data.numel() * sh.data.element_size()
+                producers[(ch.key, tuple(sh.global_offset))] = make_producer(mt, j, len(ch.rank_offsets), rows, ch.chunk_shape, target)
+                nbytes = sh.data.numel() * sh.data.element_size()
+                total += nbytes
+                if rows is not None and _fragment_rows(mt, j, len(ch.rank_offsets)) is not None:
+                    spliced_bytes = max(spliced_bytes, nbytes)
             if mt.layer is not None and mt.rule.megatron == "self_attention.linear_qkv.weight" and (stage * tp) % world == rank:
                 for key in EXTRA_STATE_KEYS:
                     state[f"{key}#{mt.layer}"] = extra_state_object(key, mt.layer, meta.num_layers)
         meter = Progress("hf->megatron", total, progress and rank == 0)
-        save_lazy(state, producers, tmp, on_write=meter.add)
+        # virtual only: its pages are never touched (the kernel copies the bytes), so never resident
+        placeholder.append(torch.empty(spliced_bytes, dtype=torch.uint8))
+        try:
+            save_lazy(state, producers, tmp, on_write=meter.add, splice=splice)
+        finally:
+            splice.copier.close()
         reader.close()
         if rank == 0:
             _copy_side_files(hf_dir, tmp / HF_CONFIG_SUBDIR, dtype)
@@ -238,12 +325,6 @@ def hf_to_megatron(
             os.replace(tmp, out_dir)
         dist.barrier()
         return out_dir
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if created:
-            dist.destroy_process_group()
 
 
 def _check_megatron_tensors(reader: DistCheckpointReader, wmap: WeightMap) -> None:
@@ -275,6 +356,26 @@ def _write_qkv(mt: MegatronTensor, wmap: WeightMap, full: torch.Tensor, writer: 
         writer.add_parts(name, [grouped[g, lo:hi] for g in range(meta.num_kv_heads)])
 
 
+def _write_spliced(mt: MegatronTensor, wmap: WeightMap, reader: DistCheckpointReader, writer: ShardedSafetensorsWriter,
+                   dtype: Optional[torch.dtype]) -> bool:
+    """Writes the HF tensors of `mt` as runs of `.distcp` bytes copied file to file by the kernel
+    (q/k/v: per-group row runs; gate/up: halves; vocab: padding rows left out). False, writing
+    nothing, when the bytes are not runs of whole rows in the output dtype (then use `load`)."""
+    source = reader.dtype(mt.ckpt_key)
+    if dtype is not None and dtype != source:
+        return False
+    rows = row_map(reader, mt.ckpt_key, mt.layer)
+    if rows is None:
+        return False
+    meta = wmap.meta
+    blocks = hf_row_blocks(mt.rule.layout, mt.shape[0], meta.num_heads, meta.num_kv_heads, meta.head_dim, meta.vocab_size)
+    row_bytes = _row_bytes(mt.shape, source)
+    for name, name_blocks in zip([n.format(i=mt.layer) for n in mt.rule.hf], blocks, strict=True):
+        segments = [seg for start, count in name_blocks for seg in slice_rows(rows, start, start + count, row_bytes)]
+        writer.add_segments(name, merge_segments(segments))
+    return True
+
+
 def megatron_to_hf(
     megatron_dir: str | os.PathLike, out_dir: str | os.PathLike, hf_config_dir: Optional[str | os.PathLike] = None,
     dtype: Optional[str] = None, max_shard_bytes: int = 5 * 10**9, progress: bool = True,
@@ -296,7 +397,7 @@ def megatron_to_hf(
     split = created if split_across_ranks is None else split_across_ranks
     rank, world = (dist.get_rank(), dist.get_world_size()) if split else (0, 1)
     tmp = _prepare_out_dir(out_dir)
-    try:
+    with _conversion_scope(tmp, created):
         wmap = WeightMap.from_hf_config(cfg_dir)
         reader = DistCheckpointReader(megatron_dir)
         _check_megatron_tensors(reader, wmap)
@@ -320,14 +421,16 @@ def megatron_to_hf(
         failed = torch.zeros(1)
         try:
             for mt in mine:  # one tensor (one layer's slice of a stacked tensor) at a time
-                (full,) = reader.load([(mt.ckpt_key, mt.layer)])
-                if mt.rule.layout == "qkv":
-                    _write_qkv(mt, wmap, full, writer)
-                else:
-                    for hf_name, tensor in wmap.megatron_to_hf(mt.name, full):
-                        writer.add(hf_name, tensor)
-                meter.add(full.numel() * full.element_size())
-                del full
+                if mt.rule.layout not in ("copy", "vocab", "qkv", "gate_up") \
+                        or not _write_spliced(mt, wmap, reader, writer, DTYPES[dtype] if dtype else None):
+                    (full,) = reader.load([(mt.ckpt_key, mt.layer)])
+                    if mt.rule.layout == "qkv":
+                        _write_qkv(mt, wmap, full, writer)
+                    else:
+                        for hf_name, tensor in wmap.megatron_to_hf(mt.name, full):
+                            writer.add(hf_name, tensor)
+                    del full
+                meter.add(torch.Size(mt.shape).numel() * reader.dtype(mt.ckpt_key).itemsize)
             writer.finish()
         except BaseException:
             failed.fill_(1)
@@ -345,9 +448,3 @@ def megatron_to_hf(
         if split:
             dist.barrier()
         return out_dir
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if created:
-            dist.destroy_process_group()

@@ -37,6 +37,7 @@ from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItemType
 
+from maspo_megatron.models.byte_copy import RowMap, SpliceFileSystem, SpliceTarget
 from maspo_megatron.models.hf_io import CheckpointError
 
 ChunkProducer = Callable[[], torch.Tensor]
@@ -89,10 +90,11 @@ def _exact_storage(tensor: torch.Tensor) -> torch.Tensor:
 class _LazyTorchDistStrategy(SaveShardedStrategy):
     """A synchronous torch_dist (version 1) save strategy over `_LazySavePlanner`."""
 
-    def __init__(self, producers: dict, on_write: Callable[[int], None]):
+    def __init__(self, producers: dict, on_write: Callable[[int], None], splice: Optional[SpliceTarget]):
         super().__init__("torch_dist", 1)
         self._producers = producers
         self._on_write = on_write
+        self._splice = splice
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -105,15 +107,19 @@ class _LazyTorchDistStrategy(SaveShardedStrategy):
         # torch.save's zip CRC32 costs more than the copy itself; torch.load does not need it
         previous_crc = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
+        # thread_count=1 on CPU: DCP's serial loader resolves each item right before writing it
+        # (filesystem._SerialCpuLoader), so a chunk's placeholder is written before the next is made
+        writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=False)
+        if self._splice is not None:
+            writer.fs = SpliceFileSystem(self._splice)
         try:
-            dcp.save(
-                pyt_state_dict,
-                storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=False),
-                planner=planner,
-            )
+            dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+            if self._splice is not None:
+                self._splice.check_consumed()
         except BaseException:  # DCP's CheckpointException derives from BaseException
-            if planner.error is not None:  # surface e.g. "tensor X: ..." instead of DCP's wrapper
-                raise planner.error from None
+            own = planner.error or (self._splice.error if self._splice is not None else None)
+            if own is not None:  # surface e.g. "tensor X: ..." instead of DCP's wrapper
+                raise own from None
             raise
         finally:
             torch.serialization.set_crc32_options(previous_crc)
@@ -131,12 +137,16 @@ def save_lazy(
     producers: dict[tuple[str, tuple[int, ...]], ChunkProducer],
     out_dir: Path,
     on_write: Callable[[int], None] = lambda nbytes: None,
+    splice: Optional[SpliceTarget] = None,
 ) -> None:
     """Saves a sharded state dict of meta ShardedTensors (+ ShardedObjects); chunk data from `producers`.
 
     producers: {(checkpoint key, global offsets incl. the stacked-layer axis): () -> chunk tensor}.
+    splice: the target a producer registers a placeholder chunk with (`SpliceTarget.expect`): the
+    output streams then copy that chunk's bytes from its source files in the kernel.
     """
-    dist_checkpointing.save(sharded_state_dict, str(out_dir), sharded_strategy=_LazyTorchDistStrategy(producers, on_write))
+    strategy = _LazyTorchDistStrategy(producers, on_write, splice)
+    dist_checkpointing.save(sharded_state_dict, str(out_dir), sharded_strategy=strategy)
     if producers:
         leftover = next(iter(producers))
         raise CheckpointError(f"{leftover[0]}: chunk at {leftover[1]} was planned but never written")
@@ -308,13 +318,14 @@ def _chunk_data_offset(view: _FileView, nbytes: int, where: str) -> int:
     return records[0].header_offset + 30 + name_len + extra_len
 
 
-def _read_direct(reader: DistCheckpointReader, key: str, layer: Optional[int]) -> Optional[torch.Tensor]:
-    """tensor[layer] (or the whole tensor) read from the chunk files into one new tensor, each
-    chunk's bytes going straight into its place (a bounce buffer only where that place is strided).
+def _locate_chunks(reader: DistCheckpointReader, key: str, layer: Optional[int]):
+    """Where the bytes of tensor[layer] (or the whole tensor) lie: (slice shape, dtype, [(chunk
+    offsets within the slice, chunk sizes, file, offset of its raw bytes)]), or None when some
+    chunk lies only partly inside the slice.
 
     Each item's pickle is read with `weights_only=True` and without its data (`skip_data`) to
     check it holds exactly a contiguous tensor of the metadata's shape and dtype; nothing else in
-    the file is interpreted. Returns None when some chunk lies only partly inside the slice.
+    the file is interpreted.
     """
     md = reader.tensors.get(key)
     if md is None:
@@ -324,27 +335,24 @@ def _read_direct(reader: DistCheckpointReader, key: str, layer: Optional[int]) -
         raise CheckpointError(f"{key}: layer {layer} out of range (checkpoint has {shape[0]})")
     lo = (0,) * len(shape) if layer is None else (layer,) + (0,) * (len(shape) - 1)
     hi = shape if layer is None else (layer + 1, *shape[1:])
-    target = torch.empty(tuple(h - low for low, h in zip(lo, hi, strict=True)), dtype=dtype)
-    plan, covered = [], 0
+    slice_shape = tuple(h - low for low, h in zip(lo, hi, strict=True))
+    found, covered = [], 0
     for chunk in md.chunks:
         c_lo, c_size = tuple(chunk.offsets), tuple(chunk.sizes)
         if any(o + s <= a or o >= b for o, s, a, b in zip(c_lo, c_size, lo, hi, strict=True)):
             continue  # no overlap
         if any(o < a or o + s > b for o, s, a, b in zip(c_lo, c_size, lo, hi, strict=True)):
             return None  # the chunk reaches outside the slice
-        dest = target
-        for dim, (o, s, a) in enumerate(zip(c_lo, c_size, lo, strict=True)):
-            dest = dest.narrow(dim, o - a, s)
         info = reader.metadata.storage_data.get(MetadataIndex(key, c_lo))
         if info is None or getattr(info, "transform_descriptors", None):
             return None
-        plan.append((dest, info))
-        covered += dest.numel()
-    if covered != target.numel():
+        found.append((tuple(o - a for o, a in zip(c_lo, lo, strict=True)), c_size, info))
+        covered += torch.Size(c_size).numel()
+    if covered != torch.Size(slice_shape).numel():
         raise CheckpointError(f"{key}: the chunks in {reader.dir} do not cover {'all of it' if layer is None else f'layer {layer}'}")
-    handles: dict[str, object] = {}
+    plan, handles = [], {}
     try:
-        for dest, info in plan:
+        for rel_lo, c_size, info in found:
             path = reader.dir / info.relative_path
             if info.relative_path not in handles:
                 handles[info.relative_path] = open(path, "rb", buffering=0)
@@ -355,25 +363,60 @@ def _read_direct(reader: DistCheckpointReader, key: str, layer: Optional[int]) -
                     meta = torch.load(io.BufferedReader(view), map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as exc:
                 raise CheckpointError(f"{where}: refusing to load: {str(exc).splitlines()[0]}") from None
-            nbytes = dest.numel() * dtype.itemsize
-            if not isinstance(meta, torch.Tensor) or tuple(meta.shape) != tuple(dest.shape) or meta.dtype != dtype \
+            nbytes = torch.Size(c_size).numel() * dtype.itemsize
+            if not isinstance(meta, torch.Tensor) or tuple(meta.shape) != c_size or meta.dtype != dtype \
                     or not meta.is_contiguous() or meta.storage_offset() != 0 or meta.untyped_storage().nbytes() != nbytes:
-                raise CheckpointError(f"{where}: item does not hold a contiguous {dtype} tensor of shape {tuple(dest.shape)}")
-            data_offset = _chunk_data_offset(view, nbytes, where)
-            bounce = dest if dest.is_contiguous() else torch.empty(dest.shape, dtype=dtype)
-            view.seek(data_offset)
-            buf = memoryview(bounce.reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < nbytes:
-                got = view.readinto(buf[done:])
-                if not got:
-                    raise CheckpointError(f"{where}: truncated")
-                done += got
-            if bounce is not dest:
-                dest.copy_(bounce)
+                raise CheckpointError(f"{where}: item does not hold a contiguous {dtype} tensor of shape {c_size}")
+            plan.append((rel_lo, c_size, str(path), info.offset + _chunk_data_offset(view, nbytes, where)))
     finally:
         for handle in handles.values():
             handle.close()
+    return slice_shape, dtype, plan
+
+
+def row_map(reader: DistCheckpointReader, key: str, layer: Optional[int]) -> Optional[RowMap]:
+    """The rows (dim 0) of tensor[layer] (or of the whole tensor) as runs of file bytes, when every
+    chunk holds whole rows (TP split along dim 0 only); None otherwise (then use `load`)."""
+    located = _locate_chunks(reader, key, layer)
+    if located is None:
+        return None
+    slice_shape, _, plan = located
+    skip = 0 if layer is None else 1  # the stacked-layer axis
+    rows: RowMap = []
+    for rel_lo, c_size, path, data_offset in plan:
+        if any(o != 0 for o in rel_lo[skip + 1:]) or c_size[skip + 1:] != slice_shape[skip + 1:]:
+            return None
+        start = rel_lo[skip] if len(rel_lo) > skip else 0
+        rows.append((start, c_size[skip] if len(c_size) > skip else 1, path, data_offset))
+    return sorted(rows)
+
+
+def _read_direct(reader: DistCheckpointReader, key: str, layer: Optional[int]) -> Optional[torch.Tensor]:
+    """tensor[layer] (or the whole tensor) read from the chunk files into one new tensor, each
+    chunk's bytes going straight into its place (a bounce buffer only where that place is strided).
+    Returns None when some chunk lies only partly inside the slice (`_locate_chunks`)."""
+    located = _locate_chunks(reader, key, layer)
+    if located is None:
+        return None
+    slice_shape, dtype, plan = located
+    target = torch.empty(slice_shape, dtype=dtype)
+    for rel_lo, c_size, path, data_offset in plan:
+        dest = target
+        for dim, (o, s) in enumerate(zip(rel_lo, c_size, strict=True)):
+            dest = dest.narrow(dim, o, s)
+        bounce = dest if dest.is_contiguous() else torch.empty(dest.shape, dtype=dtype)
+        nbytes = dest.numel() * dtype.itemsize
+        buf = memoryview(bounce.reshape(-1).view(torch.uint8).numpy())
+        with open(path, "rb", buffering=0) as handle:
+            handle.seek(data_offset)
+            done = 0
+            while done < nbytes:
+                got = handle.readinto(buf[done:])
+                if not got:
+                    raise CheckpointError(f"{path} ({key} at {data_offset}): truncated")
+                done += got
+        if bounce is not dest:
+            dest.copy_(bounce)
     return target if layer is None else target[0]
 
 

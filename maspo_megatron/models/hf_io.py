@@ -15,6 +15,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from maspo_megatron.models.byte_copy import Segment, SegmentCopier, write_all
+
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 _ST_DTYPES = {
@@ -75,7 +77,7 @@ class SafetensorsFile:
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: not a valid safetensors file ({exc})") from None
         header.pop("__metadata__", None)
-        self._data_start = 8 + header_len
+        self.data_start = 8 + header_len
         self.entries: dict[str, tuple[tuple[int, ...], torch.dtype, int, int]] = {}
         for name, info in header.items():
             try:
@@ -84,7 +86,7 @@ class SafetensorsFile:
                 begin, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{path}: bad header entry for tensor {name}") from None
-            if end - begin != torch.Size(shape).numel() * dtype.itemsize or self._data_start + end > size:
+            if end - begin != torch.Size(shape).numel() * dtype.itemsize or self.data_start + end > size:
                 raise CheckpointError(f"{path}: tensor {name} data does not match its shape or lies past the end of the file")
             self.entries[name] = (shape, dtype, begin, end)
 
@@ -108,7 +110,7 @@ class SafetensorsFile:
             return
         row_bytes = (end - begin) // shape[0] if shape else 0
         with open(self.path, "rb", buffering=0) as handle:
-            handle.seek(self._data_start + begin + row_start * row_bytes)
+            handle.seek(self.data_start + begin + row_start * row_bytes)
             view = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
             done = 0
             while done < nbytes:  # raw reads may return short counts
@@ -197,6 +199,17 @@ class HFCheckpointReader:
             raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
         return state[name]
 
+    def locate(self, name: str) -> Optional[tuple[str, int, tuple[int, ...], torch.dtype]]:
+        """(file, offset of its first byte, shape, dtype) of a safetensors tensor; None for .bin files."""
+        path = self.file_of(name)
+        if path.suffix != ".safetensors":
+            return None
+        file = self._safe_file(path)
+        if name not in file.entries:
+            raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
+        shape, dtype, begin, _ = file.entries[name]
+        return str(path), file.data_start + begin, shape, dtype
+
     def read_rows_into(self, name: str, dest: torch.Tensor, row_start: int = 0) -> None:
         """dest[...] = tensor `name`[row_start : row_start + len(dest)]; safetensors files are read
         straight into `dest` (which must be contiguous), other formats copied (cast if needed)."""
@@ -252,7 +265,8 @@ class ShardedSafetensorsWriter:
         self._shards = shards
         self.owned = set(range(count)) if owned_shards is None else set(owned_shards)
         self._written = [0] * count  # tensors written per shard, in declared order
-        self._files: dict[int, object] = {}
+        self._files: dict[int, int] = {}  # shard -> raw fd (every write is one large write or a kernel copy)
+        self._copier = SegmentCopier()
         self.total_bytes = sum(torch.Size(s).numel() * d.itemsize for s, d in self._entries.values())
 
     def wants(self, name: str) -> bool:
@@ -267,9 +281,9 @@ class ShardedSafetensorsWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-        handle = open(self.dir / self.shard_names[k], "wb")
-        handle.write(len(raw).to_bytes(8, "little") + raw)
-        return handle
+        fd = os.open(self.dir / self.shard_names[k], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        write_all(fd, len(raw).to_bytes(8, "little") + raw)
+        return fd
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Writes the next declared tensor of its shard (cast to its declared dtype); others are ignored."""
@@ -278,14 +292,9 @@ class ShardedSafetensorsWriter:
     def add_parts(self, name: str, parts: list[torch.Tensor]) -> None:
         """`add` for a tensor given as row blocks: parts[k][rows_k, ...] concatenated along dim 0
         (e.g. per-group views of a fused qkv): each block is written as is, never concatenated."""
-        if name not in self._shard_of:
-            raise CheckpointError(f"{name}: not declared to the safetensors writer")
-        k = self._shard_of[name]
-        if k not in self.owned:
+        k = self._next_of_shard(name)
+        if k is None:
             return
-        expected = self._shards[k][self._written[k]] if self._written[k] < len(self._shards[k]) else "nothing"
-        if name != expected:
-            raise CheckpointError(f"{name}: written out of order (expected {expected})")
         shape, dtype = self._entries[name]
         if len(parts) == 1:
             found = tuple(parts[0].shape)
@@ -299,10 +308,40 @@ class ShardedSafetensorsWriter:
             self._files[k] = self._open_shard(k)
         for part in parts:
             data = part.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8)
-            self._files[k].write(memoryview(data.numpy()))
+            write_all(self._files[k], data.numpy())
+        self._done_with(k)
+
+    def add_segments(self, name: str, segments: list[Segment]) -> None:
+        """`add` for a tensor whose bytes (already in the declared dtype) lie in other files:
+        copied file to file by the kernel, never through this process's memory."""
+        k = self._next_of_shard(name)
+        if k is None:
+            return
+        shape, dtype = self._entries[name]
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if sum(s.nbytes for s in segments) != nbytes:
+            raise CheckpointError(f"{name}: {sum(s.nbytes for s in segments)} bytes given, declared {nbytes} ({shape} {dtype})")
+        if k not in self._files:
+            self._files[k] = self._open_shard(k)
+        self._copier.copy(self._files[k], segments)
+        self._done_with(k)
+
+    def _next_of_shard(self, name: str) -> Optional[int]:
+        """The shard `name` goes to if this writer owns it (checking the declared order), else None."""
+        if name not in self._shard_of:
+            raise CheckpointError(f"{name}: not declared to the safetensors writer")
+        k = self._shard_of[name]
+        if k not in self.owned:
+            return None
+        expected = self._shards[k][self._written[k]] if self._written[k] < len(self._shards[k]) else "nothing"
+        if name != expected:
+            raise CheckpointError(f"{name}: written out of order (expected {expected})")
+        return k
+
+    def _done_with(self, k: int) -> None:
         self._written[k] += 1
         if self._written[k] == len(self._shards[k]):
-            self._files.pop(k).close()
+            os.close(self._files.pop(k))
 
     def finish(self) -> None:
         """Checks every tensor of the owned shards was written."""
@@ -317,9 +356,11 @@ class ShardedSafetensorsWriter:
         return weight_map
 
     def abort(self) -> None:
-        for handle in self._files.values():
-            handle.close()
+        """Closes whatever is open (after `finish`, or on error)."""
+        for fd in self._files.values():
+            os.close(fd)
         self._files.clear()
+        self._copier.close()
 
 
 def iter_tensors(reader: HFCheckpointReader, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:

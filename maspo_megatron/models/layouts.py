@@ -94,3 +94,28 @@ def gather_tp(shards: Sequence[torch.Tensor], dim: int | None, glu: bool) -> tor
         halves = [torch.chunk(s, 2, dim=dim) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
     return torch.cat(list(shards), dim=dim)
+
+
+def hf_row_blocks(layout: str, megatron_rows: int, num_heads: int, num_groups: int, head_dim: int,
+                  vocab_size: int) -> list[list[tuple[int, int]]]:
+    """Which rows (dim 0) of the full Megatron tensor make up each HF tensor, in order.
+
+    One list per HF tensor of the layout (qkv: q, k, v; gate_up: gate, up; else one), each a list
+    of (first Megatron row, row count) blocks whose concatenation is that HF tensor. Rows no block
+    names are vocab padding (zero). The same blocks as `merge_qkv` / `merge_gate_up` / `pad_rows`,
+    as row ranges, so bytes can be moved between files without building tensors.
+    """
+    if layout == "copy":
+        return [[(0, megatron_rows)]]
+    if layout == "vocab":
+        return [[(0, vocab_size)]]
+    if layout == "gate_up":
+        half = megatron_rows // 2
+        return [[(0, half)], [(half, half)]]
+    if layout == "qkv":
+        q_rows = (num_heads // num_groups) * head_dim
+        stride = q_rows + 2 * head_dim
+        return [[(g * stride, q_rows) for g in range(num_groups)],
+                [(g * stride + q_rows, head_dim) for g in range(num_groups)],
+                [(g * stride + q_rows + head_dim, head_dim) for g in range(num_groups)]]
+    raise ValueError(f"no row blocks for layout {layout!r}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from maspo_megatron.models import convert as convert_mod
+from maspo_megatron.models.byte_copy import SegmentCopier
 from maspo_megatron.models.convert import hf_to_megatron, megatron_to_hf
 from maspo_megatron.models.hf_io import CheckpointError
 from tests.models._hf_models import build_hf_model, save_hf_model
@@ -121,9 +121,10 @@ def test_existing_output_dir_is_refused(qwen2_dirs, tmp_path):
         hf_to_megatron(qwen2_dirs[0], tmp_path / "out", progress=False)
 
 
-def test_failure_while_writing_leaves_nothing(qwen2_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("direction", ["hf->meg", "meg->hf"])
+def test_failure_while_writing_leaves_nothing(qwen2_dirs, tmp_path, monkeypatch, direction):
     calls = {"n": 0}
-    original = convert_mod.HFCheckpointReader.read_rows_into  # every HF tensor read goes through it
+    original = SegmentCopier.copy  # every tensor's bytes go through it (kernel file-to-file copy)
 
     def failing(self, *args, **kwargs):
         calls["n"] += 1
@@ -131,9 +132,12 @@ def test_failure_while_writing_leaves_nothing(qwen2_dirs, tmp_path, monkeypatch)
             raise OSError("disk full (simulated)")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(convert_mod.HFCheckpointReader, "read_rows_into", failing)
+    monkeypatch.setattr(SegmentCopier, "copy", failing)
     with pytest.raises(OSError, match="simulated"):
-        hf_to_megatron(qwen2_dirs[0], tmp_path / "out", progress=False)
+        if direction == "hf->meg":
+            hf_to_megatron(qwen2_dirs[0], tmp_path / "out", progress=False)
+        else:
+            megatron_to_hf(qwen2_dirs[1], tmp_path / "out", progress=False)
     assert calls["n"] == 7
     _no_output(tmp_path / "out")
 
