@@ -163,3 +163,26 @@ def test_unexpected_batch_answer_is_a_clear_error():
         parse_batch_response([{}, {}], 3, url="http://x", default_weight_version=0)
     with pytest.raises(RolloutError, match="answered with dict"):
         parse_batch_response({"meta_info": {}}, 2, url="http://x", default_weight_version=0)
+
+
+def test_malformed_results_name_the_bad_entry():
+    from maspo_megatron.rollout.sglang.protocol import parse_generate_response
+
+    def parse(triples, output_ids=None):
+        body = {"meta_info": {"finish_reason": {"type": "stop"}, "output_token_logprobs": triples}}
+        if output_ids is not None:
+            body["output_ids"] = output_ids
+        return parse_generate_response(body, url="http://x", default_weight_version=7)
+
+    sample = parse([[-0.5, 4, None], [-1, 9, "a"]], [4, 9])
+    assert sample.token_ids == [4, 9] and sample.log_probs.tolist() == [-0.5, -1.0] and sample.weight_version == 7
+    assert parse([]).token_ids == []
+    for triples, message in [([[-0.5, 1]], r"output_token_logprobs\[0\] = \[-0.5, 1\]"),
+                             ([[None, 1, None]], r"output_token_logprobs\[0\] = \[None, 1, None\]"),
+                             ([[-0.5, 1, None], [-1, 2]], r"output_token_logprobs\[1\]"),
+                             ([["x", 1, None]], "bad output_token_logprobs"),
+                             ([5], r"output_token_logprobs\[0\] = 5")]:
+        with pytest.raises(RolloutError, match=message):
+            parse(triples)
+    with pytest.raises(RolloutError, match="output_ids and output_token_logprobs disagree"):
+        parse([[-0.5, 4, None]], [5])

@@ -207,7 +207,7 @@ class SGLangClient:
         base = sampling_dict(sampling)
         items = []
         for p, prompt in enumerate(prompts):
-            input_ids = [int(t) for t in prompt]
+            input_ids = list(map(int, prompt))  # plain ints for JSON (prompts may hold numpy / tensor ints)
             for s in range(n):
                 params = base if sampling.seed is None else {**base, "sampling_seed": sequence_seed(sampling.seed, p, s)}
                 items.append((input_ids, params))

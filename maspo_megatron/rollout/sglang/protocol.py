@@ -62,7 +62,7 @@ def parse_weight_version(value: Any, default: int) -> int:
         return default
 
 
-def _parse_result(body: Any, url: str) -> tuple[list[int], list[float], str, Any]:
+def _parse_result(body: Any, url: str) -> tuple[list[int], Sequence[float], str, Any]:
     """One `/generate` result dict -> (token_ids, log_probs, finish type, weight_version); malformed
     results raise RolloutError naming `url`."""
     if not isinstance(body, dict) or not isinstance(body.get("meta_info"), dict):
@@ -74,14 +74,16 @@ def _parse_result(body: Any, url: str) -> tuple[list[int], list[float], str, Any
     triples = meta.get("output_token_logprobs")
     if not isinstance(triples, list):
         raise RolloutError(f"{url}/generate: meta_info.output_token_logprobs missing (was return_logprob sent?)")
-    try:  # unpacking checks the triple shape; the loop below only runs to name a bad entry
-        log_probs = [float(logprob) for logprob, _token, _text in triples]
-        token_ids = [int(token) for _logprob, token, _text in triples]
+    try:  # columns in one C-level pass; a triple of the wrong length makes the unpacking fail
+        log_probs, token_ids, _texts = zip(*triples, strict=True) if triples else ((), (), ())
+        if None in log_probs:
+            raise TypeError
     except (TypeError, ValueError):
         for position, triple in enumerate(triples):
             if not isinstance(triple, (list, tuple)) or len(triple) != 3 or triple[0] is None:
                 raise RolloutError(f"{url}/generate: output_token_logprobs[{position}] = {triple!r} is not (logprob, token_id, text)") from None
-        raise RolloutError(f"{url}/generate: output_token_logprobs holds non-numeric entries") from None
+        raise RolloutError(f"{url}/generate: output_token_logprobs is not a list of (logprob, token_id, text)") from None
+    token_ids = list(token_ids)
     output_ids = body.get("output_ids")
     if output_ids is not None and output_ids != token_ids:
         raise RolloutError(f"{url}/generate: output_ids and output_token_logprobs disagree ({len(output_ids)} vs {len(token_ids)} tokens)")
@@ -93,8 +95,11 @@ def parse_generate_response(body: Any, *, url: str, default_weight_version: int)
     if isinstance(body, list) and len(body) == 1:
         body = body[0]
     token_ids, log_probs, finish, version = _parse_result(body, url)
-    return Sample(token_ids=token_ids, log_probs=log_probs, finish_reason=finish,
-                  weight_version=parse_weight_version(version, default_weight_version))
+    try:
+        return Sample(token_ids=token_ids, log_probs=log_probs, finish_reason=finish,
+                      weight_version=parse_weight_version(version, default_weight_version))
+    except (TypeError, ValueError) as exc:  # e.g. a non-numeric log-prob
+        raise RolloutError(f"{url}/generate: bad output_token_logprobs: {exc}") from None
 
 
 def parse_batch_response(body: Any, count: int, *, url: str, default_weight_version: int) -> list[Sample]:
