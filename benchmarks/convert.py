@@ -5,8 +5,13 @@ as HF safetensors shards, then, each in a fresh process so peak RSS is its own:
   baseline   plain safetensors: load every shard into one dict, then save it again (same shard cap)
   hf->meg    tools' HF -> Megatron torch_dist conversion (maspo_megatron.models.convert)
   meg->hf    Megatron torch_dist -> HF safetensors conversion
-Reported: GB/s and its ratio to the baseline; peak RSS as a multiple of the largest input shard
-and of the model size, and the same for the RSS above the process's RSS after its imports. Everything is written under --workdir (default /tmp) and deleted after.
+Cases alternate, --repeat times each (default 3); the fastest run of each case counts (kernel
+write speed on a shared VM swings 2-5x between identical runs), and every run's seconds are
+reported too. Reported: GB/s and its ratio to the baseline; peak RSS (the worker's own VmHWM,
+largest over the repeats) as a multiple of the largest input shard and of the model size, and
+the same for the RSS above the process's RSS after its imports. Everything is written under
+--workdir (default /tmp; e.g. /dev/shm to leave the disk out) and deleted after; the table
+names the file system used.
 
     flock /tmp/maspo_heavy.lock .venv/bin/python benchmarks/convert.py          # full (>= 3 GB)
     .venv/bin/python benchmarks/convert.py --quick                              # smoke size
@@ -16,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,6 +42,26 @@ QUICK = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, nu
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM: anonymous + mapped file pages). Not getrusage's
+    ru_maxrss, which keeps the parent's RSS across the (v)fork + exec that started the worker."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status: no VmHWM line")
+
+
+def _fs_type(path: Path) -> str:
+    best, fstype = "", "?"
+    with open("/proc/mounts") as handle:
+        for line in handle:
+            mount, kind = line.split()[1], line.split()[2]
+            if str(path).startswith(mount) and len(mount) > len(best):
+                best, fstype = mount, kind
+    return f"{path} ({fstype})"
 
 
 def _write_synthetic(hf_dir: Path, shape: dict) -> None:
@@ -97,8 +121,7 @@ def _worker(mode: str, src: str, dst: str, shard_bytes: int) -> dict:
     else:
         raise ValueError(f"--worker: unknown mode {mode!r}")
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "peak_rss": peak, "base_rss": base_rss}
+    return {"seconds": seconds, "peak_rss": _peak_rss_bytes(), "base_rss": base_rss}
 
 
 def _run_worker(mode: str, src: Path, dst: Path, shard_bytes: int) -> dict:
@@ -121,7 +144,7 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="~70 MB model instead of >= 3 GB")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="where the checkpoints are written (then deleted)")
-    parser.add_argument("--repeat", type=int, default=2, help="runs per case (alternating); the fastest counts")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per case (alternating); the fastest counts")
     parser.add_argument("--worker", nargs=4, metavar=("MODE", "SRC", "DST", "SHARD_BYTES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -146,7 +169,8 @@ def main(argv=None) -> list[dict]:
             shutil.rmtree(root / "hf2", ignore_errors=True)
             runs["meg->hf"].append(_run_worker("meg->hf", root / "meg", root / "hf2", shape["shard_bytes"]))
         results = {case: {"seconds": min(r["seconds"] for r in rs), "peak_rss": max(r["peak_rss"] for r in rs),
-                          "base_rss": min(r["base_rss"] for r in rs)} for case, rs in runs.items()}
+                          "base_rss": min(r["base_rss"] for r in rs), "all_seconds": [r["seconds"] for r in rs]}
+                   for case, rs in runs.items()}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     base_gbps = model_bytes / 1e9 / results["baseline"]["seconds"]
@@ -163,6 +187,8 @@ def main(argv=None) -> list[dict]:
             "work_rss_over_largest_shard": round((res["peak_rss"] - res["base_rss"]) / largest_shard, 2),
             "peak_rss_over_model": round(res["peak_rss"] / model_bytes, 2),
             "rss_after_imports_gb": round(res["base_rss"] / 1e9, 3),
+            "all_seconds": " ".join(f"{x:.2f}" for x in res["all_seconds"]),
+            "workdir": _fs_type(Path(args.workdir).resolve()),
         })
     _print_table(rows)
     return rows
@@ -170,8 +196,10 @@ def main(argv=None) -> list[dict]:
 
 def _print_table(rows: list[dict]) -> None:
     cols = ["case", "model_gb", "seconds", "gb_per_s", "throughput_vs_baseline", "peak_rss_gb",
-            "peak_rss_over_largest_shard", "work_rss_over_largest_shard", "peak_rss_over_model", "rss_after_imports_gb"]
+            "peak_rss_over_largest_shard", "work_rss_over_largest_shard", "peak_rss_over_model", "rss_after_imports_gb",
+            "all_seconds"]
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    print(f"workdir: {rows[0]['workdir']}, largest shard {rows[0]['largest_shard_gb']} GB")
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for row in rows:
         print("  ".join(str(row[c]).ljust(w) for c, w in zip(cols, widths, strict=True)))
