@@ -313,7 +313,19 @@ def _export_pass(dims, chunks, wmap, bucket_bytes: int, buffers) -> dict:
     def collect(buckets):
         return [[(n, t.clone()) for n, t in bucket] for bucket in buckets]
 
+    def collect_lagging(buckets):
+        """count=2: bucket i must still be intact after bucket i + 1 was produced; cloned only then."""
+        out, previous = [], None
+        for bucket in buckets:
+            if previous is not None:
+                out.append([(n, t.clone()) for n, t in previous])
+            previous = bucket
+        if previous is not None:
+            out.append([(n, t.clone()) for n, t in previous])
+        return out
+
     return {"shared": collect(iter_export_buckets(chunks, wmap, dims, buffers["shared"], shared=True)),
+            "shared_two": collect_lagging(iter_export_buckets(chunks, wmap, dims, buffers["shared_two"], shared=True)),
             "auto": collect(iter_export_buckets(chunks, wmap, dims, buffers["auto"])),
             "collective": collect(iter_export_buckets(chunks, wmap, dims, buffers["collective"], shared=False)),
             "general": collect(iter_buckets(megatron_hf_stream(chunks, wmap, dims), bucket_bytes))}
@@ -328,7 +340,9 @@ def case_export_paths(tp: int, plans: list) -> list:
     for tied, bucket_bytes, heads in plans:
         dims, chunks, wmap = build_policy(tied, tp=tp, pp=2, **heads)
         buffers = {key: BucketBuffers(bucket_bytes) for key in ("shared", "auto", "collective")}
+        buffers["shared_two"] = BucketBuffers(bucket_bytes, count=2)
         passes = [_export_pass(dims, chunks, wmap, bucket_bytes, buffers)]
+        mapped = buffers["shared"].shared.tensor.data_ptr()
         with torch.no_grad():
             for chunk in chunks:
                 for param in chunk.parameters():
@@ -336,5 +350,6 @@ def case_export_paths(tp: int, plans: list) -> list:
         passes.append(_export_pass(dims, chunks, wmap, bucket_bytes, buffers))
         out.append({"tied": tied, "bucket_bytes": bucket_bytes, "heads": heads, "passes": passes,
                     "source": dims.tp_rank == 0, "auto_picked_shared": buffers["auto"].shared is not None,
+                    "kept_mapping": buffers["shared"].shared.tensor.data_ptr() == mapped,
                     "shared_nbytes": buffers["shared"].shared.nbytes, "padded_vocab": wmap.meta.padded_vocab_size})
     return out

@@ -11,6 +11,7 @@ from tests.weight_sync import _sync_cases as cases
 
 TP2_PLANS = [(False, 6000, {}), (True, 6000, {}), (False, 20000, {})]
 TP4_PLANS = [(False, 20000, {"heads": 8, "kv_heads": 4})]  # TP4 needs 4 query groups
+PATHS = ("shared", "shared_two", "auto", "collective")  # shared_two: two alternating slots, held one bucket longer
 FUSED = {"q_proj.weight": ("k_proj.weight", "v_proj.weight"), "q_proj.bias": ("k_proj.bias", "v_proj.bias"),
          "gate_proj.weight": ("up_proj.weight",)}
 
@@ -57,19 +58,20 @@ def _check_run(results, plans):
     assert len(sources) == 2  # one per pipeline stage
     for rank in results:
         if not rank[0]["source"]:  # TP peers write their rows but yield nothing
-            assert all(not p[path] for case in rank for p in case["passes"] for path in ("shared", "auto", "collective"))
+            assert all(not p[path] for case in rank for p in case["passes"] for path in PATHS)
     for index, (tied, bucket_bytes, heads) in enumerate(plans):
         exported = [{}, {}]
         for rank in sources:
             case = rank[index]
             assert case["auto_picked_shared"], "one CPU host: auto must pick the shared bucket"
+            assert case["kept_mapping"], "the shared bucket is kept across syncs, not mapped again"
             for number, run in enumerate(case["passes"]):
                 shared = run["shared"]
                 assert shared, "a stage source exported nothing"
                 what = f"tied={tied} bucket={bucket_bytes} pass {number}"
-                assert _names(shared) == _names(run["collective"]) == _names(run["auto"]), what
+                assert all(_names(run[path]) == _names(shared) for path in PATHS), what
                 want = _flat(run["general"])
-                for path in ("shared", "auto", "collective"):
+                for path in PATHS:
                     got = _flat(run[path])
                     assert set(got) == set(want), f"{what} {path}: names differ {set(got) ^ set(want)}"
                     for name in want:
