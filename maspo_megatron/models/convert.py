@@ -1,9 +1,13 @@
 """Checkpoint conversion HF <-> Megatron dist checkpoint (torch_dist), tensor by tensor.
 
-Both directions keep about one full tensor (HF -> Megatron) or one layer plus one output shard
-(Megatron -> HF) in memory, write into a hidden temporary directory next to the output and
-rename it into place only when everything succeeded (no partial output on error). The tools/
-scripts are thin CLIs over `hf_to_megatron` / `megatron_to_hf`.
+Tensor bytes move file to file inside the kernel (`byte_copy`: copy_file_range, else sendfile)
+whenever a tensor is only renamed, re-chunked, row-interleaved (qkv per query group, gate/up) or
+vocab-padded/trimmed, so they never enter this process. What cannot be expressed as row runs (a
+dtype cast, `.bin` sources, TP chunks split along dim 1) goes through memory, one full tensor
+(HF -> Megatron) or one layer's tensor (Megatron -> HF) at a time. Both write into a hidden
+temporary directory next to the output and rename it into place only when everything succeeded
+(no partial output on error). The tools/ scripts are thin CLIs over `hf_to_megatron` /
+`megatron_to_hf`.
 
 Megatron dir layout written here: the torch_dist checkpoint (`metadata.json`, `common.pt`,
 `.metadata`, `__<rank>_0.distcp`), plus `hf_config/` (the source config, generation config and
@@ -12,7 +16,6 @@ tokenizer files, for the way back) and `maspo_conversion.json` (what was convert
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
@@ -24,17 +27,24 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from maspo_megatron.models.byte_copy import RowMap, SegmentCopier, SpliceTarget, merge_segments, slice_rows
+from maspo_megatron.models.byte_copy import RowMap, SegmentCopier, SpliceTarget, slice_rows
+from maspo_megatron.models.convert_tensors import (
+    build_full,
+    chunking,
+    fragment_rows,
+    hf_row_map,
+    row_bytes,
+    write_qkv,
+    write_spliced,
+)
 from maspo_megatron.models.dist_ckpt import (
     DistCheckpointReader,
     extra_state_object,
     meta_sharded_tensor,
-    row_map,
     save_lazy,
 )
 from maspo_megatron.models.families import FAMILIES
 from maspo_megatron.models.hf_io import DTYPES, CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter
-from maspo_megatron.models.layouts import hf_row_blocks
 from maspo_megatron.models.meta import load_hf_config_dict, model_meta
 from maspo_megatron.models.weight_map import MegatronTensor, WeightMap
 
@@ -136,97 +146,6 @@ def _check_hf_tensors(reader: HFCheckpointReader, wmap: WeightMap) -> dict[str, 
     return dtypes
 
 
-@dataclasses.dataclass
-class _Chunking:
-    key: str
-    global_shape: tuple[int, ...]
-    chunk_shape: tuple[int, ...]
-    rank_offsets: list[tuple]  # per chunk: tuple of (axis, fragment index, fragments)
-    tp_ranks: list[int]
-    prepend: int
-
-
-def _chunking(mt: MegatronTensor, wmap: WeightMap, tp: int) -> _Chunking:
-    """How a full tensor is cut into the checkpoint's chunks (one per TP rank; fc1: gate and up apart)."""
-    dim = mt.rule.tp_dim
-    prepend = 0 if mt.layer is None else 1
-    global_shape = mt.shape if mt.layer is None else (wmap.meta.num_layers, *mt.shape)
-    layer_axis = () if mt.layer is None else ((0, mt.layer, wmap.meta.num_layers),)
-    if dim is None:
-        return _Chunking(mt.ckpt_key, global_shape, mt.shape, [layer_axis], [0], prepend)
-    # a fused gate/up tensor is saved as [gate; up], each TP-split: 2 x TP equal pieces
-    fragments = 2 * tp if mt.rule.tp_glu else tp
-    chunk_shape = tuple(s // fragments if d == dim else s for d, s in enumerate(mt.shape))
-    offsets = [layer_axis + ((prepend + dim, j, fragments),) for j in range(fragments)]
-    return _Chunking(mt.ckpt_key, global_shape, chunk_shape, offsets, [j % tp for j in range(fragments)], prepend)
-
-
-def _build_full(mt: MegatronTensor, wmap: WeightMap, reader: HFCheckpointReader, src_dtypes: dict) -> torch.Tensor:
-    """The full Megatron tensor `mt` (what `wmap.hf_to_megatron` returns, bit for bit), with every
-    HF tensor read straight into its rows of one preallocated output: no concatenation copies.
-    Shapes were checked up front (`_check_hf_tensors`)."""
-    names = [n.format(i=mt.layer) for n in mt.rule.hf]
-    layout, meta = mt.rule.layout, wmap.meta
-    out = torch.empty(mt.shape, dtype=src_dtypes[names[0]])
-    if layout == "copy":
-        reader.read_rows_into(names[0], out)
-    elif layout == "vocab":  # out[Vp, H]: V rows read, the padding rows zero
-        reader.read_rows_into(names[0], out[: meta.vocab_size])
-        out[meta.vocab_size:].zero_()
-    elif layout == "gate_up":  # out[2F, H] = [gate; up]
-        half = mt.shape[0] // 2
-        reader.read_rows_into(names[0], out[:half])
-        reader.read_rows_into(names[1], out[half:])
-    elif layout == "qkv":  # out[G, (Q/G + 2) * D, ...]: per group its q heads, then its k, then its v
-        groups, q_rows = meta.num_kv_heads, (meta.num_heads // meta.num_kv_heads) * meta.head_dim
-        grouped = out.view(groups, q_rows + 2 * meta.head_dim, *mt.shape[1:])
-        for g in range(groups):
-            reader.read_rows_into(names[0], grouped[g, :q_rows], row_start=g * q_rows)
-            reader.read_rows_into(names[1], grouped[g, q_rows: q_rows + meta.head_dim], row_start=g * meta.head_dim)
-            reader.read_rows_into(names[2], grouped[g, q_rows + meta.head_dim:], row_start=g * meta.head_dim)
-    else:  # a layout this fast path does not know: the table's own transform
-        return wmap.hf_to_megatron(mt.name, reader.get)
-    return out
-
-
-def _row_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Bytes of one row (dim 0) of a contiguous tensor; a 1-D tensor's rows are its elements."""
-    return torch.Size(shape[1:]).numel() * dtype.itemsize
-
-
-def _hf_row_map(mt: MegatronTensor, wmap: WeightMap, reader: HFCheckpointReader, dtype: torch.dtype) -> Optional[RowMap]:
-    """Which HF file bytes hold each row of the full Megatron tensor `mt` (vocab padding rows: none),
-    when every source is a safetensors tensor already in `dtype`; None otherwise (built in memory)."""
-    meta = wmap.meta
-    try:
-        blocks = hf_row_blocks(mt.rule.layout, mt.shape[0], meta.num_heads, meta.num_kv_heads, meta.head_dim, meta.vocab_size)
-    except ValueError:
-        return None
-    rows: RowMap = []
-    for name, name_blocks in zip([n.format(i=mt.layer) for n in mt.rule.hf], blocks, strict=True):
-        located = reader.locate(name)
-        if located is None or located[3] != dtype:
-            return None
-        path, offset, shape, _ = located
-        hf_row = 0
-        for start, count in name_blocks:
-            rows.append((start, count, path, offset + hf_row * _row_bytes(shape, dtype)))
-            hf_row += count
-    return sorted(rows)
-
-
-def _fragment_rows(mt: MegatronTensor, piece: int, pieces: int) -> Optional[tuple[int, int]]:
-    """Rows [lo, hi) of the full tensor that checkpoint chunk `piece` holds; None when the chunk
-    is a column block (TP split along dim 1), which is not one run of rows."""
-    dim = mt.rule.tp_dim
-    if dim is None or pieces == 1:
-        return 0, mt.shape[0]
-    if dim != 0:
-        return None
-    per = mt.shape[0] // pieces
-    return piece * per, (piece + 1) * per
-
-
 def hf_to_megatron(
     hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1,
     dtype: Optional[str] = None, vocab_divisible_by: int = 128, progress: bool = True,
@@ -264,7 +183,7 @@ def hf_to_megatron(
         def full_of(mt: MegatronTensor) -> torch.Tensor:
             if mt.name not in cache:
                 cache.clear()  # keep one full tensor alive at a time
-                cache[mt.name] = _build_full(mt, wmap, reader, src_dtypes)
+                cache[mt.name] = build_full(mt, wmap, reader, src_dtypes)
             return cache[mt.name]
 
         # chunks whose bytes are runs of HF file bytes are copied file to file by the kernel: DCP
@@ -274,11 +193,11 @@ def hf_to_megatron(
 
         def make_producer(mt: MegatronTensor, piece: int, pieces: int, rows: Optional[RowMap], chunk_shape: tuple,
                           dtype: torch.dtype) -> Callable[[], torch.Tensor]:
-            span = _fragment_rows(mt, piece, pieces)
+            span = fragment_rows(mt, piece, pieces)
 
             def produce() -> torch.Tensor:
                 if rows is not None and span is not None:
-                    segments = slice_rows(rows, *span, _row_bytes(mt.shape, dtype))
+                    segments = slice_rows(rows, *span, row_bytes(mt.shape, dtype))
                     nbytes = sum(seg.nbytes for seg in segments)
                     chunk = placeholder[0][:nbytes].view(dtype).view(chunk_shape)
                     if nbytes:  # torch.save writes nothing for an empty tensor
@@ -292,19 +211,19 @@ def hf_to_megatron(
         for mt in wmap.megatron_tensors():
             stage = 0 if mt.name.startswith("embedding.") else (pp - 1 if mt.layer is None else mt.layer // layers_per_stage)
             target = DTYPES[dtype] if dtype else src_dtypes[mt.rule.hf[0].format(i=mt.layer)]
-            ch = _chunking(mt, wmap, tp)
+            ch = chunking(mt, wmap, tp)
             rows = None
             for j, (offsets, tp_rank) in enumerate(zip(ch.rank_offsets, ch.tp_ranks, strict=True)):
                 if (stage * tp + tp_rank) % world != rank:
                     continue
                 if rows is None:
-                    rows = _hf_row_map(mt, wmap, reader, target)
+                    rows = hf_row_map(mt, wmap, reader, target)
                 sh = meta_sharded_tensor(ch.key, ch.chunk_shape, target, *offsets, prepend_axis_num=ch.prepend)
                 state[f"{mt.name}#{j}"] = sh
                 producers[(ch.key, tuple(sh.global_offset))] = make_producer(mt, j, len(ch.rank_offsets), rows, ch.chunk_shape, target)
                 nbytes = sh.data.numel() * sh.data.element_size()
                 total += nbytes
-                if rows is not None and _fragment_rows(mt, j, len(ch.rank_offsets)) is not None:
+                if rows is not None and fragment_rows(mt, j, len(ch.rank_offsets)) is not None:
                     spliced_bytes = max(spliced_bytes, nbytes)
             if mt.layer is not None and mt.rule.megatron == "self_attention.linear_qkv.weight" and (stage * tp) % world == rank:
                 for key in EXTRA_STATE_KEYS:
@@ -343,37 +262,6 @@ def _check_megatron_tensors(reader: DistCheckpointReader, wmap: WeightMap) -> No
         ok = (found[1:] == expected[1:] and found[0] >= wmap.meta.vocab_size) if vocab else found == expected
         if not ok:
             raise CheckpointError(f"{mt.ckpt_key}: shape {found} in {reader.dir}, expected {expected} from config.json")
-
-
-def _write_qkv(mt: MegatronTensor, wmap: WeightMap, full: torch.Tensor, writer: ShardedSafetensorsWriter) -> None:
-    """q, k, v of a fused `full[G * (Q/G + 2) * D, ...]` written as per-group row blocks (views),
-    the same bytes as `wmap.megatron_to_hf` without its three split copies."""
-    meta = wmap.meta
-    names = [n.format(i=mt.layer) for n in mt.rule.hf]
-    q_rows, d = (meta.num_heads // meta.num_kv_heads) * meta.head_dim, meta.head_dim
-    grouped = full.reshape(meta.num_kv_heads, q_rows + 2 * d, *full.shape[1:])
-    for name, (lo, hi) in zip(names, ((0, q_rows), (q_rows, q_rows + d), (q_rows + d, q_rows + 2 * d)), strict=True):
-        writer.add_parts(name, [grouped[g, lo:hi] for g in range(meta.num_kv_heads)])
-
-
-def _write_spliced(mt: MegatronTensor, wmap: WeightMap, reader: DistCheckpointReader, writer: ShardedSafetensorsWriter,
-                   dtype: Optional[torch.dtype]) -> bool:
-    """Writes the HF tensors of `mt` as runs of `.distcp` bytes copied file to file by the kernel
-    (q/k/v: per-group row runs; gate/up: halves; vocab: padding rows left out). False, writing
-    nothing, when the bytes are not runs of whole rows in the output dtype (then use `load`)."""
-    source = reader.dtype(mt.ckpt_key)
-    if dtype is not None and dtype != source:
-        return False
-    rows = row_map(reader, mt.ckpt_key, mt.layer)
-    if rows is None:
-        return False
-    meta = wmap.meta
-    blocks = hf_row_blocks(mt.rule.layout, mt.shape[0], meta.num_heads, meta.num_kv_heads, meta.head_dim, meta.vocab_size)
-    row_bytes = _row_bytes(mt.shape, source)
-    for name, name_blocks in zip([n.format(i=mt.layer) for n in mt.rule.hf], blocks, strict=True):
-        segments = [seg for start, count in name_blocks for seg in slice_rows(rows, start, start + count, row_bytes)]
-        writer.add_segments(name, merge_segments(segments))
-    return True
 
 
 def megatron_to_hf(
@@ -422,10 +310,10 @@ def megatron_to_hf(
         try:
             for mt in mine:  # one tensor (one layer's slice of a stacked tensor) at a time
                 if mt.rule.layout not in ("copy", "vocab", "qkv", "gate_up") \
-                        or not _write_spliced(mt, wmap, reader, writer, DTYPES[dtype] if dtype else None):
+                        or not write_spliced(mt, wmap, reader, writer, DTYPES[dtype] if dtype else None):
                     (full,) = reader.load([(mt.ckpt_key, mt.layer)])
                     if mt.rule.layout == "qkv":
-                        _write_qkv(mt, wmap, full, writer)
+                        write_qkv(mt, wmap, full, writer)
                     else:
                         for hf_name, tensor in wmap.megatron_to_hf(mt.name, full):
                             writer.add(hf_name, tensor)

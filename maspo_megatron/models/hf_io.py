@@ -1,9 +1,11 @@
 """Streaming HF checkpoint I/O: read tensors one by one, write size-capped safetensors shards.
 
-Reading never loads a whole checkpoint: safetensors tensors are read one by one with plain file
-reads (no memory map, so resident memory is the tensor, not the file), and
-`*.bin` files are read with `torch.load(weights_only=True, mmap=True)`, which refuses pickled
-objects instead of executing them. Every error names the file and/or tensor.
+Reading never loads a whole checkpoint: safetensors tensors are located (`locate`: file, byte
+offset) for file-to-file kernel copies, or read one by one with plain file reads (no memory
+map, so resident memory is the tensor, not the file); `*.bin` files are read with
+`torch.load(weights_only=True, mmap=True)`, which refuses pickled objects instead of executing
+them. The shard writer takes tensors or byte runs of other files (`add_segments`). Every error
+names the file and/or tensor.
 """
 from __future__ import annotations
 

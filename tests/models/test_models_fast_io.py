@@ -9,8 +9,10 @@ import torch
 import torch.distributed as dist
 
 from maspo_megatron.models import WeightMap
-from maspo_megatron.models.convert import _build_full, _check_hf_tensors, ensure_process_group, hf_to_megatron
-from maspo_megatron.models.dist_ckpt import DistCheckpointReader, _read_direct, meta_sharded_tensor, save_lazy
+from maspo_megatron.models.convert import _check_hf_tensors, ensure_process_group, hf_to_megatron
+from maspo_megatron.models.convert_tensors import build_full
+from maspo_megatron.models.dist_ckpt import DistCheckpointReader, meta_sharded_tensor, save_lazy
+from maspo_megatron.models.dist_ckpt_read import _read_direct
 from maspo_megatron.models.hf_io import CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter
 from tests.models._hf_models import VARIANTS, save_hf_model
 
@@ -31,7 +33,7 @@ def test_direct_build_equals_table_transform(name, tmp_path):
         reader = HFCheckpointReader(tmp_path / "hf")
         dtypes = _check_hf_tensors(reader, wmap)
         for mt in wmap.megatron_tensors():
-            direct = _build_full(mt, wmap, reader, dtypes)
+            direct = build_full(mt, wmap, reader, dtypes)
             reference = wmap.hf_to_megatron(mt.name, reader.get)
             assert direct.dtype == reference.dtype and torch.equal(direct, reference), (name, tp, mt.name)
 
