@@ -186,3 +186,28 @@ def test_malformed_results_name_the_bad_entry():
             parse(triples)
     with pytest.raises(RolloutError, match="output_ids and output_token_logprobs disagree"):
         parse([[-0.5, 4, None]], [5])
+
+
+def test_encoded_requests_are_the_documented_bodies():
+    import json
+
+    import numpy as np
+
+    from maspo_megatron.rollout.sglang.protocol import (
+        batch_payload,
+        encode_items,
+        encode_request,
+        sampling_dict,
+    )
+
+    sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=6, stop_token_ids=(3, 4), ignore_eos=True)
+    prompts = [[5, 6, 7], np.array([8, 9])]  # numpy ints must become plain JSON ints
+    seeds = [[11, 12], [13, 2**62]]
+    items = encode_items(prompts, 2, sampling, seeds)
+    expected = [([5, 6, 7], sampling_dict(sampling, 11)), ([5, 6, 7], sampling_dict(sampling, 12)),
+                ([8, 9], sampling_dict(sampling, 13)), ([8, 9], sampling_dict(sampling, 2**62))]
+    assert json.loads(encode_request(items)) == batch_payload(expected)
+    assert json.loads(encode_request(items[3:])) == generate_payload([8, 9], sampling, 2**62)
+    unseeded = encode_items([[1]], 1, SamplingParams(max_new_tokens=2), None)
+    assert json.loads(encode_request(unseeded)) == generate_payload([1], SamplingParams(max_new_tokens=2))
+    assert "sampling_seed" not in json.loads(encode_request(unseeded))["sampling_params"]

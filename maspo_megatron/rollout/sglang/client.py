@@ -26,10 +26,10 @@ import aiohttp
 
 from maspo_megatron.rollout.local.sampling import sequence_seed
 from maspo_megatron.rollout.sglang.protocol import (
-    batch_payload,
+    encode_items,
+    encode_request,
     parse_batch_response,
     parse_generate_response,
-    sampling_dict,
 )
 from maspo_megatron.rollout.types import RolloutError, Sample, SamplingParams
 
@@ -202,16 +202,12 @@ class SGLangClient:
         return [samples[p * n : (p + 1) * n] for p in range(len(prompts))]
 
     @staticmethod
-    def _sample_items(prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[tuple[list[int], dict]]:
-        """(input_ids, sampling_params) per sample, prompt-major; each sample has its own seed."""
-        base = sampling_dict(sampling)
-        items = []
-        for p, prompt in enumerate(prompts):
-            input_ids = list(map(int, prompt))  # plain ints for JSON (prompts may hold numpy / tensor ints)
-            for s in range(n):
-                params = base if sampling.seed is None else {**base, "sampling_seed": sequence_seed(sampling.seed, p, s)}
-                items.append((input_ids, params))
-        return items
+    def _sample_items(prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[tuple[str, str]]:
+        """(input_ids JSON, sampling_params JSON) per sample, prompt-major; each sample has its own seed."""
+        seeds = None
+        if sampling.seed is not None:
+            seeds = [[sequence_seed(sampling.seed, p, s) for s in range(n)] for p in range(len(prompts))]
+        return encode_items(prompts, n, sampling, seeds)
 
     def _group_size(self, total: int) -> int:
         """Samples per request: `samples_per_request`, at most `max_concurrency`, and small enough that
@@ -239,14 +235,11 @@ class SGLangClient:
         server.failures += 1
         server.down_until = time.monotonic() + self.down_cooldown_s * 2 ** min(server.failures - 1, 3)
 
-    async def _generate_group(self, items: list[tuple[list[int], dict]], call: _Call, weight_version: int) -> list[Sample]:
+    async def _generate_group(self, items: list[tuple[str, str]], call: _Call, weight_version: int) -> list[Sample]:
         """One request for `items` (a single sample, or a batch), retried whole on failure."""
         assert self._budget is not None
         count = len(items)
-        if count == 1:
-            payload = {"input_ids": items[0][0], "sampling_params": items[0][1], "return_logprob": True}
-        else:
-            payload = batch_payload(items)
+        payload = encode_request(items)
         await self._budget.acquire(count)
         try:
             errors = []
@@ -280,9 +273,8 @@ class SGLangClient:
         finally:
             self._budget.release(count)
 
-    async def _post_json(self, url: str, payload: Any) -> tuple[int, Any]:
+    async def _post_json(self, url: str, data: bytes) -> tuple[int, Any]:
         session = await self._get_session()
-        data = json.dumps(payload, separators=(",", ":")).encode()
         async with session.post(url, data=data, headers=_JSON_HEADERS, timeout=self._timeout()) as response:
             return response.status, await self._read_body(response)
 

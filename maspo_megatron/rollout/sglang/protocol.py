@@ -15,6 +15,7 @@ Unknown request fields and unknown sampling params are a 400 on the server, so n
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Optional, Sequence
 
 from maspo_megatron.rollout.types import FINISH_REASONS, RolloutError, Sample, SamplingParams
@@ -50,6 +51,32 @@ def batch_payload(items: Sequence[tuple[list[int], dict]]) -> dict:
     """items[k] = (input_ids, sampling_params dict) -> the body of one batched `/generate` request."""
     return {"input_ids": [ids for ids, _ in items], "sampling_params": [params for _, params in items],
             "return_logprob": True}
+
+
+def encode_items(prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
+                 seeds: Optional[Sequence[Sequence[int]]]) -> list[tuple[str, str]]:
+    """(input_ids JSON, sampling_params JSON) per sample, prompt-major, seeds[p][s] per sample (or
+    None). Each prompt is encoded once for its n samples and each sample's params are the shared
+    params with its seed spliced in, so building a request costs a string join per sample."""
+    base = json.dumps(sampling_dict(sampling), separators=(",", ":"))
+    items = []
+    for p, prompt in enumerate(prompts):
+        prompt_json = json.dumps(list(map(int, prompt)), separators=(",", ":"))  # plain ints (numpy / tensor ints too)
+        for s in range(n):
+            params_json = base if seeds is None else f'{base[:-1]},"sampling_seed":{int(seeds[p][s])}}}'
+            items.append((prompt_json, params_json))
+    return items
+
+
+def encode_request(items: Sequence[tuple[str, str]]) -> bytes:
+    """The body of one `/generate` request: the single form for one item, the batch form otherwise
+    (same JSON as `generate_payload` / `batch_payload`)."""
+    if len(items) == 1:
+        prompt_json, params_json = items[0]
+        return f'{{"input_ids":{prompt_json},"sampling_params":{params_json},"return_logprob":true}}'.encode()
+    prompts = ",".join(prompt_json for prompt_json, _ in items)
+    params = ",".join(params_json for _, params_json in items)
+    return f'{{"input_ids":[{prompts}],"sampling_params":[{params}],"return_logprob":true}}'.encode()
 
 
 def parse_weight_version(value: Any, default: int) -> int:
