@@ -211,3 +211,30 @@ def test_encoded_requests_are_the_documented_bodies():
     unseeded = encode_items([[1]], 1, SamplingParams(max_new_tokens=2), None)
     assert json.loads(encode_request(unseeded)) == generate_payload([1], SamplingParams(max_new_tokens=2))
     assert "sampling_seed" not in json.loads(encode_request(unseeded))["sampling_params"]
+
+
+def test_sample_budget_is_fifo_and_cancel_safe():
+    import asyncio
+
+    from maspo_megatron.rollout.sglang.client import _SampleBudget
+
+    async def scenario():
+        budget = _SampleBudget(4)
+        await budget.acquire(3)
+        big = asyncio.ensure_future(budget.acquire(2))
+        small = asyncio.ensure_future(budget.acquire(1))
+        await asyncio.sleep(0)
+        assert not big.done() and not small.done()  # 1 place is free, but the 2-group queued first
+        big.cancel()
+        await asyncio.wait_for(small, 5)  # the cancelled head no longer blocks the queue
+        assert big.cancelled() and budget.available == 0
+        budget.release(3)
+        assert budget.available == 3
+        again = asyncio.ensure_future(budget.acquire(4))
+        await asyncio.sleep(0)
+        assert not again.done()
+        budget.release(1)
+        await asyncio.wait_for(again, 5)
+        assert budget.available == 0
+
+    asyncio.run(scenario())

@@ -198,7 +198,7 @@ class SGLangClient:
         # Groups cancelled by the abort watchdog (no answer within abort_grace_s) are empty aborts.
         samples = []
         for task, group in zip(call.tasks, groups, strict=True):
-            samples.extend([_aborted(weight_version)] * len(group) if task.cancelled() else task.result())
+            samples.extend([_aborted(weight_version) for _ in group] if task.cancelled() else task.result())
         return [samples[p * n : (p + 1) * n] for p in range(len(prompts))]
 
     @staticmethod
@@ -245,7 +245,7 @@ class SGLangClient:
             errors = []
             for _attempt in range(self.max_retries + 1):
                 if call.aborted:
-                    return [_aborted(weight_version)] * count
+                    return [_aborted(weight_version) for _ in range(count)]
                 server, wait_s = self._pick_server()
                 if wait_s > 0:
                     await asyncio.sleep(wait_s)
@@ -268,7 +268,7 @@ class SGLangClient:
                 self._mark_down(server)
                 errors.append(f"{server.url}: HTTP {status}: {str(body)[:200]}")
             if call.aborted:
-                return [_aborted(weight_version)] * count
+                return [_aborted(weight_version) for _ in range(count)]
             raise RolloutError(f"/generate ({count} samples) failed {self.max_retries + 1} times; errors: {'; '.join(errors)}")
         finally:
             self._budget.release(count)
