@@ -61,7 +61,9 @@ def encode_items(prompts: Sequence[Sequence[int]], n: int, sampling: SamplingPar
     base = json.dumps(sampling_dict(sampling), separators=(",", ":"))
     items = []
     for p, prompt in enumerate(prompts):
-        prompt_json = json.dumps(list(map(int, prompt)), separators=(",", ":"))  # plain ints (numpy / tensor ints too)
+        # int() first: numpy / tensor ints print as plain decimals; this is json.dumps of a list of
+        # ints without building an encoder per prompt
+        prompt_json = f"[{','.join(map(str, map(int, prompt)))}]"
         for s in range(n):
             params_json = base if seeds is None else f'{base[:-1]},"sampling_seed":{int(seeds[p][s])}}}'
             items.append((prompt_json, params_json))
