@@ -211,8 +211,6 @@ class StandinServer(GenerationMixin, WeightsMixin):
         self._loop = None
 
 
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="SGLang 0.5.23 stand-in server (CPU tests)")
     parser.add_argument("--model-path", "--model")
@@ -248,7 +246,3 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     print(f"[standin] serving on {server.url}", flush=True)
     web.run_app(server.make_app(), host=args.host, port=args.port, access_log=None, print=None)
-
-
-if __name__ == "__main__":
-    main()
