@@ -1,5 +1,5 @@
 """slurm/sglang_node.sh (one rollout node of train_disaggregated.sbatch) with the protocol-faithful
-SGLang stand-in (tests/helpers/sglang_standin.py, zero-latency) in place of sglang.launch_server:
+SGLang stand-in (tests/helpers/sglang_standin/, zero-latency) in place of sglang.launch_server:
 servers on consecutive ports and GPU offsets, all healthy; one dies -> the node script exits and
 takes the others down (a half fleet must not keep the job waiting)."""
 from __future__ import annotations
