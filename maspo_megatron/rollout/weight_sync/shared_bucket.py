@@ -12,13 +12,16 @@ stay out of the export; the mapping is kept across syncs like `BucketBuffers(kee
 all have mapped it the name is unlinked: the memory goes away with the last process that maps it,
 also on a crash. Memory: `nbytes` of shared pages for the whole TP group. Each rank's RSS counts the
 pages it touched (all of them), its Pss the share 1/tp.
+
+`map_shared_files` is that create / map / unlink protocol for any set of files; tp_gather.py's
+staging buffers (the general path) use it too.
 """
 from __future__ import annotations
 
 import os
 import socket
 import uuid
-from typing import Iterable
+from typing import Dict, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,6 +38,38 @@ def one_cpu_host(params: Iterable[torch.Tensor], dims) -> bool:
     return len(set(hosts)) == 1
 
 
+def map_shared_files(dims, nbytes: int, create: Sequence[str], attach: Sequence[str], touch: bool) -> Dict[str, torch.Tensor]:
+    """Collective over the TP group: uint8[nbytes] files in /dev/shm shared between its ranks.
+
+    This rank creates the files keyed `create`; once every rank has created its own, it maps those
+    keyed `attach` (created by other ranks); once every rank has mapped what it needs, the creators
+    unlink the names, so the memory goes away with the last process that maps it, also on a crash.
+    touch: write zeros through every mapping, so page faults stay out of the copies that follow.
+    Returns {key: tensor} for the keys of `create` and `attach`.
+    """
+    group = dims.tp_group
+    token = [uuid.uuid4().hex if dims.tp_rank == 0 else None]
+    dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
+    nbytes = max(int(nbytes), 1)
+
+    def path(key: str) -> str:
+        return f"/dev/shm/maspo_ws_{token[0]}_{key}"
+
+    def mapped(key: str) -> torch.Tensor:
+        tensor = torch.from_file(path(key), shared=True, size=nbytes, dtype=torch.uint8)
+        if touch:
+            tensor.zero_()
+        return tensor
+
+    tensors = {key: mapped(key) for key in create}
+    dist.barrier(group=group)
+    tensors.update({key: mapped(key) for key in attach})
+    dist.barrier(group=group)
+    for key in create:
+        os.unlink(path(key))
+    return tensors
+
+
 class SharedBucket:
     """uint8[nbytes] in /dev/shm, the same pages on every rank of the TP group (`tensor`)."""
 
@@ -45,24 +80,12 @@ class SharedBucket:
 
     @classmethod
     def open(cls, nbytes: int, dims) -> SharedBucket:
-        """Collective over the TP group; every rank must pass the same nbytes."""
-        group = dims.tp_group
-        source = dist.get_global_rank(group, 0)
-        token = [uuid.uuid4().hex if dims.tp_rank == 0 else None]
-        dist.broadcast_object_list(token, src=source, group=group)
-        path = f"/dev/shm/maspo_wsb_{token[0]}"
-        nbytes = max(int(nbytes), 1)
-        if dims.tp_rank == 0:  # creates the file; writing zeros allocates the shared pages once
-            tensor = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-            tensor.zero_()
-        dist.barrier(group=group)
-        if dims.tp_rank != 0:
-            tensor = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
-            tensor.zero_()  # maps every page in this process too (still all zeros: nothing written yet)
-        dist.barrier(group=group)
-        if dims.tp_rank == 0:  # every rank has mapped it: the name is no longer needed (no leak on a crash)
-            os.unlink(path)
-        return cls(tensor, dims)
+        """Collective over the TP group; every rank must pass the same nbytes. The source creates the
+        file, every rank maps it and touches every page (still all zeros: nothing written yet)."""
+        source = dims.tp_rank == 0
+        tensors = map_shared_files(dims, nbytes, create=["bucket"] if source else [],
+                                   attach=[] if source else ["bucket"], touch=True)
+        return cls(tensors["bucket"], dims)
 
     def barrier(self) -> None:
         """All TP ranks are done writing a bucket, or the source's consumer is done reading one."""

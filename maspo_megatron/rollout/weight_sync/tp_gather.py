@@ -11,15 +11,13 @@ enters after it has read parameter i - 2 from that buffer.
 """
 from __future__ import annotations
 
-import os
-import uuid
 from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
 from maspo_megatron.models import layouts
-from maspo_megatron.rollout.weight_sync.shared_bucket import one_cpu_host
+from maspo_megatron.rollout.weight_sync.shared_bucket import map_shared_files, one_cpu_host
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -46,24 +44,15 @@ class TPGatherer:
         return self.group is not None and one_cpu_host(params, self.dims)
 
     def _open_staging(self, nbytes: int) -> None:
-        token = [uuid.uuid4().hex if self.dims.tp_rank == 0 else None]
-        dist.broadcast_object_list(token, src=self.source, group=self.group)
-        nbytes = max(nbytes, 1)
-
-        def path(rank: int, slot: int) -> str:
-            return f"/dev/shm/maspo_ws_{token[0]}_{rank}_{slot}"
-
-        if self.dims.tp_rank != 0:
-            self._staging = [torch.from_file(path(self.dims.tp_rank, s), shared=True, size=nbytes, dtype=torch.uint8)
-                             for s in (0, 1)]
-        dist.barrier(group=self.group)
-        if self.dims.tp_rank == 0:
-            self._staging = [[torch.from_file(path(r, s), shared=True, size=nbytes, dtype=torch.uint8)
-                              for r in range(1, self.dims.tp)] for s in (0, 1)]
-        dist.barrier(group=self.group)
-        if self.dims.tp_rank != 0:  # both sides have mapped it: the name is no longer needed (no leaks on a crash)
-            for slot in (0, 1):
-                os.unlink(path(self.dims.tp_rank, slot))
+        """Each peer creates its two staging files; the source maps them all (pages left untouched)."""
+        rank, tp = self.dims.tp_rank, self.dims.tp
+        if rank != 0:
+            own = map_shared_files(self.dims, nbytes, create=[f"{rank}_{s}" for s in (0, 1)], attach=[], touch=False)
+            self._staging = [own[f"{rank}_{s}"] for s in (0, 1)]
+        else:
+            peers = map_shared_files(self.dims, nbytes, create=[],
+                                     attach=[f"{r}_{s}" for r in range(1, tp) for s in (0, 1)], touch=False)
+            self._staging = [[peers[f"{r}_{s}"] for r in range(1, tp)] for s in (0, 1)]
 
     def close(self) -> None:
         self._staging = []
