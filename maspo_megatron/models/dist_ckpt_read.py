@@ -28,7 +28,7 @@ from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
 from maspo_megatron.models.byte_copy import RowMap
-from maspo_megatron.models.hf_io import CheckpointError
+from maspo_megatron.models.hf_io import CheckpointError, read_exact_into
 
 _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"),
@@ -276,16 +276,7 @@ def _read_direct(reader: DistCheckpointReader, key: str, layer: Optional[int]) -
         for dim, (o, s) in enumerate(zip(rel_lo, c_size, strict=True)):
             dest = dest.narrow(dim, o, s)
         bounce = dest if dest.is_contiguous() else torch.empty(dest.shape, dtype=dtype)
-        nbytes = dest.numel() * dtype.itemsize
-        buf = memoryview(bounce.reshape(-1).view(torch.uint8).numpy())
-        with open(path, "rb", buffering=0) as handle:
-            handle.seek(data_offset)
-            done = 0
-            while done < nbytes:
-                got = handle.readinto(buf[done:])
-                if not got:
-                    raise CheckpointError(f"{path} ({key} at {data_offset}): truncated")
-                done += got
+        read_exact_into(path, data_offset, bounce, f"{path} ({key} at {data_offset}): truncated")
         if bounce is not dest:
             dest.copy_(bounce)
     return target if layer is None else target[0]

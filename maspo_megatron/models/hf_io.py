@@ -63,6 +63,21 @@ def _load_bin(path: Path) -> dict:
             raise CheckpointError(f"{path}: refusing to load pickled objects (weights_only): {str(exc2).splitlines()[0]}") from None
 
 
+def read_exact_into(path: str | os.PathLike, offset: int, dest: torch.Tensor, truncated: str) -> None:
+    """Fills the contiguous `dest` with the bytes of `path` from `offset`, no intermediate buffer;
+    a file that ends first raises CheckpointError(truncated)."""
+    nbytes = dest.numel() * dest.element_size()
+    view = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(offset)
+        done = 0
+        while done < nbytes:  # raw reads may return short counts
+            got = handle.readinto(view[done:])
+            if not got:
+                raise CheckpointError(truncated)
+            done += got
+
+
 class SafetensorsFile:
     """One .safetensors file read with plain `readinto` (no memory map): resident memory is the
     tensor asked for, not the pages of the file touched so far."""
@@ -111,15 +126,8 @@ class SafetensorsFile:
         if nbytes == 0:
             return
         row_bytes = (end - begin) // shape[0] if shape else 0
-        with open(self.path, "rb", buffering=0) as handle:
-            handle.seek(self.data_start + begin + row_start * row_bytes)
-            view = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < nbytes:  # raw reads may return short counts
-                got = handle.readinto(view[done:])
-                if not got:
-                    raise CheckpointError(f"{self.path}: tensor {name} is truncated")
-                done += got
+        read_exact_into(self.path, self.data_start + begin + row_start * row_bytes, dest,
+                        f"{self.path}: tensor {name} is truncated")
 
 
 class HFCheckpointReader:
