@@ -20,8 +20,6 @@ times interleaved with the baseline (median of each), since other jobs on the sa
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,27 +37,22 @@ from maspo_megatron.rollout.sglang import SGLangEngine  # noqa: E402
 from maspo_megatron.rollout.sglang.launcher import free_port  # noqa: E402
 from maspo_megatron.rollout.sglang.protocol import generate_payload  # noqa: E402
 from maspo_megatron.rollout.types import SamplingParams  # noqa: E402
+from tests.helpers.sglang_standin.process import kill, spawn, wait_healthy  # noqa: E402
 
-STANDIN = ROOT / "tests" / "helpers" / "sglang_standin"
 SAMPLING = SamplingParams(max_new_tokens=8)
 PROMPT = list(range(1, 33))
 
 
 def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(STANDIN), "--zero-latency", "--port", str(port), *extra],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = spawn(port, "--zero-latency", *extra)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("zero-latency stand-in died during startup")
-        try:
-            if requests.get(url + "/health_generate", timeout=2).status_code == 200:
-                return process, url
-        except requests.RequestException:
-            time.sleep(0.2)
-    raise RuntimeError(f"stand-in at {url} not ready")
+    try:
+        wait_healthy(url, process, deadline_s=120)
+    except BaseException:
+        kill(process)
+        raise
+    return process, url
 
 
 def sequential_loop(url: str, count: int) -> float:
@@ -104,8 +97,7 @@ def measure(scenario: str, server_args: list[str], count: int, sequential_count:
             for concurrency, per_request, n in cases:
                 client_s[(concurrency, per_request, n)].append(client_run(url, n, concurrency, per_request))
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        kill(process)
     seq_rps = sequential_count / statistics.median(seq_s)
     seq_latency_ms = 1000 / seq_rps
     rows = [{"bench": "rollout_client", "scenario": scenario, "case": "sequential requests loop",

@@ -1,11 +1,40 @@
 """Fixtures for rollout tests: a tiny Qwen2 checkpoint on disk and in-process SGLang stand-ins."""
-from pathlib import Path
+import threading
+import time
 
 import pytest
 import torch
 
-STANDIN_SCRIPT = str(Path(__file__).resolve().parents[1] / "helpers" / "sglang_standin")
 EOS_ID = 3
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11], [12]]  # for the SGLang client tests
+
+
+def engine_for(*urls, **overrides):
+    """An SGLangEngine on `urls` with test-sized timeouts (overridable)."""
+    from maspo_megatron.config import SGLangConfig
+    from maspo_megatron.rollout.sglang import SGLangEngine
+
+    settings = {"request_timeout_s": 60, "connect_timeout_s": 5, "abort_grace_s": 3, **overrides}
+    return SGLangEngine(SGLangConfig(urls=list(urls), **settings))
+
+
+def flat(groups):
+    return [s for g in groups for s in g]
+
+
+def generate_then_abort(engine, n, sampling, after_s=0.6):
+    """`engine.generate(PROMPTS, n, sampling)` in a thread, `engine.abort()` after `after_s`; checks that
+    generate() returns within 5 s of the abort -> its samples, flattened."""
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(out=engine.generate(PROMPTS, n, sampling)))
+    worker.start()
+    time.sleep(after_s)
+    started = time.monotonic()
+    engine.abort()
+    worker.join(20)
+    assert not worker.is_alive(), "generate() did not return after abort()"
+    assert time.monotonic() - started < 5
+    return flat(result["out"])
 
 
 def tiny_config():

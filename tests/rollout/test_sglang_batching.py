@@ -1,9 +1,5 @@
 """Batched /generate (rollout.sglang.samples_per_request): same samples as one request per sample,
 per-item finish reasons, samples-in-flight bound, whole-group retry when a server dies, abort."""
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -11,25 +7,12 @@ import pytest
 import requests
 import torch
 
-from maspo_megatron.config import SGLangConfig
 from maspo_megatron.rollout import RolloutError, SamplingParams
 from maspo_megatron.rollout.local.sampling import sequence_seed
-from maspo_megatron.rollout.sglang import SGLangEngine
 from maspo_megatron.rollout.sglang.launcher import free_port
 from maspo_megatron.rollout.sglang.protocol import generate_payload
-from tests.rollout.conftest import EOS_ID, STANDIN_SCRIPT
-
-PROMPTS = [[5, 6, 7], [8, 9, 10, 11], [12]]
-
-
-def engine_for(*urls, **overrides):
-    settings = {"request_timeout_s": 60, "connect_timeout_s": 5, "abort_grace_s": 3, **overrides}
-    cfg = SGLangConfig(urls=list(urls), **settings)
-    return SGLangEngine(cfg)
-
-
-def flat(groups):
-    return [s for g in groups for s in g]
+from tests.helpers.sglang_standin.process import kill, spawn, wait_healthy
+from tests.rollout.conftest import EOS_ID, PROMPTS, engine_for, flat, generate_then_abort
 
 
 def test_batched_samples_equal_per_sample_requests(standin):
@@ -84,41 +67,25 @@ def test_concurrency_counts_samples_and_servers_share_small_calls(standin):
         engine.shutdown()
 
 
-def _spawn(port, *extra):
-    return subprocess.Popen([sys.executable, STANDIN_SCRIPT, "--zero-latency", "--port", str(port), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-
-
-def _wait_healthy(url, deadline_s=60):
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/health_generate", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} not healthy")
-
-
 def test_server_killed_mid_batch_group_retried_then_clear_error():
     ports = [free_port(), free_port()]
-    processes = [_spawn(port, "--response-delay-s", "1.0") for port in ports]
+    processes = [spawn(port, "--zero-latency", "--response-delay-s", "1.0") for port in ports]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     engine = None
     try:
-        for url in urls:
-            _wait_healthy(url)
+        for url, process in zip(urls, processes, strict=True):
+            wait_healthy(url, process)
         engine = engine_for(*urls, samples_per_request=8, max_retries=2, request_timeout_s=30)
         result = {}
         worker = threading.Thread(target=lambda: result.update(
             out=engine.generate([[4, 5, 6]] * 32, 1, SamplingParams(max_new_tokens=4))))
         worker.start()
         time.sleep(0.4)  # 4 batches of 8 in flight, 2 on each server
-        os.killpg(processes[0].pid, signal.SIGKILL)
+        kill(processes[0])
         worker.join(30)
         assert not worker.is_alive(), "generate() hung after a server died mid-batch"
         assert all(g[0].finish_reason == "length" and len(g[0].token_ids) == 4 for g in result["out"])
-        os.killpg(processes[1].pid, signal.SIGKILL)
+        kill(processes[1])
         started = time.monotonic()
         with pytest.raises(RolloutError, match=r"/generate \(8 samples\) failed 3 times"):
             engine.generate([[4]] * 16, 1, SamplingParams(max_new_tokens=4))
@@ -127,26 +94,14 @@ def test_server_killed_mid_batch_group_retried_then_clear_error():
         if engine is not None:
             engine.shutdown()
         for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            kill(process)
 
 
 def test_abort_of_batched_requests(standin):
     server = standin(token_delay_s=0.05)
     engine = engine_for(server.url, max_concurrency=8, samples_per_request=4)
     try:
-        result = {}
-        sampling = SamplingParams(max_new_tokens=200, ignore_eos=True)
-        worker = threading.Thread(target=lambda: result.update(out=engine.generate(PROMPTS, 4, sampling)))
-        worker.start()
-        time.sleep(0.6)
-        started = time.monotonic()
-        engine.abort()
-        worker.join(20)
-        assert not worker.is_alive(), "generate() did not return after abort()"
-        assert time.monotonic() - started < 5
-        samples = flat(result["out"])
+        samples = generate_then_abort(engine, 4, SamplingParams(max_new_tokens=200, ignore_eos=True))
         assert len(samples) == 12 and all(s.finish_reason == "abort" for s in samples)
         assert sum(len(s.token_ids) > 0 for s in samples) >= 8  # both running batches answer per item
         assert server.generate_count == 2  # the third group never went out (budget of 8 samples)
@@ -193,12 +148,7 @@ def test_encoded_requests_are_the_documented_bodies():
 
     import numpy as np
 
-    from maspo_megatron.rollout.sglang.protocol import (
-        batch_payload,
-        encode_items,
-        encode_request,
-        sampling_dict,
-    )
+    from maspo_megatron.rollout.sglang.protocol import encode_items, encode_request, sampling_dict
 
     sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=6, stop_token_ids=(3, 4), ignore_eos=True)
     prompts = [[5, 6, 7], np.array([8, 9])]  # numpy ints must become plain JSON ints
@@ -206,7 +156,10 @@ def test_encoded_requests_are_the_documented_bodies():
     items = encode_items(prompts, 2, sampling, seeds)
     expected = [([5, 6, 7], sampling_dict(sampling, 11)), ([5, 6, 7], sampling_dict(sampling, 12)),
                 ([8, 9], sampling_dict(sampling, 13)), ([8, 9], sampling_dict(sampling, 2**62))]
-    assert json.loads(encode_request(items)) == batch_payload(expected)
+    # the batch form of GenerateReqInput: parallel lists, one sampling dict per item
+    assert json.loads(encode_request(items)) == {"input_ids": [ids for ids, _ in expected],
+                                                 "sampling_params": [params for _, params in expected],
+                                                 "return_logprob": True}
     assert json.loads(encode_request(items[3:])) == generate_payload([8, 9], sampling, 2**62)
     unseeded = encode_items([[1]], 1, SamplingParams(max_new_tokens=2), None)
     assert json.loads(encode_request(unseeded)) == generate_payload([1], SamplingParams(max_new_tokens=2))

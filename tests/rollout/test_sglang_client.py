@@ -6,18 +6,9 @@ import pytest
 import requests
 import torch
 
-from maspo_megatron.config import SGLangConfig
 from maspo_megatron.rollout import RolloutError, SamplingParams
-from maspo_megatron.rollout.sglang import SGLangEngine
-from tests.rollout.conftest import tiny_model
+from tests.rollout.conftest import PROMPTS, engine_for, generate_then_abort, tiny_model
 from tests.rollout.test_local_engine import teacher_forced_logprobs
-
-PROMPTS = [[5, 6, 7], [8, 9, 10, 11], [12]]
-
-
-def engine_for(*urls, **overrides):
-    cfg = SGLangConfig(urls=list(urls), request_timeout_s=60, connect_timeout_s=5, abort_grace_s=3, **overrides)
-    return SGLangEngine(cfg)
 
 
 def test_batch_with_n_samples_matches_model(standin):
@@ -51,17 +42,7 @@ def test_abort_returns_promptly_with_abort_samples(standin):
     server = standin(token_delay_s=0.05)
     engine = engine_for(server.url, max_concurrency=4)
     try:
-        result = {}
-        sampling = SamplingParams(max_new_tokens=200, ignore_eos=True)
-        worker = threading.Thread(target=lambda: result.update(out=engine.generate(PROMPTS, 4, sampling)))
-        worker.start()
-        time.sleep(0.6)
-        started = time.monotonic()
-        engine.abort()
-        worker.join(20)
-        assert not worker.is_alive(), "generate() did not return after abort()"
-        assert time.monotonic() - started < 5
-        samples = [s for g in result["out"] for s in g]
+        samples = generate_then_abort(engine, 4, SamplingParams(max_new_tokens=200, ignore_eos=True))
         assert len(samples) == 12 and all(s.finish_reason == "abort" for s in samples)
         assert any(len(s.token_ids) > 0 for s in samples)  # partial output of running requests comes back
         assert all(len(s.token_ids) < 200 for s in samples)

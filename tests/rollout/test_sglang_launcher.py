@@ -10,7 +10,7 @@ import pytest
 from maspo_megatron.config import RolloutConfig, SGLangConfig
 from maspo_megatron.rollout import RolloutError, SamplingParams, build_engine
 from maspo_megatron.rollout.sglang.launcher import ServerLauncher, router_command, server_command
-from tests.rollout.conftest import STANDIN_SCRIPT
+from tests.helpers.sglang_standin.process import PACKAGE_DIR as STANDIN_SCRIPT
 
 
 def test_server_argv_passes_user_settings():

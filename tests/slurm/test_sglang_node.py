@@ -13,8 +13,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.helpers.sglang_standin.process import PACKAGE_DIR as STANDIN
+
 REPO = Path(__file__).resolve().parents[2]
-STANDIN = REPO / "tests" / "helpers" / "sglang_standin"
 
 
 def _free_port_block(n: int) -> int:

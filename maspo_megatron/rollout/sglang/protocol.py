@@ -47,12 +47,6 @@ def generate_payload(prompt: Sequence[int], sampling: SamplingParams, sampling_s
             "return_logprob": True}
 
 
-def batch_payload(items: Sequence[tuple[list[int], dict]]) -> dict:
-    """items[k] = (input_ids, sampling_params dict) -> the body of one batched `/generate` request."""
-    return {"input_ids": [ids for ids, _ in items], "sampling_params": [params for _, params in items],
-            "return_logprob": True}
-
-
 def encode_items(prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
                  seeds: Optional[Sequence[Sequence[int]]]) -> list[tuple[str, str]]:
     """(input_ids JSON, sampling_params JSON) per sample, prompt-major, seeds[p][s] per sample (or
@@ -72,7 +66,7 @@ def encode_items(prompts: Sequence[Sequence[int]], n: int, sampling: SamplingPar
 
 def encode_request(items: Sequence[tuple[str, str]]) -> bytes:
     """The body of one `/generate` request: the single form for one item, the batch form otherwise
-    (same JSON as `generate_payload` / `batch_payload`)."""
+    (the single form is the JSON of `generate_payload`)."""
     if len(items) == 1:
         prompt_json, params_json = items[0]
         return f'{{"input_ids":{prompt_json},"sampling_params":{params_json},"return_logprob":true}}'.encode()
