@@ -40,6 +40,12 @@ def qwen2_dirs(tmp_path_factory):
     return root / "hf", root / "meg"
 
 
+def _edit_config(hf: Path, **changes) -> None:
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.update(changes)
+    (hf / "config.json").write_text(json.dumps(cfg))
+
+
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -70,9 +76,7 @@ def test_missing_tensor_names_the_tensor(qwen2_dirs, tmp_path):
 
 def test_unsupported_family_is_named(qwen2_dirs, tmp_path):
     hf = _copy(qwen2_dirs[0], tmp_path / "hf")
-    cfg = json.loads((hf / "config.json").read_text())
-    cfg["model_type"] = "gpt2"
-    (hf / "config.json").write_text(json.dumps(cfg))
+    _edit_config(hf, model_type="gpt2")
     with pytest.raises(ValueError, match=r"model_type: 'gpt2' is not a supported family"):
         hf_to_megatron(hf, tmp_path / "out", progress=False)
     _no_output(tmp_path / "out")
@@ -80,9 +84,7 @@ def test_unsupported_family_is_named(qwen2_dirs, tmp_path):
 
 def test_config_shape_mismatch_names_tensor_and_file(qwen2_dirs, tmp_path):
     hf = _copy(qwen2_dirs[0], tmp_path / "hf")
-    cfg = json.loads((hf / "config.json").read_text())
-    cfg["intermediate_size"] = 128
-    (hf / "config.json").write_text(json.dumps(cfg))
+    _edit_config(hf, intermediate_size=128)
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight: shape \(96, 64\) in .*safetensors"):
         hf_to_megatron(hf, tmp_path / "out", progress=False)
     _no_output(tmp_path / "out")
@@ -102,9 +104,7 @@ def test_tensor_without_rule_is_refused(qwen2_dirs, tmp_path):
 
 def test_megatron_side_shape_mismatch_and_missing_config(qwen2_dirs, tmp_path):
     hf = _copy(qwen2_dirs[0], tmp_path / "cfg")
-    cfg = json.loads((hf / "config.json").read_text())
-    cfg["intermediate_size"] = 128
-    (hf / "config.json").write_text(json.dumps(cfg))
+    _edit_config(hf, intermediate_size=128)
     with pytest.raises(CheckpointError, match=r"decoder\.layers\.mlp\.linear_fc1\.weight: shape \(4, 192, 64\)"):
         megatron_to_hf(qwen2_dirs[1], tmp_path / "out", hf_config_dir=hf, progress=False)
     _no_output(tmp_path / "out")
