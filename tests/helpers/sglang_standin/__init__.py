@@ -1,7 +1,8 @@
 """A protocol-faithful stand-in for an SGLang 0.5.23 server (aiohttp), for CPU tests.
 
-It really generates with a tiny `transformers` model (continuous batching: one batched forward per
-step over every running request), and is strict where the real server is:
+It really generates with a tiny `transformers` model (continuous batching: every running request
+advances one token per step, each with its own forward so results do not depend on what else runs),
+and is strict where the real server is:
 - 400 on unknown `/generate` fields or sampling params (and on known ones it does not implement);
   batch requests (`input_ids` as a list of lists, per-item or shared `sampling_params`, `rid`,
   `return_logprob`) are normalised and checked as `GenerateReqInput` does (schema.py);

@@ -1,5 +1,5 @@
 """`/generate` and `/abort_request` of the stand-in: a tiny `transformers` model with continuous
-batching (one batched forward per step over every running request), or, in zero-latency mode, fixed
+batching (every running request advances one token per step), or, in zero-latency mode, fixed
 tokens answered at once from precomputed JSON pieces (the benchmark measures the client, not this).
 
 Each batch item is its own request in the scheduler and answers on its own: an abort ends every item
@@ -152,19 +152,15 @@ class GenerationMixin:
             self._decode(torch)
 
     def _decode(self, torch) -> None:
-        seqs = [r.prompt + r.tokens for r in self.running]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1, :].float()
+        # One forward per request, not one padded forward over all of them: a padded batch's width
+        # (and so its float rounding) depends on which requests happen to run together, and the
+        # tests compare a sample generated alone, in a batch and one request per sample bit for bit.
         still = []
-        for row, req in enumerate(self.running):
+        for req in self.running:
             p = req.params
-            logp = torch.log_softmax(logits[row] / p["temperature"], dim=-1)
+            ids = torch.tensor([req.prompt + req.tokens])
+            logits = self.model(input_ids=ids).logits[0, -1, :].float()
+            logp = torch.log_softmax(logits / p["temperature"], dim=-1)
             probs = logp.exp()
             if p["top_k"] != -1 and p["top_k"] < probs.numel():
                 threshold = torch.topk(probs, p["top_k"]).values[-1]
