@@ -16,7 +16,10 @@ class ParallelConfig:
     ep: int = option(1, ge=1, le=1, help="expert parallel: reserved, dense models only for now")
     sequence_parallel: bool = option(False, help="Megatron sequence parallel (needs tp > 1)")
     distributed_optimizer: bool = True
-    backend: str = option("auto", choices=("auto", "nccl", "gloo"), help="auto: nccl with CUDA, gloo without")
+    backend: str = option("auto", choices=("auto", "nccl", "gloo"),
+                          help="auto: cpu:gloo,cuda:nccl with CUDA (CPU control tensors over gloo), gloo without")
+    timeout_s: float = option(3600.0, gt=0, help="process-group timeout: must outlast the longest phase in which "
+                              "only rank 0 works (rollout + rewards, evaluation, HF export, SGLang start-up)")
 
     def validate(self) -> None:
         if self.sequence_parallel and self.tp == 1:

@@ -61,7 +61,9 @@ class RolloutConfig:
     top_p: float = option(1.0, gt=0, le=1)
     top_k: int = option(-1, ge=-1, help="-1: off")
     max_new_tokens: int = option(256, ge=1)
-    local_batch_size: int = option(64, ge=1, help="sequences per forward in the local CPU engine")
+    local_batch_size: int = option(64, ge=1, help="sequences per forward in the in-process engine")
+    local_dtype: str = option("auto", choices=("auto", "fp32", "bf16"),
+                              help="in-process engine precision: auto = bf16 on a GPU, fp32 on the CPU")
     seed: int = option(1234, ge=0, help="base seed of the local engine's per-sequence sampling streams")
     sglang: SGLangConfig = option(factory=SGLangConfig)
     weight_sync: WeightSyncConfig = option(factory=WeightSyncConfig)

@@ -39,6 +39,16 @@ def check_parallel_fit(meta: ModelMeta, parallel_cfg: ParallelConfig) -> None:
         raise ValueError(f"parallel.pp: num_hidden_layers ({meta.num_layers}) is not divisible by pp x vpp ({pp} x {vpp})")
 
 
+def check_attention_support(parallel_cfg: ParallelConfig, te: bool, on_gpu: bool) -> None:
+    """One-line errors for layouts only Transformer Engine's layers can run."""
+    if parallel_cfg.cp > 1 and not te:
+        raise ValueError(f"parallel.cp: context parallel ({parallel_cfg.cp}) needs Transformer Engine's attention, "
+                         "which is not importable here; set parallel.cp=1")
+    if parallel_cfg.sequence_parallel and on_gpu and not te:
+        raise ValueError("parallel.sequence_parallel: needs Transformer Engine's norms on a GPU (Megatron's torch norm "
+                         "refuses it); set parallel.sequence_parallel=false or install Transformer Engine")
+
+
 def build_model_config(
     hf_config_or_dir: Any,
     model_cfg: ModelConfig,
@@ -56,6 +66,7 @@ def build_model_config(
     validate_fp8(model_cfg.fp8)
     on_gpu = torch.cuda.is_available()
     te = transformer_engine_usable()
+    check_attention_support(parallel_cfg, te, on_gpu)
     params_dtype = _DTYPES[model_cfg.dtype]
     recompute = {}
     if model_cfg.recompute == "full":

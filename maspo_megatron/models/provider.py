@@ -32,6 +32,15 @@ def layer_spec(meta: ModelMeta, use_te: Optional[bool] = None) -> ModuleSpec:
     return get_gpt_layer_local_spec(qk_layernorm=meta.qk_norm, normalization="RMSNorm")
 
 
+def attention_backend(use_te: Optional[bool] = None) -> str:
+    """How packed rows reach attention with the layer spec `layer_spec` picks (one decision):
+    "te" = Transformer Engine, THD packed_seq_params and no mask; "dense" = the local spec with
+    the block-diagonal [R, 1, S, S] mask (CPU)."""
+    if use_te is None:
+        use_te = transformer_engine_usable()
+    return "te" if use_te else "dense"
+
+
 def gpt_model_provider(
     config: TransformerConfig,
     meta: ModelMeta,

@@ -1,9 +1,8 @@
-"""Parallel building blocks for Megatron-Core: CPU (gloo) support, layout, vocab-parallel math.
+"""Parallel building blocks for Megatron-Core: the device decision, layout, vocab-parallel math.
 
 Knows collectives and layouts, never RL (see ../../docs/parallel.md).
 """
 from maspo_megatron.parallel.context import merge_from_cp, packed_zigzag_indices, split_for_cp, zigzag_indices
-from maspo_megatron.parallel.cpu_shim import cpu_shim_enabled, enable_cpu_shim
 from maspo_megatron.parallel.metrics import reduce_sums
 from maspo_megatron.parallel.state import (
     ParallelDims,
@@ -15,7 +14,7 @@ from maspo_megatron.parallel.state import (
 from maspo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs_entropy
 
 __all__ = [
-    "ParallelDims", "check_layout", "cpu_shim_enabled", "destroy_distributed", "enable_cpu_shim",
+    "ParallelDims", "check_layout", "destroy_distributed",
     "get_parallel_dims", "init_distributed", "merge_from_cp", "packed_zigzag_indices", "reduce_sums",
     "split_for_cp", "vocab_parallel_logprobs_entropy", "zigzag_indices",
 ]

@@ -6,7 +6,7 @@ or a COUNT (never a mean): sums add up across micro-batches and ranks, means wou
 
     sums = reduce_sums(losses_reduced, dims)   # {key: float} on global rank 0, None elsewhere
 
-- micro-batches: summed locally;
+- micro-batches: summed locally, on the rank's device (ParallelDims.device), one host copy at the end;
 - DP x CP: all-reduce(SUM) over dims.dp_cp_group (each token lives on exactly one DP x CP rank);
 - TP: the loss inputs are TP-replicated (the fused log-prob function all-reduces over TP), so the
   values are equal on all TP ranks; the TP-rank-0 copy is used, never a sum over TP;
@@ -22,11 +22,12 @@ import torch
 import torch.distributed as dist
 
 
-def _sum_micro_batches(losses_reduced: list) -> dict[str, torch.Tensor]:
+def _sum_micro_batches(losses_reduced: list, device: torch.device) -> dict[str, torch.Tensor]:
+    """{key: fp64 scalar on `device`}: the micro-batches' values added (no host round trip per value)."""
     totals: dict[str, torch.Tensor] = {}
     for item in losses_reduced:
         for key, value in item.items():
-            value = torch.as_tensor(value).detach().double().reshape(())
+            value = torch.as_tensor(value, device=device).detach().to(torch.float64).reshape(())
             totals[key] = totals[key] + value if key in totals else value
     return totals
 
@@ -35,7 +36,7 @@ def reduce_sums(losses_reduced: list, dims) -> Optional[dict[str, float]]:
     """{key: global sum} on global rank 0; None on every other rank."""
     keys_and_values = None
     if dims.is_last_stage:
-        totals = _sum_micro_batches(losses_reduced)
+        totals = _sum_micro_batches(losses_reduced, dims.device)
         keys = sorted(totals)
         if keys:
             stacked = torch.stack([totals[key] for key in keys])

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from maspo_megatron.config.parallel import ParallelConfig
-from maspo_megatron.parallel.cpu_shim import enable_cpu_shim
+from maspo_megatron.parallel.device import process_group_backend, select_device
 
 
 def _env_rank_world() -> tuple[int, int, int]:
@@ -36,13 +36,6 @@ def _env_rank_world() -> tuple[int, int, int]:
     return rank, world, local
 
 
-def _resolve_backend(backend: str) -> str:
-    if backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("parallel.backend: 'nccl' needs CUDA; use 'gloo' or 'auto'")
-    return backend
-
 
 @dataclasses.dataclass(frozen=True)
 class ParallelDims:
@@ -50,6 +43,8 @@ class ParallelDims:
 
     Sizes: tp, pp, cp, dp (derived), vpp (None or virtual stages per rank), world_size.
     Ranks: rank (global), tp_rank, pp_rank, cp_rank, dp_rank.
+    device: where this rank computes (cuda:<local rank> on a GPU node, cpu without CUDA; decided
+    once in `parallel/device.py`): model chunks, micro-batches and loss tensors live there.
     Groups (torch.distributed ProcessGroup): tp_group, pp_group, cp_group, dp_group (without CP),
     dp_cp_group (DP x CP: where gradients are reduced), mp_group (TP x PP), tp_cp_group.
     """
@@ -66,9 +61,10 @@ class ParallelDims:
     cp_rank: int
     dp_rank: int
     sequence_parallel: bool
+    device: torch.device = torch.device("cpu")
 
     @classmethod
-    def from_megatron(cls, parallel_cfg: ParallelConfig) -> ParallelDims:
+    def from_megatron(cls, parallel_cfg: ParallelConfig, device: torch.device) -> ParallelDims:
         """Reads sizes and ranks from Megatron's initialised parallel_state."""
         from megatron.core import parallel_state as ps
 
@@ -85,6 +81,7 @@ class ParallelDims:
             cp_rank=ps.get_context_parallel_rank(),
             dp_rank=ps.get_data_parallel_rank(),
             sequence_parallel=parallel_cfg.sequence_parallel,
+            device=device,
         )
 
     # Groups are looked up in Megatron's parallel_state every time (never cached here), so a
@@ -170,30 +167,31 @@ def check_layout(parallel_cfg: ParallelConfig, world_size: int) -> int:
     return world_size // model_parallel
 
 
-def init_distributed(parallel_cfg: ParallelConfig, seed: int, timeout_s: float = 600.0) -> ParallelDims:
+def init_distributed(parallel_cfg: ParallelConfig, seed: int) -> ParallelDims:
     """torch.distributed + Megatron parallel_state + RNG seeding; returns this rank's ParallelDims.
 
     Reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun) or SLURM_PROCID/SLURM_NTASKS (srun;
     MASTER_ADDR/MASTER_PORT must then be exported by the launch script). Without either it runs
     as a single process (world size 1, MASTER_ADDR/PORT default to localhost:29500).
-    Backend: `parallel.backend` (auto = nccl with CUDA, gloo without; the CPU shim is enabled
-    without CUDA). Idempotent when already initialised with the same layout.
+    Device and backend are decided once (`parallel/device.py`): cuda:<local rank> with a
+    `cpu:gloo,cuda:nccl` default group on a GPU node; cpu, gloo and the CPU edge without CUDA.
+    The group timeout is `parallel.timeout_s`: it must outlast the longest phase in which only
+    rank 0 works (rollout + rewards, evaluation, HF export, SGLang start-up) while the others wait
+    in a collective. Idempotent when already initialised with the same layout.
     """
     global _DIMS
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    enable_cpu_shim()
     rank, world_size, local_rank = _env_rank_world()
     check_layout(parallel_cfg, world_size)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    device = select_device(local_rank)
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
-            backend=_resolve_backend(parallel_cfg.backend), rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s))
+            backend=process_group_backend(parallel_cfg.backend, device), rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=parallel_cfg.timeout_s))
     if ps.model_parallel_is_initialized():
         if _DIMS is not None and (_DIMS.tp, _DIMS.pp, _DIMS.cp) == (parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.cp):
             return _DIMS
@@ -211,7 +209,7 @@ def init_distributed(parallel_cfg: ParallelConfig, seed: int, timeout_s: float =
     random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    _DIMS = ParallelDims.from_megatron(parallel_cfg)
+    _DIMS = ParallelDims.from_megatron(parallel_cfg, device)
     return _DIMS
 
 

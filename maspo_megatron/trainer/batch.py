@@ -1,11 +1,11 @@
 """The packed micro-batch the trainer feeds to Megatron, and a simple packer.
 
-Several samples (prompt + response) share one row of length S. Local (non-Transformer-Engine)
-attention on CPU has no THD/varlen support, so packing is expressed as a BLOCK-DIAGONAL CAUSAL
-attention mask: a token attends to earlier tokens of its own sample only (padding attends to
-itself). Position ids restart at 0 for each sample; with RoPE (relative) a packed sample then
-computes the same attention as alone, and learned absolute positions see the right positions.
-(On GPU with Transformer Engine, `cu_seqlens()` gives the same packing as THD PackedSeqParams.)
+Several samples (prompt + response) share one row of length S. Position ids restart at 0 for
+each sample; a token attends to earlier tokens of its own sample only. How attention is told
+where samples end depends on the layer spec (models/provider.attention_backend):
+- "te" / "packed" (GPU): THD packing, ONE row per micro-batch, `packed_seq_params()` with the
+  segment boundaries `cu_seqlens` (of the whole row, kept through the CP split) and no mask;
+- "dense" (CPU only): a block-diagonal causal [R, 1, S, S] mask (`attention_mask()`), O(S^2).
 
 Alignment: logits at position t predict token t+1, so `target[t] = tokens[t+1]` and
 `loss_mask[t]` is True when tokens[t+1] is a response token of the same sample. A sample with
@@ -56,7 +56,9 @@ class PackedMicroBatch:
     old_log_probs (fp32), sample_index (global sample id, 0 where masked),
     sample_token_count[N] (response tokens of each of the N samples of the global batch),
     global_token_count / global_sample_count (ints, whole global batch),
-    cu_seqlens_padded[k+1] per row is not stored: see `cu_seqlens()`.
+    cu_seqlens[k+1] (int32, THD only: one row): boundaries of the row's segments (samples with
+    their padding, then the row padding) in the WHOLE row, set by `with_segment_bounds()` before
+    the CP split and kept by it; max_seqlen: the longest segment.
     """
 
     tokens: torch.Tensor
@@ -70,10 +72,13 @@ class PackedMicroBatch:
     sample_token_count: torch.Tensor
     global_token_count: int
     global_sample_count: int
+    cu_seqlens: Optional[torch.Tensor] = None
+    max_seqlen: int = 0
 
     @property
-    def local_token_count(self) -> int:
-        return int(self.loss_mask.sum())
+    def local_token_count(self) -> torch.Tensor:
+        """Int32 scalar on the batch's device: response tokens of this (CP-sharded) micro-batch."""
+        return self.loss_mask.sum(dtype=torch.int32)
 
     def attention_mask(self) -> torch.Tensor:
         """BoolTensor[R, 1, S, S], True = masked out (Megatron's convention): block-diagonal causal."""
@@ -84,15 +89,44 @@ class PackedMicroBatch:
         allowed = (same & causal) | torch.eye(length, dtype=torch.bool, device=seg.device)
         return (~allowed)[:, None]
 
-    def cu_seqlens(self, row: int = 0) -> torch.Tensor:
-        """IntTensor[k+1]: boundaries of the segments (samples and padding runs) of one row (THD)."""
-        seg = self.segment_ids[row]
+    def segment_bounds(self, row: int = 0) -> torch.Tensor:
+        """IntTensor[k+1] (cpu): boundaries of the segments (samples and padding runs) of one unsharded row."""
+        seg = self.segment_ids[row].cpu()
         change = torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1
         bounds = [0, *change.tolist(), seg.numel()]
         return torch.tensor(bounds, dtype=torch.int32)
 
-    def to(self, device) -> PackedMicroBatch:
-        return dataclasses.replace(self, **{f: getattr(self, f).to(device) for f in (*_SEQ_FIELDS, "sample_token_count")})
+    def with_segment_bounds(self) -> PackedMicroBatch:
+        """The THD form: `cu_seqlens` and `max_seqlen` of the (single) row, computed before any CP split."""
+        if self.tokens.shape[0] != 1:
+            raise ValueError("THD packing has one row per micro-batch (rows_per_micro_batch=1)")
+        bounds = self.segment_bounds(0)
+        return dataclasses.replace(self, cu_seqlens=bounds, max_seqlen=int((bounds[1:] - bounds[:-1]).max()))
+
+    def packed_seq_params(self):
+        """Megatron's THD `PackedSeqParams` (cu_seqlens on the batch's device; padded == actual:
+        a sample's own padding sits after it, invisible to it under causal attention)."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        if self.cu_seqlens is None:
+            raise ValueError("packed_seq_params: the batch has no segment bounds (with_segment_bounds() at packing)")
+        bounds = self.cu_seqlens
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, cu_seqlens_q_padded=bounds,
+                               cu_seqlens_kv_padded=bounds, max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+
+    def to(self, device: torch.device) -> PackedMicroBatch:
+        """Every tensor on `device`; to a GPU through pinned memory without blocking the host."""
+        device = torch.device(device)
+
+        def move(tensor):
+            if tensor is None or tensor.device == device:
+                return tensor
+            if device.type == "cuda" and tensor.device.type == "cpu":
+                return tensor.pin_memory().to(device, non_blocking=True)
+            return tensor.to(device)
+
+        return dataclasses.replace(self, **{f: move(getattr(self, f)) for f in (*_SEQ_FIELDS, "sample_token_count",
+                                                                                  "cu_seqlens")})
 
     def cp_shard(self, cp_size: int, cp_rank: int, *, per_sample: bool = False) -> PackedMicroBatch:
         """This CP rank's tokens (zig-zag): of each whole row, or of each packed sample (THD)."""
@@ -101,7 +135,8 @@ class PackedMicroBatch:
         if per_sample:
             if self.tokens.shape[0] != 1:
                 raise ValueError("cp_shard(per_sample=True): THD packing has one row per micro-batch")
-            indices = packed_zigzag_indices(self.cu_seqlens(0), cp_size, cp_rank)
+            bounds = self.cu_seqlens if self.cu_seqlens is not None else self.segment_bounds(0)
+            indices = packed_zigzag_indices(bounds.cpu(), cp_size, cp_rank)
         else:
             indices = zigzag_indices(self.tokens.shape[1], cp_size, cp_rank)
         return dataclasses.replace(self, **{f: split_for_cp(getattr(self, f), indices) for f in _SEQ_FIELDS})

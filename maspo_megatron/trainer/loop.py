@@ -136,7 +136,7 @@ class Trainer:
         train_started = time.perf_counter()
         if samples:
             self.metrics.phase(step, "train")
-            mini_batches = pack_mini_batches(samples, cfg, dims)
+            mini_batches = pack_mini_batches(samples, cfg, dims, self.policy.attention_backend)
             drift = compute_old_log_probs(self.policy, mini_batches, cfg, dims)
             train = ppo_update(self.policy, self.optimizer, self.scheduler, mini_batches, cfg, dims)
             if self.is_driver:

@@ -1,8 +1,8 @@
 """The policy loss handed to Megatron's `get_forward_backward_func`, layout-invariant.
 
-    forward_step = make_forward_step(LossSettings.from_config(cfg.algorithm), dims, num_microbatches)
-    losses_reduced = get_forward_backward_func()(forward_step_func=forward_step,
-                                                 data_iterator=iter(micro_batches), model=chunks, ...)
+    loss_fn = partial(megatron_loss_func, settings=LossSettings.from_config(cfg.algorithm), dims=dims,
+                      num_microbatches=len(micro_batches), calculate_per_token_loss=True)
+    losses_reduced = run_micro_batches(policy, micro_batches, loss_fn, dims, forward_only=False)  # trainer/forward.py
     metrics = finalize_metrics(reduce_sums(losses_reduced, dims))     # dict on global rank 0
 
 Per micro-batch (on the last pipeline stage): fused vocab-parallel log-probs + entropy ->
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
 from typing import Optional
 
 import torch
@@ -118,28 +117,10 @@ def megatron_loss_func(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, 
     contribution, sums = compute_loss(output_tensor, batch, settings, dims.tp_group, dims.cp_group, dims.cp)
     local_tokens = batch.local_token_count
     if calculate_per_token_loss:
-        scale = float(max(batch.global_token_count, 1))
+        scaled = contribution * float(max(batch.global_token_count, 1))
     else:
-        scale = float(max(local_tokens, 1) * num_microbatches * dims.dp * dims.cp)
-    return contribution * scale, torch.tensor(local_tokens, dtype=torch.int), sums
-
-
-def make_forward_step(settings: LossSettings, dims, num_microbatches: int, *, calculate_per_token_loss: bool):
-    """forward_step_func(data_iterator, model) for get_forward_backward_func.
-
-    The iterator yields PackedMicroBatch (CP-sharded already); `calculate_per_token_loss` must
-    equal the model's TransformerConfig.calculate_per_token_loss (it decides Megatron's scaling).
-    """
-
-    loss_kwargs = dict(settings=settings, dims=dims, num_microbatches=num_microbatches,
-                       calculate_per_token_loss=calculate_per_token_loss)
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, batch.attention_mask())
-        return output, partial(megatron_loss_func, batch, **loss_kwargs)
-
-    return forward_step
+        scaled = contribution * (local_tokens.clamp(min=1) * (num_microbatches * dims.dp * dims.cp))
+    return scaled, local_tokens, sums
 
 
 def finalize_metrics(sums: Optional[dict[str, float]]) -> Optional[dict[str, float]]:

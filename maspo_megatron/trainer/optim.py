@@ -22,7 +22,12 @@ def optimizer_steps_per_rl_step(cfg: Config) -> int:
 
 
 def build_optimizer(cfg: Config, model_chunks: Sequence[torch.nn.Module]):
-    """Adam through Megatron's `get_megatron_optimizer` (fp32 main params, grad clipping)."""
+    """Adam through Megatron's `get_megatron_optimizer` (fp32 main params, grad clipping).
+
+    The schedule scales the loss with the model config's `grad_scale_func`, as Megatron's own
+    training setup wires it: with fp16 that is the dynamic loss scale (without it, fp16 gradients
+    underflow and the scaler's unscale divides unscaled gradients); with bf16/fp32 the scale is 1.
+    """
     trainer = cfg.trainer
     dtype = cfg.model.dtype
     opt_cfg = OptimizerConfig(
@@ -39,7 +44,10 @@ def build_optimizer(cfg: Config, model_chunks: Sequence[torch.nn.Module]):
         params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype],
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_cfg, list(model_chunks))
+    optimizer = get_megatron_optimizer(opt_cfg, list(model_chunks))
+    for chunk in model_chunks:
+        chunk.config.grad_scale_func = optimizer.scale_loss
+    return optimizer
 
 
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:

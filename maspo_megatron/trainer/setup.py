@@ -16,8 +16,10 @@ from maspo_megatron.config import Config
 class Policy:
     """The Megatron policy of this rank and what describes it.
 
-    chunks: DDP-wrapped model chunks (one per virtual pipeline stage); config: TransformerConfig;
-    meta: ModelMeta; wmap: WeightMap (HF <-> Megatron table); hf_config: the HF config object.
+    chunks: DDP-wrapped model chunks (one per virtual pipeline stage) on the rank's device;
+    config: TransformerConfig; meta: ModelMeta; wmap: WeightMap (HF <-> Megatron table);
+    hf_config: the HF config object; attention_backend: how packed rows reach attention
+    ("te" / "packed": THD packed_seq_params, "dense": the CPU block mask; models/provider.py).
     """
 
     chunks: List[torch.nn.Module]
@@ -25,6 +27,7 @@ class Policy:
     meta: Any
     wmap: Any
     hf_config: Any
+    attention_backend: str = "dense"
 
 
 def build_tokenizer(cfg: Config):
@@ -63,7 +66,9 @@ def build_policy(cfg: Config, dims, tokenizer) -> Policy:
     `calculate_per_token_loss` is on (the loss normalises by the global token count itself, see
     trainer/loss.py) and `finalize_model_grads` reduces gradients over DP x CP after each
     forward/backward. Initial weights: `model.init_from_hf` (HF dir), `model.load` (dist
-    checkpoint), or Megatron's random init from `model.seed`.
+    checkpoint), or Megatron's random init from `model.seed`. Every chunk is placed on
+    `dims.device` before Float16Module and DDP wrap it (as Megatron's own get_model does):
+    modules Megatron builds outside its CUDA-aware initialisers (torch norms) start on the CPU.
     """
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
@@ -72,7 +77,7 @@ def build_policy(cfg: Config, dims, tokenizer) -> Policy:
 
     from maspo_megatron.models import FAMILIES, WeightMap
     from maspo_megatron.models.config_builder import build_model_config
-    from maspo_megatron.models.provider import make_model_provider
+    from maspo_megatron.models.provider import attention_backend, make_model_provider
     from maspo_megatron.parallel.pipeline import apply_pipeline_comm_settings
 
     hf_config = resolve_hf_config(cfg, tokenizer)
@@ -92,7 +97,7 @@ def build_policy(cfg: Config, dims, tokenizer) -> Policy:
         chunks.append(provider(
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            vp_stage=stage))
+            vp_stage=stage).to(dims.device))
     wmap = WeightMap(FAMILIES[meta.family], meta)
     if cfg.model.init_from_hf:
         _load_hf_into(chunks, wmap, cfg.model.init_from_hf, dims)
@@ -109,7 +114,8 @@ def build_policy(cfg: Config, dims, tokenizer) -> Policy:
         load_model_weights(chunks, cfg.model.load)
     for chunk in chunks:
         chunk.broadcast_params()  # DP replicas start identical whatever the init path
-    return Policy(chunks=chunks, config=config, meta=meta, wmap=wmap, hf_config=hf_config)
+    return Policy(chunks=chunks, config=config, meta=meta, wmap=wmap, hf_config=hf_config,
+                  attention_backend=attention_backend())
 
 
 def _load_hf_into(chunks, wmap, hf_dir: str, dims) -> None:
@@ -124,11 +130,19 @@ def _load_hf_into(chunks, wmap, hf_dir: str, dims) -> None:
         reader.close()
 
 
+def local_engine_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """`rollout.local_dtype` on this device: auto = bf16 on a GPU, fp32 on the CPU."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
+
+
 def build_engine_on_driver(cfg: Config, policy: Policy, dims, tokenizer) -> Optional[Any]:
     """The rollout engine, on global rank 0 only (None elsewhere).
 
-    The local engine gets a fresh HF model built from the policy's HF config; its weights are set
-    by the first weight sync, so engine and trainer start from the same parameters.
+    The local engine gets a fresh HF model built from the policy's HF config, on the rank's
+    device (bf16 on a GPU unless `rollout.local_dtype` says otherwise); its weights are set by
+    the first weight sync, so engine and trainer start from the same parameters.
     """
     if dims.rank != 0:
         return None
@@ -138,7 +152,8 @@ def build_engine_on_driver(cfg: Config, policy: Policy, dims, tokenizer) -> Opti
         import transformers
 
         torch.manual_seed(cfg.model.seed)
-        model = transformers.AutoModelForCausalLM.from_config(policy.hf_config).float()
+        dtype = local_engine_dtype(cfg.rollout.local_dtype, dims.device)
+        model = transformers.AutoModelForCausalLM.from_config(policy.hf_config).to(dims.device, dtype)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return build_engine(cfg.rollout, model=model, weight_version=0)

@@ -1,14 +1,15 @@
 """The Megatron half of an RL step, on every rank: batch -> old log-probs -> PPO updates.
 
     samples = broadcast_samples(samples_on_rank0, dims)
-    mini = pack_mini_batches(samples, cfg, dims)                   # [mini][micro] PackedMicroBatch
+    mini = pack_mini_batches(samples, cfg, dims, policy.attention_backend)  # [mini][micro], on dims.device
     sums = compute_old_log_probs(policy, mini, cfg, dims)          # in place, + drift metrics
     train_metrics = ppo_update(policy, optimizer, scheduler, mini, cfg, dims)
 
 Every rank packs the same global batch deterministically and keeps its data-parallel share
 (balanced by tokens; trainer/batch.py), so only the sample list travels (one broadcast).
 Each mini-batch is packed on its own: its global normalisers are those of the mini-batch, the
-batch one optimizer step sees.
+batch one optimizer step sees. Micro-batches move to the device once, here, on every pipeline
+stage; every pass runs through the one forward step of trainer/forward.py.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from maspo_megatron.parallel.pipeline import check_pipeline_comm, interleaved_micro_batches
+from maspo_megatron.parallel.pipeline import interleaved_micro_batches
 from maspo_megatron.trainer.batch import PackedMicroBatch, TrainSample, pack_micro_batches
+from maspo_megatron.trainer.forward import THD_BACKENDS, run_micro_batches
 
-# A logit no token can win against: padded vocabulary rows get it so that the trainer's softmax
-# covers exactly the tokenizer's vocabulary, like the rollout engine's.
-_PADDED_LOGIT = -1e4
+# FP8 GEMMs need token counts divisible by 16 (per-tensor recipes) or 128 (block scaling).
+_FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "blockwise": 128, "mxfp8": 128}
+_FP8_SAMPLE_MULTIPLE = 16
 
 
 def broadcast_samples(samples: Optional[List[TrainSample]], dims) -> List[TrainSample]:
@@ -41,50 +43,54 @@ def split_mini_batches(samples: List[TrainSample], mini_batches: int) -> List[Li
     return [samples[bounds[i]:bounds[i + 1]] for i in range(count)]
 
 
-def pack_mini_batches(samples: List[TrainSample], cfg, dims, mini_batches: Optional[int] = None
-                      ) -> List[List[PackedMicroBatch]]:
-    """This rank's micro-batches, per mini-batch (default: algorithm.mini_batches; CP-sharded when cp > 1)."""
-    row_multiple = 1
+def packing_multiples(cfg, dims, attention_backend: str) -> tuple[int, int]:
+    """(row_multiple, sample_multiple) of the packer for this layout and attention backend.
+
+    Rows: a multiple of tp (sequence parallel splits the row over TP), of 2*cp (zig-zag), and
+    with FP8 of 16 (128 for blockwise/mxfp8) tokens per GEMM after the SP and CP splits.
+    Samples (THD only): a multiple of 2*cp (each sample is zig-zag split on its own) and 16 with FP8.
+    """
+    row_multiple, sample_multiple = 1, 1
     if cfg.parallel.sequence_parallel:
         row_multiple = dims.tp
     if dims.cp > 1:
         row_multiple = math.lcm(row_multiple, 2 * dims.cp)
+    if cfg.model.fp8:
+        per_gemm = _FP8_TOKEN_MULTIPLE[cfg.model.fp8]
+        row_multiple = math.lcm(row_multiple, per_gemm * dims.cp * (dims.tp if cfg.parallel.sequence_parallel else 1))
+    if attention_backend in THD_BACKENDS:
+        sample_multiple = math.lcm(2 * dims.cp if dims.cp > 1 else 1, _FP8_SAMPLE_MULTIPLE if cfg.model.fp8 else 1)
+    return row_multiple, sample_multiple
+
+
+def pack_mini_batches(samples: List[TrainSample], cfg, dims, attention_backend: str,
+                      mini_batches: Optional[int] = None) -> List[List[PackedMicroBatch]]:
+    """This rank's micro-batches per mini-batch (default: algorithm.mini_batches), CP-sharded, on dims.device.
+
+    THD backends get one row per micro-batch with its segment bounds (before the CP split, which
+    is then per sample); the dense backend keeps the row-wise split.
+    """
+    thd = attention_backend in THD_BACKENDS
+    row_multiple, sample_multiple = packing_multiples(cfg, dims, attention_backend)
     out = []
     for mini in split_mini_batches(samples, mini_batches or cfg.algorithm.mini_batches):
         pack = partial(pack_micro_batches, mini, row_tokens=cfg.trainer.micro_batch_tokens, rows_per_micro_batch=1,
-                       dp_size=dims.dp, row_multiple=row_multiple, fixed_row_len=dims.pp > 1)
+                       dp_size=dims.dp, row_multiple=row_multiple, sample_multiple=sample_multiple,
+                       fixed_row_len=dims.pp > 1)
         per_rank = pack()
         # The interleaved schedule needs a multiple of pp micro-batches: pad with empty ones.
         wanted = interleaved_micro_batches(len(per_rank[0]), dims.pp, dims.vpp)
         if wanted != len(per_rank[0]):
             per_rank = pack(min_micro_batches=wanted)
-        out.append([mb.cp_shard(dims.cp, dims.cp_rank) for mb in per_rank[dims.dp_rank]])
+        local = per_rank[dims.dp_rank]
+        if thd:
+            local = [mb.with_segment_bounds() for mb in local]
+        out.append([mb.cp_shard(dims.cp, dims.cp_rank, per_sample=thd).to(dims.device) for mb in local])
     return out
 
 
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, dims) -> torch.Tensor:
-    """logits[..., V/TP] with the columns of ids >= vocab_size (Megatron's vocab padding) pushed out."""
-    local = logits.shape[-1]
-    start = dims.tp_rank * local
-    if start + local <= vocab_size:
-        return logits
-    ids = torch.arange(start, start + local, device=logits.device)
-    return logits.masked_fill(ids >= vocab_size, _PADDED_LOGIT)
-
-
-def _run(policy, batches: List[PackedMicroBatch], forward_step, *, forward_only: bool) -> list:
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    check_pipeline_comm(policy.config)
-    iterators = [iter(batches) for _ in policy.chunks] if len(policy.chunks) > 1 else iter(batches)
-    return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators, model=policy.chunks,
-        num_microbatches=len(batches), seq_length=batches[0].tokens.shape[1],
-        micro_batch_size=batches[0].tokens.shape[0], forward_only=forward_only)
-
-
 # ---- old log-probs ------------------------------------------------------------------------------
-def _logprob_loss(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, cfg, dims, vocab_size: int):
+def _logprob_loss(batch: PackedMicroBatch, logits: torch.Tensor, *, cfg, dims):
     """Forward-only 'loss': writes the trainer's log-probs into the batch and measures engine drift.
 
     On entry batch.old_log_probs hold the ENGINE's log-probs (from the rollout). Afterwards they
@@ -93,7 +99,6 @@ def _logprob_loss(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, cfg, 
     """
     from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
 
-    logits = mask_padded_vocab(output_tensor, vocab_size, dims)
     with torch.no_grad():
         trainer_lp, _ = vocab_parallel_logprobs_entropy(logits, batch.target, dims.tp_group,
                                                         temperature=cfg.rollout.temperature)
@@ -101,7 +106,7 @@ def _logprob_loss(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, cfg, 
     engine_lp = batch.old_log_probs
     diff = (trainer_lp - engine_lp)[mask].double()
     sums = {"drift_abs_sum": diff.abs().sum(), "drift_sum": diff.sum(), "drift_max": diff.abs().max() if diff.numel()
-            else torch.zeros((), dtype=torch.float64), "drift_tokens": mask.sum().double()}
+            else torch.zeros((), dtype=torch.float64, device=diff.device), "drift_tokens": mask.sum().double()}
     if cfg.algorithm.tis_cap is not None:
         weight = torch.exp(trainer_lp - engine_lp).clamp(max=cfg.algorithm.tis_cap)
         sums["tis_weight_sum"] = weight[mask].double().sum()
@@ -109,24 +114,21 @@ def _logprob_loss(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, cfg, 
     if cfg.algorithm.old_logprob_source == "trainer":
         batch.old_log_probs[mask] = trainer_lp[mask]
     sums = {k: v.reshape(()) for k, v in sums.items()}
-    return torch.zeros((), requires_grad=False), torch.tensor(int(mask.sum()), dtype=torch.int), sums
+    return torch.zeros((), device=logits.device), batch.local_token_count, sums
 
 
 def compute_old_log_probs(policy, mini_batches: List[List[PackedMicroBatch]], cfg, dims) -> Optional[dict]:
     """Collective. Fills old log-probs in place (last PP stage); returns drift metrics on rank 0."""
     from maspo_megatron.parallel.metrics import reduce_sums
 
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch.tokens, batch.position_ids, batch.attention_mask())
-        return output, partial(_logprob_loss, batch, cfg=cfg, dims=dims, vocab_size=policy.meta.vocab_size)
-
+    loss_fn = partial(_logprob_loss, cfg=cfg, dims=dims)
     reduced = []
     with torch.no_grad():
         for batches in mini_batches:
-            reduced.extend(_run(policy, batches, forward_step, forward_only=True))
-    # drift_max is a max, not a sum: reduce it apart from the sums.
-    maxima = torch.tensor([float(r.pop("drift_max")) for r in reduced] or [0.0]).max().reshape(1)
+            reduced.extend(run_micro_batches(policy, batches, loss_fn, dims, forward_only=True))
+    # drift_max is a max, not a sum: reduce it apart from the sums (only last stages have values).
+    maxima = [r.pop("drift_max").reshape(1) for r in reduced]
+    maxima = torch.cat(maxima).max().reshape(1) if maxima else torch.zeros(1, dtype=torch.float64, device=dims.device)
     if dims.world_size > 1:
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
     sums = reduce_sums(reduced, dims)
@@ -142,12 +144,6 @@ def compute_old_log_probs(policy, mini_batches: List[List[PackedMicroBatch]], cf
 
 
 # ---- PPO updates --------------------------------------------------------------------------------
-def _policy_loss(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, dims, vocab_size: int, **loss_kwargs):
-    from maspo_megatron.trainer.loss import megatron_loss_func
-
-    return megatron_loss_func(batch, mask_padded_vocab(output_tensor, vocab_size, dims), dims=dims, **loss_kwargs)
-
-
 def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicroBatch]], cfg, dims) -> Optional[dict]:
     """Collective. ppo_epochs x mini-batches of forward/backward + optimizer step; metrics on rank 0.
 
@@ -155,7 +151,7 @@ def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicro
     counted in train/skipped_steps.
     """
     from maspo_megatron.parallel.metrics import reduce_sums
-    from maspo_megatron.trainer.loss import LossSettings, finalize_metrics
+    from maspo_megatron.trainer.loss import LossSettings, finalize_metrics, megatron_loss_func
     from maspo_megatron.trainer.optim import all_grads_finite, current_lr
 
     settings = LossSettings.from_config(cfg.algorithm, temperature=cfg.rollout.temperature)
@@ -165,18 +161,12 @@ def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicro
     skipped = 0
     for _epoch in range(cfg.algorithm.ppo_epochs):
         for batches in mini_batches:
-            loss_kwargs = dict(settings=settings, num_microbatches=len(batches), calculate_per_token_loss=True)
-
-            def forward_step(data_iterator, model, loss_kwargs=loss_kwargs):
-                batch = next(data_iterator)
-                output = model(batch.tokens, batch.position_ids, batch.attention_mask())
-                return output, partial(_policy_loss, batch, dims=dims, vocab_size=policy.meta.vocab_size,
-                                       **loss_kwargs)
-
+            loss_fn = partial(megatron_loss_func, settings=settings, dims=dims, num_microbatches=len(batches),
+                              calculate_per_token_loss=True)
             optimizer.zero_grad()
             for chunk in policy.chunks:
                 chunk.zero_grad_buffer()
-            reduced = _run(policy, batches, forward_step, forward_only=False)
+            reduced = run_micro_batches(policy, batches, loss_fn, dims, forward_only=False)
             sums = reduce_sums(reduced, dims)
             if all_grads_finite(policy.chunks):
                 _, grad_norm, _ = optimizer.step()

@@ -16,7 +16,8 @@ from typing import Callable, List, Optional
 import torch
 
 from maspo_megatron.trainer.batch import PackedMicroBatch, TrainSample
-from maspo_megatron.trainer.train_step import _run, broadcast_samples, mask_padded_vocab, pack_mini_batches
+from maspo_megatron.trainer.forward import run_micro_batches
+from maspo_megatron.trainer.train_step import broadcast_samples, pack_mini_batches
 
 
 def reference_samples(dataset, tokenizer, count: int, rng: random.Random) -> List[TrainSample]:
@@ -35,18 +36,16 @@ def reference_samples(dataset, tokenizer, count: int, rng: random.Random) -> Lis
     return samples
 
 
-def _nll_loss(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, dims, vocab_size: int):
+def _nll_loss(batch: PackedMicroBatch, logits: torch.Tensor, *, dims):
     """Sum of -log p over response tokens; Megatron divides by the global token count
     (calculate_per_token_loss), so the gradient is that of the token-mean NLL."""
     from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
 
-    log_prob, _ = vocab_parallel_logprobs_entropy(mask_padded_vocab(output_tensor, vocab_size, dims), batch.target,
-                                                  dims.tp_group)
+    log_prob, _ = vocab_parallel_logprobs_entropy(logits, batch.target, dims.tp_group)
     mask = batch.loss_mask
     nll = -(log_prob * mask).sum()
-    tokens = int(mask.sum())
-    return nll, torch.tensor(tokens, dtype=torch.int), {"nll_sum": nll.detach().double(),
-                                                         "tokens": torch.tensor(float(tokens), dtype=torch.float64)}
+    tokens = batch.local_token_count
+    return nll, tokens, {"nll_sum": nll.detach().double(), "tokens": tokens.double()}
 
 
 def supervised_warmup(policy, optimizer, cfg, dims, *, dataset=None, tokenizer=None,
@@ -64,19 +63,15 @@ def supervised_warmup(policy, optimizer, cfg, dims, *, dataset=None, tokenizer=N
         if dims.rank == 0:
             samples = reference_samples(dataset, tokenizer, cfg.trainer.sft_batch_size, rng)
         samples = broadcast_samples(samples, dims)
-        batches = [mb for mini in pack_mini_batches(samples, cfg, dims, mini_batches=1) for mb in mini]
-
-        def forward_step(data_iterator, model):
-            batch = next(data_iterator)
-            output = model(batch.tokens, batch.position_ids, batch.attention_mask())
-            return output, partial(_nll_loss, batch, dims=dims, vocab_size=policy.meta.vocab_size)
-
+        batches = [mb for mini in pack_mini_batches(samples, cfg, dims, policy.attention_backend, mini_batches=1)
+                   for mb in mini]
         for group in optimizer.param_groups:
             group["lr"] = cfg.trainer.sft_lr
         optimizer.zero_grad()
         for chunk in policy.chunks:
             chunk.zero_grad_buffer()
-        sums = reduce_sums(_run(policy, batches, forward_step, forward_only=False), dims)
+        sums = reduce_sums(run_micro_batches(policy, batches, partial(_nll_loss, dims=dims), dims, forward_only=False),
+                           dims)
         if all_grads_finite(policy.chunks):
             optimizer.step()
         if sums is not None:

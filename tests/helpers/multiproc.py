@@ -16,7 +16,10 @@ What it guarantees:
   session/process group, so everything it spawns (dist_checkpointing's Manager, dataloader
   workers) is killed with it. Every group is killed when the case ends, fails or times out.
 - Environment per rank: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, a free MASTER_PORT,
-  OMP_NUM_THREADS=1, HF_HUB_OFFLINE=1, plus `env` overrides. `fn` itself decides how to
+  OMP_NUM_THREADS=1, HF_HUB_OFFLINE=1, plus `env` overrides.
+- Device: `device="cpu"` (the default) hides every GPU from the ranks (CUDA_VISIBLE_DEVICES=""),
+  so they run the CPU path over gloo even on a GPU machine (where NCCL would refuse several
+  ranks on one GPU); `device="cuda"` leaves the GPUs visible (GPU tests, one rank per GPU). `fn` itself decides how to
   initialise torch.distributed (usually `maspo_megatron.parallel.init_distributed`).
 - If any rank raises, the others are killed after `grace_s` and `DistributedTestError` is raised
   with that rank's traceback (the first failing rank, plus every other rank's error that made it
@@ -79,10 +82,12 @@ def _tail(path: str, chars: int = 4000) -> str:
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float = 180.0, grace_s: float = 3.0,
-                    env: dict | None = None, **kwargs: Any) -> list:
+                    env: dict | None = None, device: str = "cpu", **kwargs: Any) -> list:
     """Runs fn(*args, **kwargs) on `world_size` fresh processes; returns [result of rank 0, 1, ...]."""
     if world_size < 1:
         raise ValueError(f"world_size: {world_size} must be >= 1")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device!r} must be 'cpu' or 'cuda'")
     module_name, module_path, qualname = _fn_location(fn)
     workdir = tempfile.mkdtemp(prefix="maspo_mp_")
     spec_path = os.path.join(workdir, "spec.pkl")
@@ -101,6 +106,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout_s: float 
                 "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                 "PYTHONPATH": os.pathsep.join(filter(None, [_REPO_ROOT, child_env.get("PYTHONPATH")])),
             })
+            if device == "cpu":
+                child_env["CUDA_VISIBLE_DEVICES"] = ""
             child_env.update(env or {})
             log_path = os.path.join(workdir, f"rank{rank}.log")
             logs.append(log_path)

@@ -41,7 +41,7 @@ def test_te_spec_loads_converted_checkpoint_and_matches_transformers(tmp_path):
     model = save_hf_model("qwen3", tmp_path / "hf")
     hf_to_megatron(tmp_path / "hf", tmp_path / "meg", tp=1, pp=1, progress=False)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    (result,) = run_distributed(_te_parity_case, 1, str(tmp_path / "hf"), str(tmp_path / "meg"), ids, timeout_s=600)
+    (result,) = run_distributed(_te_parity_case, 1, str(tmp_path / "hf"), str(tmp_path / "meg"), ids, timeout_s=600, device="cuda")
     assert result["spec_is_te"]
     ref = hf_logits(model, ids)
     rel = ((result["logits"] - ref).abs().max() / ref.abs().max()).item()

@@ -70,7 +70,7 @@ def test_cp_shard_per_sample_keeps_padded_sample_boundaries():
     (batches,) = pack_micro_batches(_samples(), row_tokens=20, rows_per_micro_batch=1, row_multiple=4,
                                     sample_multiple=4)
     batch = batches[0]
-    bounds = batch.cu_seqlens(0)
+    bounds = batch.segment_bounds(0)
     assert all(int(b) % 4 == 0 for b in bounds)
     halves = [batch.cp_shard(2, rank, per_sample=True) for rank in range(2)]
     assert sum(h.local_token_count for h in halves) == batch.local_token_count

@@ -70,7 +70,7 @@ def _cp_model_case():
         dims = init_distributed(ParallelConfig(cp=cp_size), seed=3)
         (model,) = build_tiny_gpt(dims, transformer_engine=True)
         model = model.cuda()
-        cu = batch.cu_seqlens(0).cuda()
+        cu = batch.segment_bounds(0).cuda()
         shard = batch.cp_shard(cp_size, dims.cp_rank, per_sample=True) if cp_size > 1 else batch
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
                                  cu_seqlens_kv_padded=cu, max_seqlen_q=int((cu[1:] - cu[:-1]).max()),
@@ -96,7 +96,7 @@ def _cp_model_case():
                     reason="model-level context parallel needs 2 GPUs")
 def test_model_level_context_parallel_matches_cp1():
     pytest.importorskip("transformer_engine")
-    results = run_distributed(_cp_model_case, 2, timeout_s=600)
+    results = run_distributed(_cp_model_case, 2, timeout_s=600, device="cuda")
     for result in results:
         loss_cp, loss1 = result["loss"]
         assert abs(loss_cp - loss1) <= 1e-4 * abs(loss1)

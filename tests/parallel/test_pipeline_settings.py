@@ -51,7 +51,7 @@ def test_trainer_packs_a_multiple_of_pp_micro_batches_with_vpp():
     for vpp, pp, expected in ((None, 2, [3, 2]), (2, 2, [4, 2]), (3, 3, [3, 3])):
         dims = ParallelDims(world_size=pp, rank=0, tp=1, pp=pp, cp=1, dp=1, vpp=vpp, tp_rank=0, pp_rank=0,
                             cp_rank=0, dp_rank=0, sequence_parallel=False)
-        minis = pack_mini_batches(samples, cfg, dims)
+        minis = pack_mini_batches(samples, cfg, dims, "dense")
         assert [len(mini) for mini in minis] == expected, (vpp, pp)
         # the added micro-batches are padding only: every response token is still there once
         assert sum(int(mb.loss_mask.sum()) for mini in minis for mb in mini) == sum(len(s.response_ids) for s in samples)

@@ -94,7 +94,7 @@ def bf16_server(tmp_path_factory):
 
 @pytest.mark.parametrize("transport", ["tensor", "distributed"])
 def test_sync_into_real_sglang(bf16_server, transport):
-    (result,) = run_distributed(_trainer_case, 1, bf16_server.worker_urls[0], transport, False, timeout_s=600)
+    (result,) = run_distributed(_trainer_case, 1, bf16_server.worker_urls[0], transport, False, timeout_s=600, device="cuda")
     assert result["report"].verified and result["version"] == "7"
     # bf16 kernels differ between SGLang and Megatron; a wrong or stale weight moves log-probs by far more
     assert (result["engine"] - result["trainer"]).abs().mean() < 0.05
@@ -120,7 +120,7 @@ def test_fp8_blockwise_into_fp8_server(tmp_path_factory):
     (model_dir / "config.json").write_text(json.dumps(config))
     engine = _launch(model_dir, tmp_path_factory.mktemp("ws_gpu_fp8_logs"), quantization="fp8")
     try:
-        (result,) = run_distributed(_trainer_case, 1, engine.worker_urls[0], "tensor", True, timeout_s=600)
+        (result,) = run_distributed(_trainer_case, 1, engine.worker_urls[0], "tensor", True, timeout_s=600, device="cuda")
     finally:
         engine.shutdown()
     assert result["version"] == "7"

@@ -42,7 +42,7 @@ def load_hf_causal_lm(path: Union[str, Path]) -> torch.nn.Module:
 
 
 class LocalEngine:
-    """Rollout engine over an in-process HF model (fp32; the model object is used, not copied).
+    """Rollout engine over an in-process HF model (on its device and dtype; the model object is used, not copied).
 
     batch_size: sequences per forward; seed: base of the per-sequence sampling streams (a call's
     `SamplingParams.seed` overrides it; otherwise each call advances a counter so calls differ).

@@ -1,8 +1,8 @@
-"""`local`: in-memory into the in-process CPU engine on global rank 0.
+"""`local`: in-memory into the in-process engine on global rank 0 (CPU, or the driver's GPU).
 
 Stage 0's source (rank 0 itself) loads its buckets directly; every other stage's source ships each
-bucket as one flattened uint8 buffer over gloo point-to-point, and rank 0 loads them in stage order
-after its own. A sender holds at most its current bucket and that bucket's buffer.
+bucket as one flattened uint8 buffer point-to-point (on the ranks' device: NCCL between GPUs, gloo
+on the CPU), and rank 0 loads them in stage order after its own. A sender holds at most its current bucket and that bucket's buffer.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class LocalTransport(Transport):
                 if holder[0] is None:
                     break
                 metadata = holder[0]
-                buf = torch.empty(metadata[-1].end_idx, dtype=torch.uint8)
+                buf = torch.empty(metadata[-1].end_idx, dtype=torch.uint8, device=self.dims.device)
                 dist.recv(buf, src=source)
                 self.engine.load_hf_state_dict(dict(reconstruct_tensors(buf, metadata)))
                 del buf
