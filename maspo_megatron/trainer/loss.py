@@ -1,7 +1,7 @@
 """The policy loss handed to Megatron's `get_forward_backward_func`, layout-invariant.
 
     loss_fn = partial(megatron_loss_func, settings=LossSettings.from_config(cfg.algorithm), dims=dims,
-                      num_microbatches=len(micro_batches), calculate_per_token_loss=True)
+                      num_microbatches=len(micro_batches))
     losses_reduced = run_micro_batches(policy, micro_batches, loss_fn, dims, forward_only=False)  # trainer/forward.py
     metrics = finalize_metrics(reduce_sums(losses_reduced, dims))     # dict on global rank 0
 
@@ -10,14 +10,11 @@ Per micro-batch (on the last pipeline stage): fused vocab-parallel log-probs + e
 micro-batch (PackedMicroBatch) -> this shard's contribution c, where the sum of c over every
 micro-batch and every DP x CP rank is exactly the global-batch loss L.
 
-Megatron then rescales, and we undo it so that the final gradient is dL/dtheta:
-- `calculate_per_token_loss=True`: nothing is divided per micro-batch, DDP SUMS over DP x CP,
-  and `finalize_model_grads` divides by N = sum of the returned token counts over micro-batches
-  and DP x CP ranks. We return the local response-token count (so N = global_token_count) and
-  the loss c * global_token_count.
-- `calculate_per_token_loss=False`: the schedule divides our output by max(num_tokens, 1) and by
-  num_microbatches, and DDP averages over DP x CP. We return c * max(num_tokens, 1) *
-  num_microbatches * |DP x CP|.
+Megatron then rescales, and we undo it so that the final gradient is dL/dtheta. The policy is
+built with `calculate_per_token_loss=True` (trainer/setup.py): nothing is divided per
+micro-batch, DDP SUMS over DP x CP, and `finalize_model_grads` divides by N = sum of the returned
+token counts over micro-batches and DP x CP ranks. We return the local response-token count (so
+N = global_token_count) and the loss c * global_token_count.
 TP ranks hold replicated outputs and each computes ONE copy of the loss (as Megatron's own
 vocab-parallel cross-entropy): no TP factor. Metrics are SUMS (see parallel/metrics.py).
 Micro-batches arrive already CP-sharded (PackedMicroBatch.cp_shard) when cp > 1.
@@ -112,15 +109,13 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
 
 
 def megatron_loss_func(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, settings: LossSettings, dims,
-                       num_microbatches: int, calculate_per_token_loss: bool):
-    """Megatron's loss_func(output_tensor) -> (scaled loss, num_tokens, {metric: SUM}); see the module doc."""
+                       num_microbatches: int):
+    """Megatron's loss_func(output_tensor) -> (scaled loss, num_tokens, {metric: SUM}); see the module doc.
+
+    num_microbatches: micro-batches of this optimizer step on this rank.
+    """
     contribution, sums = compute_loss(output_tensor, batch, settings, dims.tp_group, dims.cp_group, dims.cp)
-    local_tokens = batch.local_token_count
-    if calculate_per_token_loss:
-        scaled = contribution * float(max(batch.global_token_count, 1))
-    else:
-        scaled = contribution * (local_tokens.clamp(min=1) * (num_microbatches * dims.dp * dims.cp))
-    return scaled, local_tokens, sums
+    return contribution * float(max(batch.global_token_count, 1)), batch.local_token_count, sums
 
 
 def finalize_metrics(sums: Optional[dict[str, float]]) -> Optional[dict[str, float]]:

@@ -161,8 +161,7 @@ def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicro
     skipped = 0
     for _epoch in range(cfg.algorithm.ppo_epochs):
         for batches in mini_batches:
-            loss_fn = partial(megatron_loss_func, settings=settings, dims=dims, num_microbatches=len(batches),
-                              calculate_per_token_loss=True)
+            loss_fn = partial(megatron_loss_func, settings=settings, dims=dims, num_microbatches=len(batches))
             optimizer.zero_grad()
             for chunk in policy.chunks:
                 chunk.zero_grad_buffer()

@@ -1,6 +1,7 @@
-"""MASPO on a tiny Megatron GPT: loss, gradients, statistics and one optimizer step are the same
-at every parallel layout (TP, PP, interleaved PP, DP, sequence parallel, micro-batch count), fp32,
-1e-5 relative.
+"""MASPO on the policy the trainer builds (`build_policy`, the tiny Qwen2-shaped model, padded
+vocabulary) through the trainer's one forward step (`run_micro_batches`): loss, gradients,
+statistics and one optimizer step are the same at every parallel layout (TP, PP, interleaved PP,
+DP, sequence parallel, micro-batch count), fp32, 1e-5 relative.
 
 Launch 1 (one process) builds the reference: TP1/PP1/DP1, ONE micro-batch, Megatron's schedule.
 It also checks that reference against plain PyTorch: each sample run ALONE (no packing) through
@@ -19,6 +20,11 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-
 ROW_TOKENS = 32
 NORM_LENGTH = 16
 SEED = 1234
+# The tiny policy as the trainer builds it: 4 layers (pp2 x vpp2), 8 query / 4 key-value heads (GQA
+# that TP4 can split), the tiny tokenizer's 103-token vocabulary padded to 128 at every TP (32 x tp).
+MODEL = ["model.hf_config=tiny", "model.tiny_layers=4", "model.tiny_hidden=32", "model.tiny_heads=8",
+         "model.tiny_kv_heads=4", "model.tiny_ffn=64", "model.vocab_divisible_by=32", "model.dtype=fp32",
+         f"model.seed={SEED}"]
 # Adam (the distributed optimizer supports only Adam) with eps far above |g|: the first update is
 # lr * g / (|g| + eps), close to proportional to the gradient, so a gradient-scale error shows.
 # The clip threshold is high enough not to bind (a binding clip would hide a uniform scale error),
@@ -61,37 +67,35 @@ def _pack(samples, dims, micro_batches):
     return packed[dims.dp_rank]
 
 
-def _setup(tp, pp, sp, per_token, distributed_optimizer, full_state=None, vpp=None):
-    from megatron.core.distributed import finalize_model_grads
-
-    from maspo_megatron.config.parallel import ParallelConfig
+def _setup(tp, pp, sp, distributed_optimizer, full_state=None, vpp=None):
+    """(dims, policy) from the trainer's own builders; full_state (TP1/PP1 tensors) loaded into the shards."""
+    from maspo_megatron.config import load_config
     from maspo_megatron.parallel import init_distributed
-    from tests.helpers.tiny_gpt import build_tiny_gpt, load_full_state_dict, wrap_ddp
+    from maspo_megatron.trainer.setup import build_policy, build_tokenizer
+    from tests.helpers.tiny_gpt import load_full_state_dict
 
-    dims = init_distributed(ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp), seed=SEED)
-    chunks = build_tiny_gpt(dims, calculate_per_token_loss=per_token)
+    layout = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.sequence_parallel={str(sp).lower()}",
+              f"parallel.distributed_optimizer={str(distributed_optimizer).lower()}"] + ([f"parallel.vpp={vpp}"] if vpp else [])
+    cfg = load_config(None, MODEL + layout)
+    dims = init_distributed(cfg.parallel, seed=SEED)
+    policy = build_policy(cfg, dims, build_tokenizer(cfg))
+    assert policy.attention_backend == "dense"  # CPU: the block mask path
     if full_state is not None:
-        load_full_state_dict(chunks, full_state, dims.tp_rank, dims.tp)
-    chunks = wrap_ddp(chunks, distributed_optimizer=distributed_optimizer)
-    chunks[0].config.finalize_model_grads_func = finalize_model_grads
-    return dims, chunks
+        load_full_state_dict(policy.chunks, full_state, dims.tp_rank, dims.tp)
+    return dims, policy
 
 
-def _train_step(dims, chunks, micro_batches, settings, per_token):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+def _train_step(dims, policy, micro_batches, settings):
+    from functools import partial
 
     from maspo_megatron.parallel.metrics import reduce_sums
-    from maspo_megatron.trainer.loss import finalize_metrics, make_forward_step
+    from maspo_megatron.trainer.forward import run_micro_batches
+    from maspo_megatron.trainer.loss import finalize_metrics, megatron_loss_func
 
-    for chunk in chunks:
+    for chunk in policy.chunks:
         chunk.zero_grad_buffer()
-    forward_step = make_forward_step(settings, dims, len(micro_batches), calculate_per_token_loss=per_token)
-    # interleaved pipeline: every virtual stage reads its own iterator over the same micro-batches
-    iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iterators, model=chunks,
-        num_microbatches=len(micro_batches), seq_length=micro_batches[0].tokens.shape[1],
-        micro_batch_size=micro_batches[0].tokens.shape[0], forward_only=False)
+    loss_fn = partial(megatron_loss_func, settings=settings, dims=dims, num_microbatches=len(micro_batches))
+    losses = run_micro_batches(policy, micro_batches, loss_fn, dims, forward_only=False)
     return finalize_metrics(reduce_sums(losses, dims))
 
 
@@ -103,11 +107,12 @@ def _optimizer(chunks):
     return get_megatron_optimizer(config, chunks)
 
 
-def _plain_torch_reference(chunks, samples, settings):
-    """Loss and grads with each sample alone through the model and full-vocab log_softmax."""
+def _plain_torch_reference(policy, samples, settings):
+    """Loss and grads with each sample alone through the model and log_softmax over the real vocabulary."""
     from maspo_megatron.algorithms import aggregate_loss, policy_loss
     from tests.helpers.tiny_gpt import local_grads
 
+    chunks, vocab_size = policy.chunks, policy.meta.vocab_size
     model = chunks[0]
     model.zero_grad_buffer()
     total_tokens = sum(len(s.response_ids) for s in samples)
@@ -117,7 +122,7 @@ def _plain_torch_reference(chunks, samples, settings):
         ids = torch.tensor([list(sample.prompt_ids) + list(sample.response_ids)])
         length, p = ids.shape[1], len(sample.prompt_ids)
         mask = torch.triu(torch.ones(length, length, dtype=torch.bool), 1)[None, None]
-        logits = model(ids, torch.arange(length)[None], mask)[0, p - 1:length - 1].float()
+        logits = model(ids, torch.arange(length)[None], mask)[0, p - 1:length - 1, :vocab_size].float()
         log_prob = torch.log_softmax(logits, -1).gather(1, ids[0, p:, None]).squeeze(1)[None]
         ones = torch.ones_like(log_prob, dtype=torch.bool)
         old = torch.tensor(sample.old_log_probs)[None]
@@ -138,7 +143,8 @@ def _reference_case():
     from maspo_megatron.parallel import destroy_distributed
     from tests.helpers.tiny_gpt import local_grads, named_local_params
 
-    dims, chunks = _setup(1, 1, False, True, False)
+    dims, policy = _setup(1, 1, False, False)
+    chunks = policy.chunks
     full_state = {name: param.detach().clone() for name, param in named_local_params(chunks)}
     samples = _samples()
     # Old log-probs: the current policy's, perturbed, so that MASPO's gate acts on some tokens.
@@ -146,7 +152,7 @@ def _reference_case():
         batch = _pack(samples, dims, 1)[0]
         from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
 
-        logits = chunks[0](batch.tokens, batch.position_ids, batch.attention_mask())
+        logits = chunks[0](batch.tokens, batch.position_ids, batch.attention_mask())[..., :policy.meta.vocab_size]
         log_prob, _ = vocab_parallel_logprobs_entropy(logits, batch.target)
     gen = torch.Generator().manual_seed(3)
     for index, sample in enumerate(samples):
@@ -157,16 +163,16 @@ def _reference_case():
     micro_batches = _pack(samples, dims, 1)
     for mode in AGGREGATIONS:
         settings = _settings(mode)
-        metrics = _train_step(dims, chunks, micro_batches, settings, True)
+        metrics = _train_step(dims, policy, micro_batches, settings)
         grads = local_grads(chunks)
-        plain_loss, plain_grads = _plain_torch_reference(chunks, samples, settings)
+        plain_loss, plain_grads = _plain_torch_reference(policy, samples, settings)
         out["modes"][mode] = {"metrics": metrics, "grads": grads, "plain_loss": plain_loss,
                               "plain_grad_err": max(_rel(plain_grads[k], grads[k]) for k in grads)}
     destroy_distributed(keep_process_group=True)
-    dims, chunks = _setup(1, 1, False, True, True, full_state)
-    _train_step(dims, chunks, micro_batches, _settings("token-mean"), True)
-    _optimizer(chunks).step()
-    out["after_step"] = {name: param.detach().clone() for name, param in named_local_params(chunks)}
+    dims, policy = _setup(1, 1, False, True, full_state)
+    _train_step(dims, policy, micro_batches, _settings("token-mean"))
+    _optimizer(policy.chunks).step()
+    out["after_step"] = {name: param.detach().clone() for name, param in named_local_params(policy.chunks)}
     out["settings"] = dataclasses.asdict(_settings("token-mean"))
     destroy_distributed()
     return out
@@ -188,15 +194,15 @@ def _metric_err(metrics, ref):
     return worst
 
 
-LAYOUTS = [  # (name, tp, pp, sequence_parallel, micro_batches, calculate_per_token_loss, vpp)
-    ("tp2xpp2_sp_mb4", 2, 2, True, 4, True, None),
-    ("tp2xdp2_mb1_legacy_scaling", 2, 1, False, 1, False, None),
-    ("pp2xdp2_mb4", 1, 2, False, 4, True, None),
-    ("tp4_sp_mb4_legacy_scaling", 4, 1, True, 4, False, None),
+LAYOUTS = [  # (name, tp, pp, sequence_parallel, micro_batches, vpp)
+    ("tp2xpp2_sp_mb4", 2, 2, True, 4, None),
+    ("tp2xdp2_mb1", 2, 1, False, 1, None),
+    ("pp2xdp2_mb4", 1, 2, False, 4, None),
+    ("tp4_sp_mb4", 4, 1, True, 4, None),
     # Interleaved schedule: rank r, virtual stage v holds global chunk v*pp + r (layers 1,3 | 2,4).
     # Its gradients are right only with Megatron's unbatched p2p mode at pp = 2, which
-    # tiny_gpt sets through parallel/pipeline.py like the trainer (see that module).
-    ("pp2xvpp2xdp2_mb4", 1, 2, False, 4, True, 2),
+    # build_policy sets through parallel/pipeline.py (see that module).
+    ("pp2xvpp2xdp2_mb4", 1, 2, False, 4, 2),
 ]
 
 
@@ -207,24 +213,26 @@ def _layouts_case(reference, only=None):
     from tests.helpers.tiny_gpt import local_grads, local_slice_of, named_local_params
 
     results = {}
-    for name, tp, pp, sp, micro_batches, per_token, vpp in LAYOUTS:
+    for name, tp, pp, sp, micro_batches, vpp in LAYOUTS:
         if only is not None and name not in only:
             continue
-        dims, chunks = _setup(tp, pp, sp, per_token, False, reference["full_state"], vpp)
+        dims, policy = _setup(tp, pp, sp, False, reference["full_state"], vpp)
+        chunks = policy.chunks
         batches = _pack(reference["samples"], dims, micro_batches)
         assert len(batches) == micro_batches
         errors = {}
         for mode in AGGREGATIONS:
             ref = reference["modes"][mode]
-            metrics = _train_step(dims, chunks, batches, _settings(mode), per_token)
+            metrics = _train_step(dims, policy, batches, _settings(mode))
             ref_grads = local_slice_of(chunks, ref["grads"], dims.tp_rank, dims.tp)
             grads = local_grads(chunks)
             errors[f"{mode}/grad"] = max(_rel(grads[k], ref_grads[k]) for k in grads)
             if metrics is not None:
                 errors[f"{mode}/metrics"] = _metric_err(metrics, ref["metrics"])
         destroy_distributed(keep_process_group=True)
-        dims, chunks = _setup(tp, pp, sp, per_token, True, reference["full_state"], vpp)
-        _train_step(dims, chunks, batches, _settings("token-mean"), per_token)
+        dims, policy = _setup(tp, pp, sp, True, reference["full_state"], vpp)
+        chunks = policy.chunks
+        _train_step(dims, policy, batches, _settings("token-mean"))
         _optimizer(chunks).step()
         after = local_slice_of(chunks, reference["after_step"], dims.tp_rank, dims.tp)
         before = local_slice_of(chunks, reference["full_state"], dims.tp_rank, dims.tp)
