@@ -150,7 +150,8 @@ class ParallelDims:
 
     def describe(self) -> str:
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp} pp {self.pp_rank}/{self.pp} "
-                f"cp {self.cp_rank}/{self.cp} dp {self.dp_rank}/{self.dp}" + (f" vpp {self.vpp}" if self.vpp else ""))
+                f"cp {self.cp_rank}/{self.cp} dp {self.dp_rank}/{self.dp}" + (f" vpp {self.vpp}" if self.vpp else "")
+                + f" on {self.device}")
 
 
 _DIMS: Optional[ParallelDims] = None

@@ -122,3 +122,49 @@ def test_only_the_device_module_reaches_the_cpu_edge():
             if any(n.startswith("maspo_megatron.parallel.cpu") for n in names):
                 offenders.append(str(path.relative_to(root)))
     assert offenders == []
+
+
+def _old_log_probs_case():
+    """compute_old_log_probs writes the trainer's log-probs into the batches ppo_update reads."""
+    from maspo_megatron.config import load_config
+    from maspo_megatron.parallel import destroy_distributed, init_distributed
+    from maspo_megatron.trainer.optim import build_optimizer
+    from maspo_megatron.trainer.setup import build_policy, build_tokenizer
+    from maspo_megatron.trainer.train_step import compute_old_log_probs, pack_mini_batches
+
+    cfg = load_config(None, MODEL + ["algorithm.old_logprob_source=trainer"])
+    dims = init_distributed(cfg.parallel, seed=3)
+    policy = build_policy(cfg, dims, build_tokenizer(cfg))
+    optimizer = build_optimizer(cfg, policy.chunks)
+    samples = _samples()
+    expected, _ = _log_probs_by_sample(policy, cfg, dims, samples)
+    mini = pack_mini_batches(samples, cfg, dims, policy.attention_backend)
+    engine = [mb.old_log_probs.clone() for mb in mini[0]]
+    compute_old_log_probs(policy, mini, cfg, dims)
+    worst = 0.0
+    for batch, before in zip(mini[0], engine, strict=True):
+        assert not torch.equal(batch.old_log_probs, before)  # written in place (the engine's were zeros)
+        for sample_id in batch.sample_index[batch.loss_mask].unique().tolist():
+            where = batch.loss_mask & (batch.sample_index == sample_id)
+            worst = max(worst, float((batch.old_log_probs[where].double() - expected[sample_id]).abs().max()))
+    out = {"worst": worst, "grad_scale_is_optimizers": policy.config.grad_scale_func == optimizer.scale_loss}
+    destroy_distributed()
+    return out
+
+
+def test_old_log_probs_land_in_the_batches_the_update_reads():
+    result = run_distributed(_old_log_probs_case, 1, timeout_s=240)[0]
+    assert result["worst"] < 1e-6
+    assert result["grad_scale_is_optimizers"]  # fp16 loss scaling reaches Megatron's schedule
+
+
+def test_layouts_only_transformer_engine_runs_are_refused():
+    from maspo_megatron.config.parallel import ParallelConfig
+    from maspo_megatron.models.config_builder import check_attention_support
+
+    with pytest.raises(ValueError, match=r"^parallel\.cp: context parallel \(2\) needs Transformer Engine"):
+        check_attention_support(ParallelConfig(cp=2), te=False, on_gpu=True)
+    with pytest.raises(ValueError, match=r"^parallel\.sequence_parallel: needs Transformer Engine"):
+        check_attention_support(ParallelConfig(tp=2, sequence_parallel=True), te=False, on_gpu=True)
+    check_attention_support(ParallelConfig(tp=2, sequence_parallel=True), te=False, on_gpu=False)  # the CPU edge's norm
+    check_attention_support(ParallelConfig(tp=2, cp=2, sequence_parallel=True), te=True, on_gpu=True)
