@@ -9,6 +9,7 @@
 #   3. one RL step of a Qwen2.5-1.5B-shaped random policy with packed 4,096-token rows (tools/gpu_rl_step.py);
 #   4. the GPU benchmarks (benchmarks/*_gpu.py and benchmarks/logprob_entropy.py --device cuda), where present;
 #   5. the rest of the test suite (pytest -m "not gpu and not slurm"), if GPU_CHECK_FULL_SUITE=1.
+# GPU_CHECK_PHASES="gpu_tests rl_step_1p5b ..." runs only the phases named (default: all).
 # Packages the node lacks can be carried as wheels in .whl/ (docs/gpu.md says which and how):
 # they are installed into a private target first. Every phase has its own time limit and its
 # outcome goes into REPORT_DIR/report.md; the exit code is the number of failed phases.
@@ -53,6 +54,9 @@ PY
 phase() {
     local name="$1" limit="$2"
     shift 2
+    if [ -n "${GPU_CHECK_PHASES:-}" ] && [[ " $GPU_CHECK_PHASES " != *" $name "* ]]; then
+        return 0
+    fi
     local log="$report_dir/${name}.log" start end code
     start=$(date +%s)
     timeout --signal=TERM --kill-after=15 "$limit" "$@" >"$log" 2>&1

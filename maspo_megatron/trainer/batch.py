@@ -94,7 +94,7 @@ class PackedMicroBatch:
         seg = self.segment_ids[row].cpu()
         change = torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1
         bounds = [0, *change.tolist(), seg.numel()]
-        return torch.tensor(bounds, dtype=torch.int32)
+        return torch.tensor(bounds, dtype=torch.int32, device="cpu")
 
     def with_segment_bounds(self) -> PackedMicroBatch:
         """The THD form: `cu_seqlens` and `max_seqlen` of the (single) row, computed before any CP split."""
@@ -194,7 +194,7 @@ def pack_micro_batches(samples: Sequence[TrainSample], *, row_tokens: int, rows_
         per_rank[rank].append(row)
         load[rank] += sum(lengths[i] for i in row)
     micro_batches = max(min_micro_batches, max(-(-len(r) // rows_per_micro_batch) for r in per_rank))
-    sample_token_count = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long)
+    sample_token_count = torch.tensor([len(s.response_ids) for s in samples], dtype=torch.long, device="cpu")
     normalisers = {
         "sample_token_count": sample_token_count,
         "global_token_count": int(sample_token_count.sum()),
@@ -214,16 +214,17 @@ def pack_micro_batches(samples: Sequence[TrainSample], *, row_tokens: int, rows_
 
 
 def _build(samples, rows: list[list[int]], lengths: list[int], row_len: int, normalisers: dict) -> PackedMicroBatch:
+    # Packed on the host; the trainer moves each micro-batch to its device once (PackedMicroBatch.to).
     shape = (len(rows), row_len)
     fields = {
-        "tokens": torch.zeros(shape, dtype=torch.long),
-        "position_ids": torch.zeros(shape, dtype=torch.long),
-        "segment_ids": torch.full(shape, -1, dtype=torch.long),
-        "target": torch.zeros(shape, dtype=torch.long),
-        "loss_mask": torch.zeros(shape, dtype=torch.bool),
-        "advantages": torch.zeros(shape, dtype=torch.float32),
-        "old_log_probs": torch.zeros(shape, dtype=torch.float32),
-        "sample_index": torch.zeros(shape, dtype=torch.long),
+        "tokens": torch.zeros(shape, dtype=torch.long, device="cpu"),
+        "position_ids": torch.zeros(shape, dtype=torch.long, device="cpu"),
+        "segment_ids": torch.full(shape, -1, dtype=torch.long, device="cpu"),
+        "target": torch.zeros(shape, dtype=torch.long, device="cpu"),
+        "loss_mask": torch.zeros(shape, dtype=torch.bool, device="cpu"),
+        "advantages": torch.zeros(shape, dtype=torch.float32, device="cpu"),
+        "old_log_probs": torch.zeros(shape, dtype=torch.float32, device="cpu"),
+        "sample_index": torch.zeros(shape, dtype=torch.long, device="cpu"),
     }
     for row_index, row in enumerate(rows):
         offset = 0
@@ -234,29 +235,29 @@ def _build(samples, rows: list[list[int]], lengths: list[int], row_len: int, nor
             _place(fields, row_index, offset, sample_id, samples[sample_id])
             offset += lengths[sample_id]
         # Trailing padding: its own positions so that it never looks like part of a sample.
-        fields["position_ids"][row_index, offset:] = torch.arange(row_len - offset)
+        fields["position_ids"][row_index, offset:] = torch.arange(row_len - offset, device="cpu")
     return PackedMicroBatch(**fields, **normalisers)
 
 
 def _place(fields: dict, row: int, offset: int, sample_id: int, sample: TrainSample) -> None:
     prompt, response = list(sample.prompt_ids), list(sample.response_ids)
-    ids = torch.tensor(prompt + response, dtype=torch.long)
+    ids = torch.tensor(prompt + response, dtype=torch.long, device="cpu")
     length, p, r = ids.numel(), len(prompt), len(response)
     span = slice(offset, offset + length)
     fields["tokens"][row, span] = ids
-    fields["position_ids"][row, span] = torch.arange(length)
+    fields["position_ids"][row, span] = torch.arange(length, device="cpu")
     if r == 0:
         return
     loss = slice(offset + p - 1, offset + p - 1 + r)
     fields["target"][row, loss] = ids[p:]
     fields["loss_mask"][row, loss] = True
     fields["sample_index"][row, loss] = sample_id
-    advantage = torch.as_tensor(sample.advantage, dtype=torch.float32)
+    advantage = torch.as_tensor(sample.advantage, dtype=torch.float32, device="cpu")
     if advantage.dim() == 1 and advantage.numel() != r:
         raise ValueError(f"TrainSample.advantage: {advantage.numel()} values for {r} response tokens (sample {sample_id})")
     fields["advantages"][row, loss] = advantage
     if sample.old_log_probs is not None:
-        old = torch.as_tensor(sample.old_log_probs, dtype=torch.float32)
+        old = torch.as_tensor(sample.old_log_probs, dtype=torch.float32, device="cpu")
         if old.numel() != r:
             raise ValueError(f"TrainSample.old_log_probs: {old.numel()} values for {r} response tokens (sample {sample_id})")
         fields["old_log_probs"][row, loss] = old

@@ -104,7 +104,8 @@ def local_grads_finite(model_chunks: List[torch.nn.Module]) -> bool:
 
 def all_grads_finite(model_chunks: List[torch.nn.Module]) -> bool:
     """`local_grads_finite` agreed on by all ranks (a collective when distributed)."""
-    bad = torch.tensor([0 if local_grads_finite(model_chunks) else 1], dtype=torch.int32)
+    # A host tensor: on a GPU node it travels over the gloo half of the default group.
+    bad = torch.tensor([0 if local_grads_finite(model_chunks) else 1], dtype=torch.int32, device="cpu")
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
     return not bool(bad.item())

@@ -41,7 +41,8 @@ class StopRequest:
 
     def should_stop(self, group: Optional[torch.distributed.ProcessGroup] = None) -> bool:
         """True on every rank if ANY rank received a stop signal (a collective when distributed)."""
-        flag = torch.tensor([1 if self.requested_locally else 0], dtype=torch.int32)
+        # A host tensor: on a GPU node it travels over the gloo half of the default group.
+        flag = torch.tensor([1 if self.requested_locally else 0], dtype=torch.int32, device="cpu")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
         return bool(flag.item())
