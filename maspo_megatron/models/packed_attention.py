@@ -142,6 +142,8 @@ def _varlen(query, key, value, cu_seqlens, max_seqlen: int, scale: float, window
     else:
         key, value = _repeat_kv(key, value, query.shape[1])
     cu = _on_device(cu_seqlens, query.device)
+    # the flash kernel wants dense rows; v (and k without RoPE) are strided views of Megatron's fused QKV
+    query, key, value = (t.contiguous() for t in (query, key, value))
     return _varlen_attn()(query, key, value, cu, cu, max_seqlen, max_seqlen, **kwargs)
 
 
@@ -167,7 +169,8 @@ def _flex(query, key, value, cu_seqlens, scale: float, window: Window):
             allowed = allowed & (q_index - kv_index <= left)
         return allowed
 
-    block_mask = create_block_mask(mask_mod, None, None, total, total, device=query.device)
+    # _compile: the mask is built block by block, never as a [T, T] tensor
+    block_mask = create_block_mask(mask_mod, None, None, total, total, device=query.device, _compile=True)
     q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, H, T, D]
     out = _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out.squeeze(0).transpose(0, 1)

@@ -14,30 +14,7 @@ import pytest
 import torch
 
 from tests.helpers.multiproc import run_distributed
-
-VOCAB = 97
-# Lengths of the packed samples (prompt, response); sample_multiple=4 pads some of them inside
-# their segment and fixed_row_len adds a padding run at the end of the row.
-SAMPLE_SHAPES = ((3, 6), (2, 1), (5, 9), (1, 3), (4, 4))
-ROW_TOKENS = 48
-
-
-def _reference_attention(q, k, v, lengths, scale, left):
-    """float64 causal attention per segment, written out: q[T, Hq, D], k/v[T, Hkv, D] -> [T, Hq, D]."""
-    q, k, v = q.double(), k.double(), v.double()
-    groups = q.shape[1] // k.shape[1]
-    out = torch.zeros_like(q)
-    start = 0
-    for length in lengths:
-        for i in range(start, start + length):
-            first = start if left < 0 else max(start, i - left)
-            for head in range(q.shape[1]):
-                keys = k[first:i + 1, head // groups]
-                scores = (keys @ q[i, head]) * scale
-                weights = torch.exp(scores - scores.max())
-                out[i, head] = (weights / weights.sum()) @ v[first:i + 1, head // groups]
-        start += length
-    return out
+from tests.models._packed_cases import assert_packed_matches, packed_vs_alone_case, reference_attention
 
 
 @pytest.mark.parametrize("window", [None, (2, 0), (-1, 0)])
@@ -57,7 +34,7 @@ def test_packed_kernel_matches_float64_reference(window):
     got = [out.detach(), q.grad, k.grad, v.grad]
 
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = _reference_attention(q64, k64, v64, lengths, 0.3, -1 if window is None else window[0])
+    ref = reference_attention(q64, k64, v64, lengths, 0.3, -1 if window is None else window[0])
     (ref * grad_out.double()).sum().backward()
     for name, actual, expected in zip(("out", "dq", "dk", "dv"), got, [ref.detach(), q64.grad, k64.grad, v64.grad],
                                       strict=True):
@@ -77,92 +54,10 @@ def test_packed_kernel_refuses_bad_input():
         packed_causal_attention(q, q, q, cu, 6, kernel="nope")
 
 
-def _samples():
-    from maspo_megatron.trainer.batch import TrainSample
-
-    gen = torch.Generator().manual_seed(11)
-    return [TrainSample(torch.randint(1, VOCAB, (p,), generator=gen).tolist(),
-                        torch.randint(1, VOCAB, (r,), generator=gen).tolist(), 1.0) for p, r in SAMPLE_SHAPES]
-
-
-def _backward(model, loss):
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-
-
-def _packed_vs_alone_case(tp: int, window) -> dict:
-    """Packed THD row vs dense block mask vs each sample alone, on this TP rank's shards."""
-    from maspo_megatron.config import ModelConfig, ParallelConfig
-    from maspo_megatron.models.config_builder import build_model_config
-    from maspo_megatron.models.packed_attention import PackedDotProductAttention, thd_packed_seq_params
-    from maspo_megatron.models.provider import gpt_model_provider
-    from maspo_megatron.parallel import init_distributed
-    from maspo_megatron.trainer.batch import pack_micro_batches
-
-    parallel = ParallelConfig(tp=tp)
-    init_distributed(parallel, seed=3)
-    model_cfg = ModelConfig(tiny_layers=2, tiny_hidden=64, tiny_heads=4, tiny_kv_heads=2, tiny_ffn=96)
-    config, meta = build_model_config("tiny", model_cfg, parallel, vocab_size=VOCAB)
-    config.window_size = window
-    packed_model = gpt_model_provider(config, meta, backend="packed")
-    dense_model = gpt_model_provider(config, meta, backend="dense")
-    dense_model.load_state_dict(packed_model.state_dict())
-    assert isinstance(packed_model.decoder.layers[0].self_attention.core_attention, PackedDotProductAttention)
-    assert not isinstance(dense_model.decoder.layers[0].self_attention.core_attention, PackedDotProductAttention)
-
-    samples = _samples()
-    (batches,) = pack_micro_batches(samples, row_tokens=ROW_TOKENS, sample_multiple=4, fixed_row_len=True)
-    (batch,) = batches
-    cu = batch.cu_seqlens(0)
-    weights = torch.randn(ROW_TOKENS, packed_model.output_layer.weight.shape[0],
-                          generator=torch.Generator().manual_seed(5 + torch.distributed.get_rank() % tp))
-    starts = {int(batch.segment_ids[0, cu[i]]): int(cu[i]) for i in range(len(cu) - 1) if batch.segment_ids[0, cu[i]] >= 0}
-    # the loss reads the samples' own tokens: not their padding (sample_multiple), not the row's padding run
-    real = torch.zeros(ROW_TOKENS, dtype=torch.bool)
-    for index, sample in enumerate(samples):
-        real[starts[index]:starts[index] + len(sample)] = True
-
-    logits = packed_model(batch.tokens, batch.position_ids, None, packed_seq_params=thd_packed_seq_params(cu))[0]
-    packed = (logits.detach(), _backward(packed_model, (logits[real] * weights[real]).sum()))
-    logits = dense_model(batch.tokens, batch.position_ids, batch.attention_mask())[0]
-    dense = (logits.detach(), _backward(dense_model, (logits[real] * weights[real]).sum()))
-
-    alone_logits = torch.zeros_like(logits)
-    alone_loss = 0.0
-    for index, sample in enumerate(samples):
-        ids = torch.tensor([*sample.prompt_ids, *sample.response_ids])[None]
-        length, start = ids.shape[1], starts[index]
-        causal = ~torch.ones(length, length, dtype=torch.bool).tril()[None, None]
-        out = dense_model(ids, torch.arange(length)[None], None if window else causal)[0]
-        alone_logits[start:start + length] = out.detach()
-        alone_loss = alone_loss + (out * weights[start:start + length]).sum()
-    alone = (alone_logits, _backward(dense_model, alone_loss))
-    return {"packed": packed, "dense": dense, "alone": alone, "real": real}
-
-
-def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
-
-
 @pytest.mark.parametrize("tp,window", [(1, None), (2, None), (1, (3, 0))])
 def test_packed_spec_equals_each_sample_alone_and_dense_mask(tp, window):
-    results = run_distributed(_packed_vs_alone_case, tp, tp, window, timeout_s=300)
-    for result in results:
-        tokens = result["real"]
-        packed_logits, packed_grads = result["packed"]
-        alone_logits, alone_grads = result["alone"]
-        dense_logits, dense_grads = result["dense"]
-        assert _relative(packed_logits[tokens], alone_logits[tokens]) < 1e-5
-        # sliding windows: the local spec replaces any given mask with its own (fused_softmax.py),
-        # so the dense block mask is only a reference without a window
-        comparisons = [("alone", alone_grads)] if window else [("alone", alone_grads), ("dense", dense_grads)]
-        if not window:
-            assert _relative(packed_logits[tokens], dense_logits[tokens]) < 1e-5
-        for label, reference in comparisons:
-            assert packed_grads.keys() == reference.keys()
-            for name, grad in packed_grads.items():
-                assert _relative(grad, reference[name]) < 1e-5, (label, name)
+    results = run_distributed(packed_vs_alone_case, tp, tp, window, timeout_s=300)
+    assert_packed_matches(results, window, tolerance=1e-5)
 
 
 def test_attention_backend_and_parallel_refusals():
