@@ -248,7 +248,7 @@ class PackedDotProductAttention(MegatronModule):
     """Core attention for the local spec that understands THD packed rows (module docstring).
 
     Refuses (ValueError, one line) what it does not implement: context parallel (`parallel.cp`),
-    attention dropout, non-vanilla softmax, attention bias.
+    attention dropout, non-causal mask types, non-vanilla softmax, attention bias.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -262,6 +262,8 @@ class PackedDotProductAttention(MegatronModule):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(f"attention_dropout: {dropout} is not supported by the packed attention (use 0)")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"attn_mask_type: {attn_mask_type} is not causal; the packed attention is causal only")
         if config.softmax_type != "vanilla":
             raise ValueError(f"softmax_type: {config.softmax_type!r} is not supported by the packed attention")
         if pg_collection is None:

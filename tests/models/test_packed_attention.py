@@ -78,3 +78,22 @@ def test_attention_backend_and_parallel_refusals():
             check_attention_parallel(sp, use_te=False)
     else:
         check_attention_parallel(sp, use_te=False)  # the CPU shim's SP-aware norm keeps SP testable
+
+
+def test_packed_attention_refuses_what_it_does_not_implement():
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from maspo_megatron.models.packed_attention import PackedDotProductAttention
+
+    def build(mask=AttnMaskType.causal, **overrides):
+        config = TransformerConfig(**{"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4,
+                                      "attention_dropout": 0.0, **overrides})
+        return PackedDotProductAttention(config, 1, mask, "self")
+
+    with pytest.raises(ValueError, match=r"^parallel\.cp: 2 needs Transformer Engine"):
+        build(context_parallel_size=2)
+    with pytest.raises(ValueError, match=r"^attention_dropout: 0\.1"):
+        build(attention_dropout=0.1)
+    with pytest.raises(ValueError, match=r"^attn_mask_type: .* not causal"):
+        build(mask=AttnMaskType.padding)
