@@ -73,7 +73,7 @@ def _varlen_can_run(window: Window) -> bool:
     params = _varlen_params()
     if not params:
         return False
-    return "window_size" in params or (window is None and "is_causal" in params)
+    return "window_size" in params or ((window is None or window[0] < 0) and "is_causal" in params)
 
 
 def choose_kernel(device: torch.device, dtype: torch.dtype, window: Window = None) -> str:
@@ -126,24 +126,32 @@ def _repeat_kv(key: torch.Tensor, value: torch.Tensor, heads: int, head_dim: int
     return key.repeat_interleave(groups, dim=head_dim), value.repeat_interleave(groups, dim=head_dim)
 
 
-def _varlen(query, key, value, cu_seqlens, max_seqlen: int, scale: float, window: Window):
-    params = _varlen_params()
+def varlen_arguments(params: frozenset, query, key, value, scale: float, window: Window):
+    """(query, key, value, kwargs) for a varlen_attn whose signature has `params`: causal via
+    `window_size` (2.11+) or `is_causal` (2.9/2.10); `scale` folded into q where there is no such
+    argument (the kernel's default is 1/sqrt(D)); k/v repeated per query head without `enable_gqa`."""
     kwargs = {}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0) if window is None else tuple(window)
-    else:
+    elif window is None or window[0] < 0:
         kwargs["is_causal"] = True
+    else:
+        raise ValueError(f"window_size: {tuple(window)} needs a varlen_attn with window_size (torch >= 2.11)")
     if "scale" in params:
         kwargs["scale"] = scale
-    else:  # the kernel's default is 1/sqrt(D): fold the difference into q
+    else:
         query = query * (scale * math.sqrt(query.shape[-1]))
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = query.shape[1] != key.shape[1]
     else:
         key, value = _repeat_kv(key, value, query.shape[1])
-    cu = _on_device(cu_seqlens, query.device)
     # the flash kernel wants dense rows; v (and k without RoPE) are strided views of Megatron's fused QKV
-    query, key, value = (t.contiguous() for t in (query, key, value))
+    return query.contiguous(), key.contiguous(), value.contiguous(), kwargs
+
+
+def _varlen(query, key, value, cu_seqlens, max_seqlen: int, scale: float, window: Window):
+    query, key, value, kwargs = varlen_arguments(_varlen_params(), query, key, value, scale, window)
+    cu = _on_device(cu_seqlens, query.device)
     return _varlen_attn()(query, key, value, cu, cu, max_seqlen, max_seqlen, **kwargs)
 
 
@@ -151,7 +159,7 @@ def _varlen(query, key, value, cu_seqlens, max_seqlen: int, scale: float, window
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)  # automatic dynamic shapes: one recompile, not one per row length
 
 
 def _flex(query, key, value, cu_seqlens, scale: float, window: Window):

@@ -97,3 +97,40 @@ def test_packed_attention_refuses_what_it_does_not_implement():
         build(attention_dropout=0.1)
     with pytest.raises(ValueError, match=r"^attn_mask_type: .* not causal"):
         build(mask=AttnMaskType.padding)
+
+
+# varlen_attn's parameters in the torch releases the product meets (read from their sources /
+# GPU_NOTES.md): 2.9/2.10 have is_causal, 2.11 window_size without enable_gqa, 2.13 all of them.
+_VARLEN_SIGNATURES = {
+    "2.10": frozenset({"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "is_causal", "return_aux"}),
+    "2.11": frozenset({"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "return_aux", "scale",
+                       "window_size"}),
+    "2.13": frozenset({"query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k", "return_aux", "scale",
+                       "window_size", "enable_gqa", "seqused_k", "block_table", "num_splits"}),
+}
+
+
+@pytest.mark.parametrize("release", sorted(_VARLEN_SIGNATURES))
+@pytest.mark.parametrize("window", [None, (2, 0)])
+def test_varlen_arguments_keep_the_attention_for_every_signature(release, window):
+    """The adapted (q, k, v, kwargs), read with flash-attention's documented semantics (default
+    scale 1/sqrt(D), window (left, right), GQA only with enable_gqa), give the wanted attention."""
+    from maspo_megatron.models.packed_attention import varlen_arguments
+
+    params = _VARLEN_SIGNATURES[release]
+    gen = torch.Generator().manual_seed(1)
+    lengths = [4, 6]
+    q, k, v = (torch.randn(10, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    if release == "2.10" and window is not None:
+        with pytest.raises(ValueError, match=r"^window_size: \(2, 0\) needs a varlen_attn with window_size"):
+            varlen_arguments(params, q, k, v, 0.3, window)
+        return
+    q2, k2, v2, kwargs = varlen_arguments(params, q, k, v, 0.3, window)
+    assert set(kwargs) <= params
+    if not kwargs.get("enable_gqa"):
+        assert k2.shape[1] == q2.shape[1]
+    left = kwargs["window_size"][0] if "window_size" in kwargs else (-1 if kwargs["is_causal"] else None)
+    assert left is not None and kwargs.get("window_size", (left, 0))[1] == 0
+    got = reference_attention(q2, k2, v2, lengths, kwargs.get("scale", 8 ** -0.5), left)
+    want = reference_attention(q, k, v, lengths, 0.3, -1 if window is None else window[0])
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
