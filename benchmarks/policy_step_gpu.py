@@ -133,6 +133,16 @@ def ours_step(model, batch: dict, *, fp32_output: bool, cu_device):
     return step
 
 
+def logits_dtypes(model, batch: dict) -> dict:
+    """{fp32_output: dtype of the logits the loss receives} (Float16Module upcasts unless told not to)."""
+    from maspo_megatron.models.packed_attention import thd_packed_seq_params
+
+    params = thd_packed_seq_params(batch["cu_seqlens"])
+    with torch.no_grad():
+        return {str(flag): str(model(batch["tokens"], batch["positions"], None, packed_seq_params=params,
+                                     fp32_output=flag).dtype) for flag in (False, True)}
+
+
 def build_hf(shape: dict, device):
     import transformers
 
@@ -198,6 +208,8 @@ def run(args) -> list[dict]:
     rows = []
     batches = {t: make_batch(t, args.sample_tokens, shape["vocab"], device) for t in args.row_tokens}
     model, params = build_ours(shape, device)
+    args.logits_dtype = logits_dtypes(model, batches[min(batches)])
+    print(f"  ours: logits dtype by Float16Module fp32_output: {args.logits_dtype}", flush=True)
     for row_tokens, batch in batches.items():
         for method, fp32_output, cu_device in (("ours_packed", False, "cpu"), ("ours_packed_fp32", True, "cpu"),
                                                ("ours_packed_cu_gpu", False, device)):
@@ -267,7 +279,7 @@ def main(argv=None) -> list[dict]:
         env = {"torch": torch.__version__, "transformers": transformers.__version__,
                "megatron_core": megatron.core.__version__,
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-               "hf_packed_rows": hf_packing_supported()}
+               "hf_packed_rows": hf_packing_supported(), "ours_logits_dtype_by_fp32_output": args.logits_dtype}
         with open(args.json, "w") as handle:
             json.dump({"env": env, "rows": rows}, handle, indent=1)
     return rows

@@ -93,29 +93,30 @@ def _check_window(window: Window) -> None:
         raise ValueError(f"window_size: {tuple(window)} is not a causal window (left >= -1, right == 0)")
 
 
+def _per_step(fn):
+    """Caches `fn(tensor, *args)` for the last tensor object seen: every layer of a forward gets the
+    same cu_seqlens object, so a CUDA->host read (`.tolist()`) or a host->device copy happens once
+    per micro-batch instead of once per layer. The cache holds the tensor, so its id cannot be reused."""
+    last = {}
+
+    @functools.wraps(fn)
+    def cached(tensor: torch.Tensor, *args):
+        if last.get("tensor") is not tensor or last.get("args") != args:
+            last.update(tensor=tensor, args=args, value=fn(tensor, *args))
+        return last["value"]
+    return cached
+
+
+@_per_step
 def _segment_lengths(cu_seqlens: torch.Tensor) -> list[int]:
-    """Python ints of one THD boundary tensor; cached per tensor (a CUDA tensor syncs once per step)."""
-    cache = _segment_lengths.cache
-    if cache.get("tensor") is not cu_seqlens:
-        cache["tensor"], cache["lengths"] = cu_seqlens, (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    return cache["lengths"]
+    """Python ints: the segment lengths of one THD boundary tensor."""
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
 
 
-_segment_lengths.cache = {}
-
-
+@_per_step
 def _on_device(cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """int32 boundaries on the kernel's device; a CPU tensor is copied once per step, not per layer."""
-    if cu_seqlens.device == device and cu_seqlens.dtype == torch.int32:
-        return cu_seqlens
-    cache = _on_device.cache
-    if cache.get("tensor") is not cu_seqlens or cache["moved"].device != device:
-        cache["tensor"] = cu_seqlens
-        cache["moved"] = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
-    return cache["moved"]
-
-
-_on_device.cache = {}
+    """int32 boundaries on the kernel's device."""
+    return cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
 
 
 def _repeat_kv(key: torch.Tensor, value: torch.Tensor, heads: int, head_dim: int = 1):
