@@ -104,6 +104,9 @@ def packed_vs_alone_case(tp: int, window, device: str = "cpu", dtype: str = "fp3
     packed = (logits.detach().cpu(), _backward(packed_model, (logits[on_device] * weights[on_device]).sum()))
     logits = dense_model(tokens, positions, batch.attention_mask().to(device))[0].float()
     dense = (logits.detach().cpu(), _backward(dense_model, (logits[on_device] * weights[on_device]).sum()))
+    # the packed spec without packed_seq_params: SDPA with the same dense block mask (eval-style calls)
+    logits = packed_model(tokens, positions, batch.attention_mask().to(device))[0].float()
+    packed_mask = (logits.detach().cpu(), _backward(packed_model, (logits[on_device] * weights[on_device]).sum()))
 
     alone_logits = torch.zeros_like(dense[0])
     alone_loss = 0.0
@@ -116,7 +119,7 @@ def packed_vs_alone_case(tp: int, window, device: str = "cpu", dtype: str = "fp3
         alone_logits[start:start + length] = out.detach().cpu()
         alone_loss = alone_loss + (out * weights[start:start + length]).sum()
     alone = (alone_logits, _backward(dense_model, alone_loss))
-    return {"packed": packed, "dense": dense, "alone": alone, "real": real}
+    return {"packed": packed, "packed_mask": packed_mask, "dense": dense, "alone": alone, "real": real}
 
 
 def tp_rank(tp: int) -> int:
@@ -128,15 +131,16 @@ def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_packed_matches(results: list, window, tolerance: float) -> None:
-    """Packed == alone (logits and grads), and == dense block mask when there is no window."""
+    """Packed THD row and packed spec with the dense mask == each sample alone (logits and grads);
+    packed THD row == local spec with the dense mask when there is no window."""
     for result in results:
         tokens = result["real"]
-        packed_logits, packed_grads = result["packed"]
-        references = [("alone", *result["alone"])]
+        pairs = [("packed", "alone"), ("packed_mask", "alone")]
         if not window:  # the local spec replaces a given mask by its window mask (fused_softmax.py)
-            references.append(("dense", *result["dense"]))
-        for label, logits, grads in references:
-            assert relative(packed_logits[tokens], logits[tokens]) < tolerance, label
-            assert packed_grads.keys() == grads.keys()
-            for name, grad in packed_grads.items():
-                assert relative(grad, grads[name]) < tolerance, (label, name, relative(grad, grads[name]))
+            pairs.append(("packed", "dense"))
+        for ours, reference in pairs:
+            (logits, grads), (ref_logits, ref_grads) = result[ours], result[reference]
+            assert relative(logits[tokens], ref_logits[tokens]) < tolerance, (ours, reference)
+            assert grads.keys() == ref_grads.keys()
+            for name, grad in grads.items():
+                assert relative(grad, ref_grads[name]) < tolerance, (ours, reference, name, relative(grad, ref_grads[name]))
