@@ -16,7 +16,7 @@ sample's own padding sits after it, invisible to it under the causal mask.
 Kernels (`choose_kernel`), all O(S) memory:
 - "varlen": `torch.nn.attention.varlen.varlen_attn` (flash attention, CUDA, bf16/fp16). Its
   signature differs between torch releases (2.9/2.10: `is_causal`; 2.11: `window_size`, no
-  `enable_gqa`; 2.13: `enable_gqa`), so `_varlen_kwargs` reads `inspect.signature` once.
+  `enable_gqa`; 2.13: `enable_gqa`): `varlen_arguments` adapts the call to `inspect.signature`.
 - "flex": FlexAttention with a document mask (compiled on first use; CUDA, when varlen is absent).
 - "sdpa": `scaled_dot_product_attention` once per segment (CPU, fp32 on CUDA, sliding windows the
   varlen build cannot express). Causal inside each segment, so no [S, S] mask ever exists.
@@ -39,7 +39,6 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
-from megatron.core.utils import divide
 
 KERNELS = ("varlen", "flex", "sdpa")
 Window = Optional[tuple[int, int]]
@@ -275,12 +274,8 @@ class PackedDotProductAttention(MegatronModule):
             raise ValueError(f"attn_mask_type: {attn_mask_type} is not causal; the packed attention is causal only")
         if config.softmax_type != "vanilla":
             raise ValueError(f"softmax_type: {config.softmax_type!r} is not supported by the packed attention")
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
-        tp_size = pg_collection.tp.size()
-        self.heads_per_partition = divide(config.num_attention_heads, tp_size)
         head_dim = config.kv_channels
         # Megatron's apply_query_key_layer_scaling divides the scale by layer_number and the softmax
         # multiplies it back: the product is the plain 1/sqrt(D) (or the given softmax_scale).
@@ -299,10 +294,10 @@ class PackedDotProductAttention(MegatronModule):
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             if attention_mask is not None:
                 raise ValueError("attention_mask: THD packed rows take attention_mask=None (cu_seqlens say it)")
-            cu = packed_seq_params.cu_seqlens_q_padded
-            cu = packed_seq_params.cu_seqlens_q if cu is None else cu
-            max_seqlen = max(_segment_lengths(cu)) if packed_seq_params.cu_seqlens_q_padded is not None \
-                else packed_seq_params.max_seqlen_q
+            padded = packed_seq_params.cu_seqlens_q_padded
+            cu = packed_seq_params.cu_seqlens_q if padded is None else padded
+            # max_seqlen_q may describe the unpadded lengths; the kernel runs on the padded segments
+            max_seqlen = packed_seq_params.max_seqlen_q if padded is None else max(_segment_lengths(cu))
             out = packed_causal_attention(query, key, value, cu, max_seqlen, scale=self.softmax_scale,
                                           window=self.window)
             return out.reshape(out.shape[0], -1)
