@@ -10,7 +10,7 @@ Layer spec and attention backend: ONE decision, `attention_backend(use_te)`:
 |----------|-----------------------|--------------------------------------------|-------------------------------------|
 | "te"     | CUDA + TE imports     | Megatron's TE spec                         | tokens/position_ids as ONE row [1, T], `attention_mask=None`, `packed_seq_params=` THD (`thd_packed_seq_params(cu_seqlens)`) |
 | "packed" | CUDA, no TE           | local spec + `PackedDotProductAttention`   | the same as "te"                    |
-| "dense"  | no CUDA (CPU tests)   | Megatron's local spec                      | rows [R, S] with the block-diagonal causal mask [R, 1, S, S] (`PackedMicroBatch.attention_mask()`), no packed_seq_params |
+| "dense"  | no CUDA (CPU tests)   | Megatron's local spec (the packed attention for sliding-window models) | rows [R, S] with the block-diagonal causal mask [R, 1, S, S] (`PackedMicroBatch.attention_mask()`), no packed_seq_params |
 
 Sequence and context parallel need TE on a GPU: `check_attention_parallel` refuses them otherwise.
 """
@@ -84,7 +84,10 @@ def layer_spec(meta: ModelMeta, use_te: Optional[bool] = None, backend: Optional
     backend = backend or attention_backend(use_te)
     if backend == "te":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=meta.qk_norm)
-    if backend == "packed":
+    if backend == "packed" or meta.attention_window is not None:
+        # dense + sliding window: Megatron's local softmax REPLACES a given mask by its window mask
+        # (fusions/fused_softmax.py), letting packed samples see each other; the packed attention's
+        # dense-mask path applies both
         return packed_layer_spec(meta)
     return get_gpt_layer_local_spec(qk_layernorm=meta.qk_norm, normalization="RMSNorm")
 

@@ -134,3 +134,24 @@ def test_varlen_arguments_keep_the_attention_for_every_signature(release, window
     got = reference_attention(q2, k2, v2, lengths, kwargs.get("scale", 8 ** -0.5), left)
     want = reference_attention(q, k, v, lengths, 0.3, -1 if window is None else window[0])
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_sliding_window_models_get_the_packed_attention_on_every_torch_backend():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from maspo_megatron.models.meta import model_meta
+    from maspo_megatron.models.packed_attention import PackedDotProductAttention
+    from maspo_megatron.models.provider import layer_spec
+    from tests.models._hf_models import hf_config
+
+    def core_attention(meta, backend):
+        return layer_spec(meta, backend=backend).submodules.self_attention.submodules.core_attention
+
+    windowed = hf_config("qwen2").to_dict() | {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}
+    meta = model_meta(windowed)
+    assert meta.attention_window == (3, 0)
+    assert core_attention(meta, "dense") is PackedDotProductAttention
+    assert core_attention(meta, "packed") is PackedDotProductAttention
+    plain = model_meta(hf_config("qwen2"))
+    assert plain.attention_window is None
+    assert core_attention(plain, "dense") is DotProductAttention
