@@ -13,7 +13,7 @@ Rows (each timed after warm-up, the same batch for every method):
                        Float16Module(fp32_output=False): bf16 logits into the fused log-prob; ONE
                        row [1, T] with THD packed_seq_params (cu_seqlens on the CPU)
   ours_packed_fp32     the same with Float16Module's default fp32_output=True: the [T, V] logits
-                       are upcast to fp32 (megatron/core/transformer/module.py:489-495 in 0.16.1)
+                       are upcast to fp32 (megatron/core/transformer/module.py:453 default, 490-495 the cast, in 0.16.1)
   ours_packed_cu_gpu   ours_packed with cu_seqlens on the GPU (Megatron's unfused THD RoPE then
                        syncs on `.tolist()` twice per layer)
   hf_sdpa_packed       Qwen2ForCausalLM(attn_implementation="sdpa") on the same ONE row with
