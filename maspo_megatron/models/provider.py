@@ -82,6 +82,8 @@ def layer_spec(meta: ModelMeta, use_te: Optional[bool] = None, backend: Optional
     backend="packed" also runs on the CPU (SDPA per sample): that is how CPU tests check it.
     """
     backend = backend or attention_backend(use_te)
+    if backend not in ("te", "packed", "dense"):
+        raise ValueError(f"layer_spec: backend {backend!r} is not one of 'te', 'packed', 'dense'")
     if backend == "te":
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=meta.qk_norm)
     if backend == "packed" or meta.attention_window is not None:

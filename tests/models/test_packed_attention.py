@@ -157,3 +157,5 @@ def test_sliding_window_models_get_the_packed_attention_on_every_torch_backend()
     plain = model_meta(hf_config("qwen2"))
     assert plain.attention_window is None
     assert core_attention(plain, "dense") is DotProductAttention
+    with pytest.raises(ValueError, match="backend 'flash' is not one of"):
+        layer_spec(plain, backend="flash")
