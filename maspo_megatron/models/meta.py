@@ -35,6 +35,16 @@ class ModelMeta:
     max_position_embeddings: int
     sliding_window: Optional[int]
 
+    @property
+    def attention_window(self) -> Optional[tuple[int, int]]:
+        """Megatron's `window_size` (left, right), both inclusive; None when the window spans every position.
+
+        HF attends to keys with q - k < sliding_window, i.e. left = sliding_window - 1, right = 0.
+        """
+        if self.sliding_window is None or self.sliding_window >= self.max_position_embeddings:
+            return None
+        return (self.sliding_window - 1, 0)
+
     def flags(self) -> dict:
         """Feature flags used by the rules' `when` conditions."""
         return {"qkv_bias": self.qkv_bias, "qk_norm": self.qk_norm, "untied": not self.tied_embeddings}
