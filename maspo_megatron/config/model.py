@@ -16,6 +16,9 @@ class ModelConfig:
     dtype: str = option("fp32", choices=("fp32", "bf16", "fp16"))
     fp8: Optional[str] = option(None, choices=("delayed", "tensorwise", "blockwise", "mxfp8"), help="Transformer Engine FP8 recipe")
     recompute: Optional[str] = option(None, choices=("full", "selective"))
+    attention: str = option("auto", choices=("auto", "te", "packed", "dense"),
+                            help="how packed rows reach attention: auto = te with Transformer Engine, packed "
+                                 "(torch varlen/flex kernels) on a GPU without it, dense (block mask) on the CPU")
     seed: int = option(1234, ge=0)
     # The built-in tiny policy (hf_config: tiny): a Qwen2-shaped model small enough for CPU.
     tiny_layers: int = option(2, ge=1)

@@ -11,6 +11,7 @@ from maspo_megatron.config.model import ModelConfig
 from maspo_megatron.config.parallel import ParallelConfig
 from maspo_megatron.models.fp8 import transformer_engine_usable, validate_fp8
 from maspo_megatron.models.meta import ModelMeta, model_meta
+from maspo_megatron.models.provider import attention_backend, check_attention_parallel
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -39,16 +40,6 @@ def check_parallel_fit(meta: ModelMeta, parallel_cfg: ParallelConfig) -> None:
         raise ValueError(f"parallel.pp: num_hidden_layers ({meta.num_layers}) is not divisible by pp x vpp ({pp} x {vpp})")
 
 
-def check_attention_support(parallel_cfg: ParallelConfig, te: bool, on_gpu: bool) -> None:
-    """One-line errors for layouts only Transformer Engine's layers can run."""
-    if parallel_cfg.cp > 1 and not te:
-        raise ValueError(f"parallel.cp: context parallel ({parallel_cfg.cp}) needs Transformer Engine's attention, "
-                         "which is not importable here; set parallel.cp=1")
-    if parallel_cfg.sequence_parallel and on_gpu and not te:
-        raise ValueError("parallel.sequence_parallel: needs Transformer Engine's norms on a GPU (Megatron's torch norm "
-                         "refuses it); set parallel.sequence_parallel=false or install Transformer Engine")
-
-
 def build_model_config(
     hf_config_or_dir: Any,
     model_cfg: ModelConfig,
@@ -66,17 +57,13 @@ def build_model_config(
     validate_fp8(model_cfg.fp8)
     on_gpu = torch.cuda.is_available()
     te = transformer_engine_usable()
-    check_attention_support(parallel_cfg, te, on_gpu)
+    check_attention_parallel(parallel_cfg, attention_backend(te, model_cfg.attention))
     params_dtype = _DTYPES[model_cfg.dtype]
     recompute = {}
     if model_cfg.recompute == "full":
         recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
     elif model_cfg.recompute == "selective":
         recompute = {"recompute_granularity": "selective"}
-    window = None
-    if meta.sliding_window is not None and meta.sliding_window < meta.max_position_embeddings:
-        # HF attends to keys with q - k < sliding_window; Megatron's window is (left, right) inclusive
-        window = (meta.sliding_window - 1, 0)
     config = TransformerConfig(
         num_layers=meta.num_layers,
         hidden_size=meta.hidden_size,
@@ -93,7 +80,7 @@ def build_model_config(
         qk_layernorm=meta.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        window_size=window,
+        window_size=meta.attention_window,
         tensor_model_parallel_size=parallel_cfg.tp,
         pipeline_model_parallel_size=parallel_cfg.pp,
         virtual_pipeline_model_parallel_size=parallel_cfg.vpp,

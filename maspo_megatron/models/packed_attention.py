@@ -234,7 +234,7 @@ def packed_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     raise ValueError(f"packed_causal_attention: kernel {kernel!r} is not one of {list(KERNELS)}")
 
 
-def thd_packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+def thd_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: Optional[int] = None) -> PackedSeqParams:
     """Megatron's THD parameters for ONE packed row whose segments are `cu_seqlens` (int32 [k+1]).
 
     The same tensor serves as the plain and the padded boundaries (a sample's padding belongs to its
@@ -243,10 +243,9 @@ def thd_packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
     positions restarting per sample; the same attention, RoPE being relative, but other rounding
     than the rollout engine's). Keep `cu_seqlens` where the attention runs (TE wants it on the
     GPU; the packed spec takes either, and a CPU tensor spares a sync in Megatron's per-layer
-    `.tolist()` in RoPE).
+    `.tolist()` in RoPE). max_seqlen: the longest segment when the caller knows it (no device sync).
     """
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    longest = int(lengths.max())
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if max_seqlen is None else int(max_seqlen)
     cu = cu_seqlens.to(torch.int32)
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
                            cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest)

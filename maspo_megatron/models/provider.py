@@ -37,26 +37,37 @@ from maspo_megatron.models.packed_attention import PackedDotProductAttention
 AttentionBackend = Literal["te", "packed", "dense"]
 
 
-def attention_backend(use_te: Optional[bool] = None) -> AttentionBackend:
+def attention_backend(use_te: Optional[bool] = None, choice: str = "auto") -> AttentionBackend:
     """"te" (CUDA + Transformer Engine), "packed" (CUDA without TE) or "dense" (CPU); table above.
 
+    choice: `model.attention` ("auto" = the first of te / packed / dense this machine can run;
+    "packed" also runs on the CPU, which is how CPU tests check it; "dense" is refused on a GPU,
+    where its [R, 1, S, S] mask costs O(S^2) per row and TE ignores it).
     use_te: None = TE when it is usable here; False forces the torch paths; True asserts TE.
     """
     if use_te is None:
         use_te = transformer_engine_usable()
-    if use_te:
-        return "te"
-    return "packed" if torch.cuda.is_available() else "dense"
+    if choice == "auto":
+        if use_te:
+            return "te"
+        return "packed" if torch.cuda.is_available() else "dense"
+    if choice == "te" and not use_te:
+        raise ValueError("model.attention: 'te' needs Transformer Engine on a CUDA GPU, which is not usable here")
+    if choice == "dense" and torch.cuda.is_available():
+        raise ValueError("model.attention: 'dense' is the CPU fallback (an O(S^2) mask per row); on a GPU use "
+                         "'packed' or 'te'")
+    if choice not in ("te", "packed", "dense"):
+        raise ValueError(f"model.attention: {choice!r} is not one of 'auto', 'te', 'packed', 'dense'")
+    return choice
 
 
-def check_attention_parallel(parallel_cfg: ParallelConfig, use_te: Optional[bool] = None) -> None:
+def check_attention_parallel(parallel_cfg: ParallelConfig, backend: AttentionBackend) -> None:
     """One-line ValueError when the layout needs Transformer Engine's attention and TE is absent.
 
     Context parallel splits attention across ranks: only TE implements it (both torch backends).
     Sequence parallel on the GPU needs TE's norms (Megatron's torch norm wrapper refuses it); on
     the CPU the shim provides an SP-aware norm, so the dense CPU path keeps it for tests.
     """
-    backend = attention_backend(use_te)
     if backend == "te":
         return
     if parallel_cfg.cp > 1:
@@ -92,15 +103,6 @@ def layer_spec(meta: ModelMeta, use_te: Optional[bool] = None, backend: Optional
         # dense-mask path applies both
         return packed_layer_spec(meta)
     return get_gpt_layer_local_spec(qk_layernorm=meta.qk_norm, normalization="RMSNorm")
-
-
-def attention_backend(use_te: Optional[bool] = None) -> str:
-    """How packed rows reach attention with the layer spec `layer_spec` picks (one decision):
-    "te" = Transformer Engine, THD packed_seq_params and no mask; "dense" = the local spec with
-    the block-diagonal [R, 1, S, S] mask (CPU)."""
-    if use_te is None:
-        use_te = transformer_engine_usable()
-    return "te" if use_te else "dense"
 
 
 def gpt_model_provider(

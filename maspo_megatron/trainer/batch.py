@@ -56,9 +56,9 @@ class PackedMicroBatch:
     old_log_probs (fp32), sample_index (global sample id, 0 where masked),
     sample_token_count[N] (response tokens of each of the N samples of the global batch),
     global_token_count / global_sample_count (ints, whole global batch),
-    cu_seqlens[k+1] (int32, THD only: one row): boundaries of the row's segments (samples with
-    their padding, then the row padding) in the WHOLE row, set by `with_segment_bounds()` before
-    the CP split and kept by it; max_seqlen: the longest segment.
+    cu_seqlens[k+1] (int32, on the host, THD only: one row): boundaries of the row's segments
+    (samples with their padding, then the row padding) in the WHOLE row, set by
+    `with_segment_bounds()` before the CP split and kept by it; max_seqlen: the longest segment.
     """
 
     tokens: torch.Tensor
@@ -103,16 +103,19 @@ class PackedMicroBatch:
         bounds = self.segment_bounds(0)
         return dataclasses.replace(self, cu_seqlens=bounds, max_seqlen=int((bounds[1:] - bounds[:-1]).max()))
 
-    def packed_seq_params(self):
-        """Megatron's THD `PackedSeqParams` (cu_seqlens on the batch's device; padded == actual:
-        a sample's own padding sits after it, invisible to it under causal attention)."""
-        from megatron.core.packed_seq_params import PackedSeqParams
+    def packed_seq_params(self, on_device: bool):
+        """Megatron's THD `PackedSeqParams` of the row (models/packed_attention.thd_packed_seq_params).
+
+        cu_seqlens stay on the host (`to()` does not move them): Megatron's unfused THD RoPE reads
+        them with `.tolist()` in every layer, a device sync each when they live on a GPU.
+        on_device=True copies them to the batch's device (Transformer Engine's kernels need that).
+        """
+        from maspo_megatron.models.packed_attention import thd_packed_seq_params
 
         if self.cu_seqlens is None:
             raise ValueError("packed_seq_params: the batch has no segment bounds (with_segment_bounds() at packing)")
-        bounds = self.cu_seqlens
-        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds, cu_seqlens_q_padded=bounds,
-                               cu_seqlens_kv_padded=bounds, max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen)
+        bounds = self.cu_seqlens.to(self.tokens.device, non_blocking=True) if on_device else self.cu_seqlens
+        return thd_packed_seq_params(bounds, max_seqlen=self.max_seqlen)
 
     def to(self, device: torch.device) -> PackedMicroBatch:
         """Every tensor on `device`; to a GPU through pinned memory without blocking the host."""
@@ -125,8 +128,7 @@ class PackedMicroBatch:
                 return tensor.pin_memory().to(device, non_blocking=True)
             return tensor.to(device)
 
-        return dataclasses.replace(self, **{f: move(getattr(self, f)) for f in (*_SEQ_FIELDS, "sample_token_count",
-                                                                                  "cu_seqlens")})
+        return dataclasses.replace(self, **{f: move(getattr(self, f)) for f in (*_SEQ_FIELDS, "sample_token_count")})
 
     def cp_shard(self, cp_size: int, cp_rank: int, *, per_sample: bool = False) -> PackedMicroBatch:
         """This CP rank's tokens (zig-zag): of each whole row, or of each packed sample (THD)."""
@@ -136,7 +138,7 @@ class PackedMicroBatch:
             if self.tokens.shape[0] != 1:
                 raise ValueError("cp_shard(per_sample=True): THD packing has one row per micro-batch")
             bounds = self.cu_seqlens if self.cu_seqlens is not None else self.segment_bounds(0)
-            indices = packed_zigzag_indices(bounds.cpu(), cp_size, cp_rank)
+            indices = packed_zigzag_indices(bounds, cp_size, cp_rank)
         else:
             indices = zigzag_indices(self.tokens.shape[1], cp_size, cp_rank)
         return dataclasses.replace(self, **{f: split_for_cp(getattr(self, f), indices) for f in _SEQ_FIELDS})

@@ -38,14 +38,20 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> to
     return logits.masked_fill(ids >= vocab_size, _PADDED_LOGIT)
 
 
-def model_inputs(batch: PackedMicroBatch, attention_backend: str) -> dict:
-    """GPTModel.forward keyword arguments for one micro-batch under the policy's attention backend."""
+def model_inputs(batch: PackedMicroBatch, attention_backend: str, half_precision: bool = False) -> dict:
+    """Model-call keyword arguments for one micro-batch under the policy's attention backend.
+
+    half_precision: the chunks are Float16Module-wrapped (bf16/fp16); the last stage then hands the
+    loss its logits in that dtype (`fp32_output=False`) instead of an fp32 copy of them (~10 GiB per
+    [16k, 76k] micro-batch and its gradient): the fused log-prob computes in fp32 from either.
+    """
+    extra = {"fp32_output": False} if half_precision else {}
     if attention_backend in THD_BACKENDS:
         return {"input_ids": batch.tokens, "position_ids": batch.position_ids, "attention_mask": None,
-                "packed_seq_params": batch.packed_seq_params()}
+                "packed_seq_params": batch.packed_seq_params(on_device=attention_backend == "te"), **extra}
     if attention_backend == "dense":
         return {"input_ids": batch.tokens, "position_ids": batch.position_ids,
-                "attention_mask": batch.attention_mask()}
+                "attention_mask": batch.attention_mask(), **extra}
     raise ValueError(f"attention backend {attention_backend!r} is not one of {[*THD_BACKENDS, 'dense']}")
 
 
@@ -53,13 +59,14 @@ def make_forward_step(policy, loss_fn: Callable, tp_rank: int) -> Callable:
     """forward_step_func(data_iterator, model) for Megatron's get_forward_backward_func."""
     vocab_size = policy.meta.vocab_size
     backend = policy.attention_backend
+    half_precision = bool(policy.config.bf16 or policy.config.fp16)
 
     def masked_loss(batch: PackedMicroBatch, output_tensor: torch.Tensor):
         return loss_fn(batch, mask_padded_vocab(output_tensor, vocab_size, tp_rank))
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        return model(**model_inputs(batch, backend)), partial(masked_loss, batch)
+        return model(**model_inputs(batch, backend, half_precision)), partial(masked_loss, batch)
 
     return forward_step
 

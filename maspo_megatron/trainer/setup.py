@@ -87,7 +87,8 @@ def build_policy(cfg: Config, dims, tokenizer) -> Policy:
     # gradients at pp = 2; parallel/pipeline.py).
     apply_pipeline_comm_settings(config, cfg.parallel.pp, cfg.parallel.vpp)
     config.init_method_std = getattr(hf_config, "initializer_range", 0.02)
-    provider = make_model_provider(config, meta)
+    backend = attention_backend(choice=cfg.model.attention)
+    provider = make_model_provider(config, meta, backend=backend)
     # The same model seed on every rank: use_cpu_initialization draws full tensors and slices them.
     torch.manual_seed(cfg.model.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.model.seed)
@@ -114,8 +115,7 @@ def build_policy(cfg: Config, dims, tokenizer) -> Policy:
         load_model_weights(chunks, cfg.model.load)
     for chunk in chunks:
         chunk.broadcast_params()  # DP replicas start identical whatever the init path
-    return Policy(chunks=chunks, config=config, meta=meta, wmap=wmap, hf_config=hf_config,
-                  attention_backend=attention_backend())
+    return Policy(chunks=chunks, config=config, meta=meta, wmap=wmap, hf_config=hf_config, attention_backend=backend)
 
 
 def _load_hf_into(chunks, wmap, hf_dir: str, dims) -> None:

@@ -89,7 +89,7 @@ def packed_vs_alone_case(tp: int, window, device: str = "cpu", dtype: str = "fp3
     sample_list = samples()
     (batches,) = pack_micro_batches(sample_list, row_tokens=ROW_TOKENS, sample_multiple=4, fixed_row_len=True)
     batch = batches[0]
-    cu = batch.cu_seqlens(0)
+    cu = batch.segment_bounds(0)
     starts = {int(batch.segment_ids[0, cu[i]]): int(cu[i]) for i in range(len(cu) - 1) if batch.segment_ids[0, cu[i]] >= 0}
     real = torch.zeros(ROW_TOKENS, dtype=torch.bool)  # the samples' own tokens: no padding of either kind
     for index, sample in enumerate(sample_list):

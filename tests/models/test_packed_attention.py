@@ -71,15 +71,20 @@ def test_attention_backend_and_parallel_refusals():
     assert attention_backend() == expected
     assert attention_backend(use_te=True) == "te"
     assert attention_backend(use_te=False) in ("packed", "dense")
-    check_attention_parallel(ParallelConfig(cp=2, tp=2, sequence_parallel=True), use_te=True)
-    with pytest.raises(ValueError, match=r"^parallel\.cp: 2 needs Transformer Engine"):
-        check_attention_parallel(ParallelConfig(cp=2), use_te=False)
+    assert attention_backend(use_te=False, choice="packed") == "packed"  # also on the CPU (tests)
+    with pytest.raises(ValueError, match=r"^model\.attention: 'te' needs Transformer Engine"):
+        attention_backend(use_te=False, choice="te")
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^model\.attention: 'dense' is the CPU fallback"):
+            attention_backend(use_te=False, choice="dense")
+    check_attention_parallel(ParallelConfig(cp=2, tp=2, sequence_parallel=True), "te")
+    for backend in ("packed", "dense"):
+        with pytest.raises(ValueError, match=r"^parallel\.cp: 2 needs Transformer Engine"):
+            check_attention_parallel(ParallelConfig(cp=2), backend)
     sp = ParallelConfig(tp=2, sequence_parallel=True)
-    if attention_backend(use_te=False) == "packed":
-        with pytest.raises(ValueError, match=r"^parallel\.sequence_parallel: needs Transformer Engine"):
-            check_attention_parallel(sp, use_te=False)
-    else:
-        check_attention_parallel(sp, use_te=False)  # the CPU shim's SP-aware norm keeps SP testable
+    with pytest.raises(ValueError, match=r"^parallel\.sequence_parallel: needs Transformer Engine"):
+        check_attention_parallel(sp, "packed")
+    check_attention_parallel(sp, "dense")  # the CPU shim's SP-aware norm keeps SP testable
 
 
 def test_packed_attention_refuses_what_it_does_not_implement():

@@ -77,10 +77,12 @@ def _packing_case(extra_overrides):
             "lengths_match": all(packed[i].numel() == len(samples[i].response_ids) for i in alone)}
 
 
-def test_packed_rows_equal_samples_alone_on_cpu():
-    result = run_distributed(_packing_case, 1, [], timeout_s=240)[0]
+@pytest.mark.parametrize("backend", ["dense", "packed"])
+def test_packed_rows_equal_samples_alone_on_cpu(backend):
+    """dense: the CPU block mask; packed: THD packed_seq_params through the GPU's attention module (SDPA per sample)."""
+    result = run_distributed(_packing_case, 1, [f"model.attention={backend}"], timeout_s=240)[0]
     assert result["device"] == "cpu" and result["param_devices"] == ["cpu"]
-    assert result["backend"] == "dense"
+    assert result["backend"] == backend
     assert result["packed_batches"] < 9  # several samples really shared rows
     assert result["lengths_match"]
     assert result["max_diff"] < 1e-5, result
@@ -156,15 +158,3 @@ def test_old_log_probs_land_in_the_batches_the_update_reads():
     result = run_distributed(_old_log_probs_case, 1, timeout_s=240)[0]
     assert result["worst"] < 1e-6
     assert result["grad_scale_is_optimizers"]  # fp16 loss scaling reaches Megatron's schedule
-
-
-def test_layouts_only_transformer_engine_runs_are_refused():
-    from maspo_megatron.config.parallel import ParallelConfig
-    from maspo_megatron.models.config_builder import check_attention_support
-
-    with pytest.raises(ValueError, match=r"^parallel\.cp: context parallel \(2\) needs Transformer Engine"):
-        check_attention_support(ParallelConfig(cp=2), te=False, on_gpu=True)
-    with pytest.raises(ValueError, match=r"^parallel\.sequence_parallel: needs Transformer Engine"):
-        check_attention_support(ParallelConfig(tp=2, sequence_parallel=True), te=False, on_gpu=True)
-    check_attention_support(ParallelConfig(tp=2, sequence_parallel=True), te=False, on_gpu=False)  # the CPU edge's norm
-    check_attention_support(ParallelConfig(tp=2, cp=2, sequence_parallel=True), te=True, on_gpu=True)
