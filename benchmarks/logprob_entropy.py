@@ -1,7 +1,20 @@
-"""Fused vocab-parallel log-prob + entropy vs the usual ways, forward + backward, on CPU.
+"""Fused vocab-parallel log-prob + entropy vs the usual ways, forward + backward, on CPU or one GPU.
 
     flock /tmp/maspo_heavy.lock .venv/bin/python benchmarks/logprob_entropy.py          # full (~15-20 GB)
     .venv/bin/python benchmarks/logprob_entropy.py --quick                              # smoke size
+    python benchmarks/logprob_entropy.py --device cuda [--json PATH]                    # one GPU, ~1 min
+
+GPU mode (bf16 logits [T, V], TP 1, T=16,384 and V=151,936 unless --tokens/--vocabs say otherwise;
+loss = sum(w1 * log_prob + w2 * entropy), one process):
+  triton         vocab_parallel_logprobs_entropy(kernel="triton")
+  torch_chunked  vocab_parallel_logprobs_entropy(kernel="torch") (the CPU implementation, on CUDA)
+  plain_fp32     log_softmax(logits.float()) + gather + entropy
+Reported: median of --reps CUDA-event timings after warm-up, of the forward alone (no_grad, the
+log-prob pass) and of forward + backward; extra peak memory = torch.cuda.max_memory_allocated
+minus what was allocated before (logits included) minus the returned gradient; max |log_prob|
+and |entropy| difference against plain_fp32; and the memory floor: (read the logits once + write
+the gradient once) / the device-to-device copy bandwidth measured in the same run (bytes read +
+written per second).
 
 Methods (fp32 logits [T, V/TP] per TP rank; loss = sum(w1 * log_prob + w2 * entropy)):
   fused       maspo_megatron.parallel.vocab_parallel_logprobs_entropy
@@ -135,13 +148,143 @@ def _run_cell(method: str, vocab: int, tp: int, tokens: int, reps: int, threads:
     return {"time_s": statistics.median(per_rep), "peak_rss_gb": max(r["peak_rss_gb"] for r in results)}
 
 
+# ---- GPU mode ----------------------------------------------------------------------------------
+GPU_METHODS = ("triton", "torch_chunked", "plain_fp32")
+
+
+def _gpu_method(name: str):
+    from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
+
+    if name == "plain_fp32":
+        return lambda logits, target: _plain(logits.float(), target, None, None, None)
+    kernel = {"triton": "triton", "torch_chunked": "torch"}[name]
+    return lambda logits, target: vocab_parallel_logprobs_entropy(logits, target, None, kernel=kernel)
+
+
+def _cuda_median_ms(step, reps: int, warmup: int, before=None) -> float:
+    """Median CUDA-event time of step() over `reps` calls after `warmup` calls; before() runs untimed."""
+    import torch
+
+    times = []
+    for index in range(warmup + reps):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        if index >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _copy_bandwidth_bytes_per_s(nbytes: int, reps: int = 10) -> float:
+    """Device-to-device copy bandwidth, counting the bytes read plus the bytes written."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / (_cuda_median_ms(lambda: dst.copy_(src), reps, warmup=2) * 1e-3)
+
+
+def _gpu_cell(name: str, logits, target, w_lp, w_ent, reps: int, warmup: int, reference) -> dict:
+    import torch
+
+    fn = _gpu_method(name)
+
+    def forward_only():
+        with torch.no_grad():
+            fn(logits, target)
+
+    def clear_grad():
+        logits.grad = None
+
+    def step():
+        log_prob, entropy = fn(logits, target)
+        ((log_prob * w_lp).sum() + (entropy * w_ent).sum()).backward()
+
+    forward_ms = _cuda_median_ms(forward_only, reps, warmup)
+    step_ms = _cuda_median_ms(step, reps, warmup, before=clear_grad)
+    clear_grad()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    allocated_before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    grad_bytes = logits.grad.numel() * logits.grad.element_size()
+    extra_bytes = torch.cuda.max_memory_allocated() - allocated_before - grad_bytes
+    with torch.no_grad():
+        log_prob, entropy = fn(logits, target)
+    cell = {"method": name, "fwd_ms": forward_ms, "fwd_bwd_ms": step_ms, "extra_gib": extra_bytes / 2**30,
+            "log_prob": log_prob, "entropy": entropy, "grad_dtype": str(logits.grad.dtype)}
+    if reference is not None:
+        cell["max_dlogprob"] = float((log_prob - reference["log_prob"]).abs().max())
+        cell["max_dentropy"] = float((entropy - reference["entropy"]).abs().max())
+    clear_grad()
+    torch.cuda.empty_cache()
+    return cell
+
+
+def _gpu_kernel_configs() -> dict:
+    from maspo_megatron.parallel import logprob_triton
+
+    return {name: str(getattr(getattr(logprob_triton, name), "best_config", None))
+            for name in ("_shard_statistics_kernel", "_shard_gradient_kernel")}
+
+
+def gpu_main(tokens: int, vocab: int, reps: int, warmup: int) -> dict:
+    """The GPU table's rows plus the floor; see the module docstring."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(tokens, vocab, generator=gen, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
+    target = torch.randint(0, vocab, (tokens,), generator=gen, device="cuda")
+    w_lp, w_ent = torch.randn(tokens, generator=gen, device="cuda"), torch.randn(tokens, generator=gen, device="cuda")
+    logits_bytes = logits.numel() * logits.element_size()
+    bandwidth = _copy_bandwidth_bytes_per_s(min(logits_bytes, 4 * 2**30))
+    torch.cuda.empty_cache()  # the copy's buffers
+    floor_ms = 2 * logits_bytes / bandwidth * 1e3  # read the logits once + write a same-dtype gradient once
+    reference = _gpu_cell("plain_fp32", logits, target, w_lp, w_ent, reps, warmup, None)
+    cells = [_gpu_cell(name, logits, target, w_lp, w_ent, reps, warmup, reference) for name in GPU_METHODS[:2]]
+    cells.append(reference)
+    rows = []
+    for cell in cells:
+        rows.append({"T": tokens, "V": vocab, "dtype": "bf16", "method": cell["method"],
+                     "fwd_ms": round(cell["fwd_ms"], 3), "fwd_bwd_ms": round(cell["fwd_bwd_ms"], 3),
+                     "speedup_vs_plain": round(reference["fwd_bwd_ms"] / cell["fwd_bwd_ms"], 2),
+                     "x_floor": round(cell["fwd_bwd_ms"] / floor_ms, 2),
+                     "extra_gib": round(cell["extra_gib"], 3),
+                     "extra_vs_logits": round(cell["extra_gib"] * 2**30 / logits_bytes, 3),
+                     "max_dlogprob_vs_plain": cell.get("max_dlogprob", 0.0),
+                     "max_dentropy_vs_plain": cell.get("max_dentropy", 0.0)})
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
+            "logits_gib": logits_bytes / 2**30, "copy_tb_per_s": bandwidth / 1e12, "floor_ms": floor_ms,
+            "triton_configs": _gpu_kernel_configs(), "reps": reps, "warmup": warmup}
+
+
+def _print_gpu(result: dict) -> None:
+    _print_table(result["rows"], tuple(result["rows"][0]))
+    print(f"\n{result['device']}, torch {result['torch']}; logits {result['logits_gib']:.2f} GiB bf16; "
+          f"device-to-device copy {result['copy_tb_per_s']:.2f} TB/s (read + write); floor (read logits once + "
+          f"write the gradient once) {result['floor_ms']:.2f} ms; median of {result['reps']} after "
+          f"{result['warmup']} warm-up; Triton configs {result['triton_configs']}")
+    ours = next(row for row in result["rows"] if row["method"] == "triton")
+    print(f"triton vs the issue's targets: {ours['fwd_bwd_ms']} ms (<= 7), {ours['speedup_vs_plain']}x plain "
+          f"(>= 10), extra memory {ours['extra_vs_logits']}x the logits (<= 1.1), {ours['x_floor']}x the floor (<= 3)")
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small smoke size (T=256, V=32000/8192)")
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--vocabs", type=str, default="151936,32000")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", type=str, default=None, help="also write the rows (GPU mode: and the floor) here")
+    parser.add_argument("--warmup", type=int, default=3, help="GPU mode: untimed calls first (Triton autotunes)")
+    parser.add_argument("--tokens", type=int, default=None, help="default 4096 (cpu), 16384 (cuda)")
+    parser.add_argument("--vocabs", type=str, default="151936,32000", help="cuda: the first one only")
     parser.add_argument("--tps", type=str, default="1,2")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=None, help="default 3 (cpu), 10 (cuda)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: 2 / TP)")
     parser.add_argument("--timeout-s", type=float, default=1800)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -151,6 +294,12 @@ def main(argv=None) -> list[dict]:
     if args.worker:
         _worker(args)
         return []
+    if args.device == "cuda":
+        result = gpu_main(args.tokens or 16384, int(args.vocabs.split(",")[0]), args.reps or 10, args.warmup)
+        _print_gpu(result)
+        _write_json(args.json, result)
+        return result["rows"]
+    args.tokens, args.reps = args.tokens or 4096, args.reps or 3
     if args.quick:
         args.tokens, args.vocabs, args.reps = 256, "32000,8192", 2
     rows = []
@@ -172,12 +321,18 @@ def main(argv=None) -> list[dict]:
                              "time_s": round(cell["time_s"], 3), "peak_rss_gb": round(cell["peak_rss_gb"], 2),
                              "time_vs_a": round(cell["time_s"] / base["time_s"], 3),
                              "mem_vs_a": round(cell["peak_rss_gb"] / base["peak_rss_gb"], 3)})
-    _print_table(rows)
+    _print_table(rows, ("T", "V", "TP", "method", "time_s", "peak_rss_gb", "time_vs_a", "mem_vs_a"))
+    _write_json(args.json, rows)
     return rows
 
 
-def _print_table(rows: list[dict]) -> None:
-    header = ("T", "V", "TP", "method", "time_s", "peak_rss_gb", "time_vs_a", "mem_vs_a")
+def _write_json(path, payload) -> None:
+    if path:
+        with open(path, "w") as handle:
+            json.dump(payload, handle, indent=1)
+
+
+def _print_table(rows: list[dict], header: tuple) -> None:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
