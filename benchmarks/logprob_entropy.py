@@ -230,8 +230,14 @@ def _gpu_cell(name: str, logits, target, w_lp, w_ent, reps: int, warmup: int, re
 def _gpu_kernel_configs() -> dict:
     from maspo_megatron.parallel import logprob_triton
 
-    return {name: str(getattr(getattr(logprob_triton, name), "best_config", None))
-            for name in ("_shard_statistics_kernel", "_shard_gradient_kernel")}
+    configs = {}
+    for name in ("_shard_statistics_kernel", "_shard_gradient_kernel"):
+        tuner = getattr(logprob_triton, name)
+        configs[name] = str(getattr(tuner, "best_config", None))
+        timings = getattr(tuner, "configs_timings", None) or {}  # the autotuner's last sweep (ms)
+        configs[name + "_sweep_ms"] = {str(config): [round(t, 3) for t in times] if isinstance(times, list)
+                                       else times for config, times in timings.items()}
+    return configs
 
 
 def gpu_main(tokens: int, vocab: int, reps: int, warmup: int) -> dict:
