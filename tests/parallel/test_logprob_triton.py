@@ -64,7 +64,7 @@ def _run(shard, target, group, temperature, w_lp, w_ent, kernel="triton"):
         loss = loss + (entropy * w_ent.float()).sum()
     loss.backward()
     assert torch.equal(logits.detach(), before), "input modified"
-    return log_prob, entropy, logits.grad
+    return log_prob.detach(), entropy.detach(), logits.grad
 
 
 def _interpreted_case():
