@@ -50,7 +50,7 @@ KERNELS = ("auto", "torch", "triton")
 AUTO_CHUNK_BYTES = 64 * 2**20  # per work allocation: few ops per row (each op is a thread-pool barrier)
 
 
-def _chunk_rows(chunk_size: Optional[int], rows: int, vocab_local: int) -> int:
+def auto_chunk_rows(chunk_size: Optional[int], rows: int, vocab_local: int) -> int:
     if chunk_size is None:
         return max(1, min(rows, AUTO_CHUNK_BYTES // (4 * max(vocab_local, 1))))
     if chunk_size < 1:
@@ -131,7 +131,7 @@ def _triton_kernels():
     return logprob_triton
 
 
-def _use_triton(logits: torch.Tensor, kernel: str) -> bool:
+def use_triton_kernel(logits: torch.Tensor, kernel: str) -> bool:
     """kernel 'auto': Triton for CUDA logits (or any logits under TRITON_INTERPRET=1) when it imports."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel: {kernel!r} must be one of {KERNELS}")
@@ -145,42 +145,85 @@ def _use_triton(logits: torch.Tensor, kernel: str) -> bool:
     return True
 
 
+def shard_statistics(logits, local_index, inv_temperature: float, chunk_rows: int, use_triton: bool):
+    """local_max[T], stats[3, T] of one vocab shard: x = logits * inv_temperature, s = x - local_max,
+    stats = (sum exp(s), sum exp(s) * s, s[local_index]) (Triton kernel or torch chunked loop)."""
+    if use_triton:
+        with _on_device(logits):
+            return _triton_kernels().shard_statistics(logits, local_index, inv_temperature)
+    return _torch_shard_statistics(logits, local_index, inv_temperature, chunk_rows)
+
+
+def shard_gradient(logits, local_index, log_normaliser, onehot_weight, slope, offset, inv_temperature: float,
+                   chunk_rows: int, use_triton: bool):
+    """grad[T, V/TP] = onehot_weight onehot(local_index) + p (slope log p + offset), in the logits' dtype."""
+    if use_triton:
+        slope = torch.zeros_like(offset) if slope is None else slope
+        with _on_device(logits):
+            return _triton_kernels().shard_gradient(logits, local_index, log_normaliser, onehot_weight, slope,
+                                                    offset, inv_temperature)
+    return _torch_shard_gradient(logits, local_index, log_normaliser, onehot_weight, slope, offset, inv_temperature,
+                                 chunk_rows)
+
+
+def rescale_statistics(local_max, stats, new_max, owner) -> None:
+    """In place: stats[..., 3, T] relative to local_max[..., T] -> relative to new_max (>= local_max).
+
+    Z' = Z e^(m - M), S' = e^(m - M) (S + (m - M) Z); the target's s is shifted by m - M and kept
+    only where owner[..., T] (the shard or block that holds the target) is true.
+    """
+    shift = local_max - new_max
+    scale = shift.exp()
+    sum_exp, sum_exp_shifted, target_shifted = stats.unbind(-2)
+    sum_exp_shifted.add_(shift * sum_exp).mul_(scale)
+    sum_exp.mul_(scale)
+    target_shifted.add_(shift).mul_(owner)
+
+
+def combine_over_tp(local_max, stats, in_shard, tp_group):
+    """log_prob[T], entropy[T], log_normaliser[T] (logsumexp of x) from every shard's statistics.
+
+    Two all-reduces of [T]-sized data: MAX of the shard maxes, then SUM of the rescaled [3, T].
+    stats is consumed (rescaled in place).
+    """
+    global_max = local_max.clone()
+    if _group_size(tp_group) > 1:
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+    rescale_statistics(local_max, stats, global_max, in_shard)
+    if _group_size(tp_group) > 1:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
+    sum_exp, sum_exp_shifted, target_shifted = stats
+    log_sum_exp = sum_exp.log()
+    return target_shifted - log_sum_exp, log_sum_exp - sum_exp_shifted / sum_exp, global_max + log_sum_exp
+
+
+def gradient_coefficients(grad_log_prob, grad_entropy, entropy, in_shard, inv_temperature: float):
+    """fp32 [T] onehot_weight, slope (None without an entropy gradient), offset of the shard gradient.
+
+    d/dx = (1/T) [g_lp onehot - p (g_lp + g_ent (log p + H))] = onehot_weight onehot + p (slope log p + offset).
+    """
+    g_lp = torch.zeros_like(entropy) if grad_log_prob is None else grad_log_prob.float()
+    onehot_weight = g_lp * in_shard * inv_temperature
+    if grad_entropy is None:
+        return onehot_weight, None, -g_lp * inv_temperature
+    g_ent = grad_entropy.float()
+    return onehot_weight, -g_ent * inv_temperature, -(g_ent * entropy + g_lp) * inv_temperature
+
+
+def local_target_index(target, tp_group, vocab_local: int):
+    """local_index[T] (clamped to 0 off-shard) and in_shard[T] of GLOBAL ids in this rank's vocab shard."""
+    local_index = target - _group_rank(tp_group) * vocab_local
+    in_shard = (local_index >= 0) & (local_index < vocab_local)
+    return torch.where(in_shard, local_index, torch.zeros_like(local_index)), in_shard
+
+
 class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, tp_group, temperature, chunk_rows, use_triton):
-        rows, vocab_local = logits.shape
-        vocab_start = _group_rank(tp_group) * vocab_local
-        local_index = target - vocab_start
-        in_shard = (local_index >= 0) & (local_index < vocab_local)
-        local_index = torch.where(in_shard, local_index, torch.zeros_like(local_index))
-        inv_temperature = 1.0 / temperature
-
-        # This shard's statistics relative to its own row max m_r (x = logits / temperature,
-        # s = x - m_r): Z_r = sum exp(s), S_r = sum exp(s) * s, and the target's s.
-        if use_triton:
-            with _on_device(logits):
-                local_max, stats = _triton_kernels().shard_statistics(logits, local_index, inv_temperature)
-        else:
-            local_max, stats = _torch_shard_statistics(logits, local_index, inv_temperature, chunk_rows)
-        # Combine shards at the global max M: Z = sum_r Z_r e^(m_r - M),
-        # S = sum_r e^(m_r - M) (S_r + (m_r - M) Z_r), target s shifted by m_r - M (owner only).
-        global_max = local_max.clone()
-        if _group_size(tp_group) > 1:
-            dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-        shift = local_max - global_max
-        scale = shift.exp()
-        stats[1].add_(shift * stats[0]).mul_(scale)
-        stats[0].mul_(scale)
-        stats[2].add_(shift).mul_(in_shard)
-        if _group_size(tp_group) > 1:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
-
-        sum_exp, sum_exp_shifted, target_shifted = stats
-        log_sum_exp = sum_exp.log()
-        log_prob = target_shifted - log_sum_exp
-        entropy = log_sum_exp - sum_exp_shifted / sum_exp
-
-        ctx.save_for_backward(logits, local_index, in_shard, global_max + log_sum_exp, entropy)
+        local_index, in_shard = local_target_index(target, tp_group, logits.shape[1])
+        local_max, stats = shard_statistics(logits, local_index, 1.0 / temperature, chunk_rows, use_triton)
+        log_prob, entropy, log_normaliser = combine_over_tp(local_max, stats, in_shard, tp_group)
+        ctx.save_for_backward(logits, local_index, in_shard, log_normaliser, entropy)
         ctx.temperature, ctx.chunk_rows, ctx.use_triton = temperature, chunk_rows, use_triton
         ctx.set_materialize_grads(False)
         return log_prob, entropy
@@ -191,21 +234,9 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
         if not ctx.needs_input_grad[0] or (grad_log_prob is None and grad_entropy is None):
             return None, None, None, None, None, None
         inv_temperature = 1.0 / ctx.temperature
-        g_lp = torch.zeros_like(entropy) if grad_log_prob is None else grad_log_prob.float()
-        # d/dx = (1/T) [g_lp onehot - p (g_lp + g_ent (log p + H))] = onehot_weight onehot + p (slope log p + offset)
-        onehot_weight = g_lp * in_shard * inv_temperature
-        slope, offset = None, -g_lp * inv_temperature
-        if grad_entropy is not None:
-            g_ent = grad_entropy.float()
-            slope, offset = -g_ent * inv_temperature, -(g_ent * entropy + g_lp) * inv_temperature
-        if ctx.use_triton:
-            slope = torch.zeros_like(offset) if slope is None else slope
-            with _on_device(logits):
-                grad_logits = _triton_kernels().shard_gradient(logits, local_index, log_normaliser, onehot_weight,
-                                                               slope, offset, inv_temperature)
-        else:
-            grad_logits = _torch_shard_gradient(logits, local_index, log_normaliser, onehot_weight, slope, offset,
-                                                inv_temperature, ctx.chunk_rows)
+        coefficients = gradient_coefficients(grad_log_prob, grad_entropy, entropy, in_shard, inv_temperature)
+        grad_logits = shard_gradient(logits, local_index, log_normaliser, *coefficients, inv_temperature,
+                                     ctx.chunk_rows, ctx.use_triton)
         return grad_logits, None, None, None, None, None
 
 
@@ -234,8 +265,8 @@ def vocab_parallel_logprobs_entropy(logits: torch.Tensor, target: torch.Tensor, 
     lead_shape = target.shape
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_target = target.reshape(-1).long()
-    chunk_rows = _chunk_rows(chunk_size, flat_logits.shape[0], flat_logits.shape[1])
-    use_triton = _use_triton(flat_logits, kernel)
+    chunk_rows = auto_chunk_rows(chunk_size, flat_logits.shape[0], flat_logits.shape[1])
+    use_triton = use_triton_kernel(flat_logits, kernel)
     if use_triton and flat_logits.stride(-1) != 1:
         flat_logits = flat_logits.contiguous()  # the kernels stream rows: the vocab dim must be contiguous
     log_prob, entropy = _VocabParallelLogprobsEntropy.apply(

@@ -71,7 +71,7 @@ def _interpreted_case():
     """Every check at this process group's TP size (1 or 2); returns {case: {quantity: error}}."""
     import torch.distributed as dist
 
-    from maspo_megatron.parallel.vocab_parallel import _use_triton
+    from maspo_megatron.parallel.vocab_parallel import use_triton_kernel
 
     tp = int(os.environ["WORLD_SIZE"])
     group = None
@@ -81,7 +81,7 @@ def _interpreted_case():
     rank = int(os.environ["RANK"])
     full, target, w_lp, w_ent = _inputs()
     in_shard = (target // (V // tp) == rank).sum().item()
-    assert _use_triton(full.float(), "auto"), "auto must pick Triton under TRITON_INTERPRET=1"
+    assert use_triton_kernel(full.float(), "auto"), "auto must pick Triton under TRITON_INTERPRET=1"
     errors = {"in_shard_targets": in_shard}
     for temperature in (1.0, 0.6):
         for use_lp, use_ent in ((True, True), (True, False), (False, True)):
