@@ -149,18 +149,6 @@ def _run_cell(method: str, vocab: int, tp: int, tokens: int, reps: int, threads:
 
 
 # ---- GPU mode ----------------------------------------------------------------------------------
-GPU_METHODS = ("triton", "torch_chunked", "plain_fp32")
-
-
-def _gpu_method(name: str):
-    from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
-
-    if name == "plain_fp32":
-        return lambda logits, target: _plain(logits.float(), target, None, None, None)
-    kernel = {"triton": "triton", "torch_chunked": "torch"}[name]
-    return lambda logits, target: vocab_parallel_logprobs_entropy(logits, target, None, kernel=kernel)
-
-
 def _cuda_median_ms(step, reps: int, warmup: int, before=None) -> float:
     """Median CUDA-event time of step() over `reps` calls after `warmup` calls; before() runs untimed."""
     import torch
@@ -188,43 +176,58 @@ def _copy_bandwidth_bytes_per_s(nbytes: int, reps: int = 10) -> float:
     return 2 * nbytes / (_cuda_median_ms(lambda: dst.copy_(src), reps, warmup=2) * 1e-3)
 
 
-def _gpu_cell(name: str, logits, target, w_lp, w_ent, reps: int, warmup: int, reference) -> dict:
+def _gpu_cell(name: str, fn, leaves: list, w_lp, w_ent, reps: int, warmup: int, reference) -> dict:
+    """fn() -> (log_prob, entropy) from the `leaves` (tensors requiring grad): times, extra peak memory."""
     import torch
-
-    fn = _gpu_method(name)
 
     def forward_only():
         with torch.no_grad():
-            fn(logits, target)
+            fn()
 
-    def clear_grad():
-        logits.grad = None
+    def clear_grads():
+        for leaf in leaves:
+            leaf.grad = None
 
     def step():
-        log_prob, entropy = fn(logits, target)
+        log_prob, entropy = fn()
         ((log_prob * w_lp).sum() + (entropy * w_ent).sum()).backward()
 
     forward_ms = _cuda_median_ms(forward_only, reps, warmup)
-    step_ms = _cuda_median_ms(step, reps, warmup, before=clear_grad)
-    clear_grad()
+    step_ms = _cuda_median_ms(step, reps, warmup, before=clear_grads)
+    clear_grads()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     allocated_before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    grad_bytes = logits.grad.numel() * logits.grad.element_size()
+    grad_bytes = sum(leaf.grad.numel() * leaf.grad.element_size() for leaf in leaves)
     extra_bytes = torch.cuda.max_memory_allocated() - allocated_before - grad_bytes
     with torch.no_grad():
-        log_prob, entropy = fn(logits, target)
+        log_prob, entropy = fn()
     cell = {"method": name, "fwd_ms": forward_ms, "fwd_bwd_ms": step_ms, "extra_gib": extra_bytes / 2**30,
-            "log_prob": log_prob, "entropy": entropy, "grad_dtype": str(logits.grad.dtype)}
+            "log_prob": log_prob, "entropy": entropy}
     if reference is not None:
         cell["max_dlogprob"] = float((log_prob - reference["log_prob"]).abs().max())
         cell["max_dentropy"] = float((entropy - reference["entropy"]).abs().max())
-    clear_grad()
+    clear_grads()
     torch.cuda.empty_cache()
     return cell
+
+
+def _gpu_rows(cells: list, reference: dict, logits_bytes: int, floor_ms, **shape) -> list[dict]:
+    rows = []
+    for cell in cells:
+        row = dict(shape, dtype="bf16", method=cell["method"], fwd_ms=round(cell["fwd_ms"], 3),
+                   fwd_bwd_ms=round(cell["fwd_bwd_ms"], 3),
+                   speedup_vs_plain=round(reference["fwd_bwd_ms"] / cell["fwd_bwd_ms"], 2))
+        if floor_ms is not None:
+            row["x_floor"] = round(cell["fwd_bwd_ms"] / floor_ms, 2)
+        rows.append(dict(row, extra_gib=round(cell["extra_gib"], 3),
+                         extra_vs_logits=round(cell["extra_gib"] * 2**30 / logits_bytes, 3),
+                         max_dlogprob_vs_plain=cell.get("max_dlogprob", 0.0),
+                         max_dentropy_vs_plain=cell.get("max_dentropy", 0.0)))
+    return rows
 
 
 def _gpu_kernel_configs() -> dict:
@@ -240,11 +243,12 @@ def _gpu_kernel_configs() -> dict:
     return configs
 
 
-def gpu_main(tokens: int, vocab: int, reps: int, warmup: int) -> dict:
-    """The GPU table's rows plus the floor; see the module docstring."""
+def _gpu_logits_table(tokens: int, vocab: int, reps: int, warmup: int, gen) -> dict:
+    """bf16 logits[T, V] in: Triton vs torch chunked vs plain fp32, plus the memory floor."""
     import torch
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
+
     logits = (torch.randn(tokens, vocab, generator=gen, device="cuda") * 2).to(torch.bfloat16).requires_grad_()
     target = torch.randint(0, vocab, (tokens,), generator=gen, device="cuda")
     w_lp, w_ent = torch.randn(tokens, generator=gen, device="cuda"), torch.randn(tokens, generator=gen, device="cuda")
@@ -252,22 +256,50 @@ def gpu_main(tokens: int, vocab: int, reps: int, warmup: int) -> dict:
     bandwidth = _copy_bandwidth_bytes_per_s(min(logits_bytes, 4 * 2**30))
     torch.cuda.empty_cache()  # the copy's buffers
     floor_ms = 2 * logits_bytes / bandwidth * 1e3  # read the logits once + write a same-dtype gradient once
-    reference = _gpu_cell("plain_fp32", logits, target, w_lp, w_ent, reps, warmup, None)
-    cells = [_gpu_cell(name, logits, target, w_lp, w_ent, reps, warmup, reference) for name in GPU_METHODS[:2]]
-    cells.append(reference)
-    rows = []
-    for cell in cells:
-        rows.append({"T": tokens, "V": vocab, "dtype": "bf16", "method": cell["method"],
-                     "fwd_ms": round(cell["fwd_ms"], 3), "fwd_bwd_ms": round(cell["fwd_bwd_ms"], 3),
-                     "speedup_vs_plain": round(reference["fwd_bwd_ms"] / cell["fwd_bwd_ms"], 2),
-                     "x_floor": round(cell["fwd_bwd_ms"] / floor_ms, 2),
-                     "extra_gib": round(cell["extra_gib"], 3),
-                     "extra_vs_logits": round(cell["extra_gib"] * 2**30 / logits_bytes, 3),
-                     "max_dlogprob_vs_plain": cell.get("max_dlogprob", 0.0),
-                     "max_dentropy_vs_plain": cell.get("max_dentropy", 0.0)})
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows,
-            "logits_gib": logits_bytes / 2**30, "copy_tb_per_s": bandwidth / 1e12, "floor_ms": floor_ms,
-            "triton_configs": _gpu_kernel_configs(), "reps": reps, "warmup": warmup}
+    methods = {"triton": lambda: vocab_parallel_logprobs_entropy(logits, target, None, kernel="triton"),
+               "torch_chunked": lambda: vocab_parallel_logprobs_entropy(logits, target, None, kernel="torch"),
+               "plain_fp32": lambda: _plain(logits.float(), target, None, None, None)}
+    reference = _gpu_cell("plain_fp32", methods["plain_fp32"], [logits], w_lp, w_ent, reps, warmup, None)
+    cells = [_gpu_cell(name, methods[name], [logits], w_lp, w_ent, reps, warmup, reference)
+             for name in ("triton", "torch_chunked")] + [reference]
+    return {"rows": _gpu_rows(cells, reference, logits_bytes, floor_ms, T=tokens, V=vocab),
+            "logits_gib": logits_bytes / 2**30, "copy_tb_per_s": bandwidth / 1e12, "floor_ms": floor_ms}
+
+
+def _gpu_fused_table(tokens: int, vocab: int, hidden_size: int, reps: int, warmup: int, gen) -> list[dict]:
+    """bf16 hidden[T, H] and output weight[V, H] in: fused output layer vs matmul + Triton vs matmul + plain."""
+    import torch
+
+    from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
+    from maspo_megatron.parallel.fused_output import fused_output_logprobs_entropy
+
+    hidden = torch.randn(tokens, hidden_size, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=gen, device="cuda") * 2 / hidden_size**0.5).to(
+        torch.bfloat16).requires_grad_()
+    target = torch.randint(0, vocab, (tokens,), generator=gen, device="cuda")
+    w_lp, w_ent = torch.randn(tokens, generator=gen, device="cuda"), torch.randn(tokens, generator=gen, device="cuda")
+    methods = {
+        "fused_output": lambda: fused_output_logprobs_entropy(hidden, weight, target, None, kernel="triton"),
+        "matmul+triton": lambda: vocab_parallel_logprobs_entropy(hidden @ weight.t(), target, None, kernel="triton"),
+        "matmul+plain_fp32": lambda: _plain((hidden @ weight.t()).float(), target, None, None, None)}
+    leaves = [hidden, weight]
+    reference = _gpu_cell("matmul+plain_fp32", methods["matmul+plain_fp32"], leaves, w_lp, w_ent, reps, warmup, None)
+    cells = [_gpu_cell(name, methods[name], leaves, w_lp, w_ent, reps, warmup, reference)
+             for name in ("fused_output", "matmul+triton")] + [reference]
+    return _gpu_rows(cells, reference, tokens * vocab * 2, None, T=tokens, V=vocab, H=hidden_size)
+
+
+def gpu_main(tokens: int, vocab: int, hidden_size: int, reps: int, warmup: int) -> dict:
+    """The GPU tables (logits in; hidden states in, when hidden_size > 0) and the floor."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    result = _gpu_logits_table(tokens, vocab, reps, warmup, gen)
+    torch.cuda.empty_cache()
+    result["triton_configs"] = _gpu_kernel_configs()
+    if hidden_size > 0:
+        result["fused_rows"] = _gpu_fused_table(tokens, vocab, hidden_size, reps, warmup, gen)
+    return dict(result, device=torch.cuda.get_device_name(), torch=torch.__version__, reps=reps, warmup=warmup)
 
 
 def _print_gpu(result: dict) -> None:
@@ -279,6 +311,10 @@ def _print_gpu(result: dict) -> None:
     ours = next(row for row in result["rows"] if row["method"] == "triton")
     print(f"triton vs the issue's targets: {ours['fwd_bwd_ms']} ms (<= 7), {ours['speedup_vs_plain']}x plain "
           f"(>= 10), extra memory {ours['extra_vs_logits']}x the logits (<= 1.1), {ours['x_floor']}x the floor (<= 3)")
+    if result.get("fused_rows"):
+        print("\nOutput layer included (hidden[T, H] and weight[V, H] in, their gradients out; "
+              "extra_vs_logits: against a bf16 [T, V]):")
+        _print_table(result["fused_rows"], tuple(result["fused_rows"][0]))
 
 
 def main(argv=None) -> list[dict]:
@@ -286,6 +322,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="small smoke size (T=256, V=32000/8192)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", type=str, default=None, help="also write the rows (GPU mode: and the floor) here")
+    parser.add_argument("--hidden", type=int, default=1536,
+                        help="GPU mode: hidden size of the fused output-layer table (0: skip it)")
     parser.add_argument("--warmup", type=int, default=3, help="GPU mode: untimed calls first (Triton autotunes)")
     parser.add_argument("--tokens", type=int, default=None, help="default 4096 (cpu), 16384 (cuda)")
     parser.add_argument("--vocabs", type=str, default="151936,32000", help="cuda: the first one only")
@@ -301,10 +339,11 @@ def main(argv=None) -> list[dict]:
         _worker(args)
         return []
     if args.device == "cuda":
-        result = gpu_main(args.tokens or 16384, int(args.vocabs.split(",")[0]), args.reps or 10, args.warmup)
+        result = gpu_main(args.tokens or 16384, int(args.vocabs.split(",")[0]), args.hidden, args.reps or 10,
+                          args.warmup)
         _print_gpu(result)
         _write_json(args.json, result)
-        return result["rows"]
+        return result["rows"] + result.get("fused_rows", [])
     args.tokens, args.reps = args.tokens or 4096, args.reps or 3
     if args.quick:
         args.tokens, args.vocabs, args.reps = 256, "32000,8192", 2

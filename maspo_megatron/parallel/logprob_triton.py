@@ -29,7 +29,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Memory-bound streaming: a few block sizes / warp counts, tuned once per (V/TP, dtype) on the GPU.
 # The interpreter gets one small config (autotuning there would only repeat slow CPU runs).
 _STATISTICS_CONFIGS = [triton.Config({"BLOCK_V": 256}, num_warps=1)] if _INTERPRETED else [
-    triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in ((2048, 4), (4096, 8), (8192, 8), (8192, 16))]
+    triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))]
 _GRADIENT_CONFIGS = [triton.Config({"BLOCK_V": 256}, num_warps=1)] if _INTERPRETED else [
     triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8))]
 

@@ -113,3 +113,31 @@ def test_bad_arguments_are_named():
         fused_output_logprobs_entropy(hidden, weight.double(), target)
     with pytest.raises(ValueError, match="temperature"):
         fused_output_logprobs_entropy(hidden, weight, target, temperature=-1.0)
+
+
+@pytest.mark.gpu
+def test_compiled_triton_blocks_match_fp64_on_cuda():
+    from maspo_megatron.parallel.fused_output import fused_output_logprobs_entropy
+
+    gen = torch.Generator().manual_seed(1)
+    rows, hidden_size, vocab = 256, 64, 5003
+    hidden64 = torch.randn(rows, hidden_size, generator=gen, dtype=torch.float64)
+    weight64 = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) * 0.5
+    target = torch.randint(0, vocab, (rows,), generator=gen)
+    w_lp, w_ent = torch.randn(rows, generator=gen, dtype=torch.float64), torch.randn(rows, generator=gen,
+                                                                                     dtype=torch.float64)
+    for dtype, grad_tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        # the reference starts from the same rounded inputs (fp32 matmuls: TF32 is off by default)
+        hidden_in, weight_in = hidden64.to(dtype), weight64.to(dtype)
+        ref_lp, ref_ent, ref_dh, ref_dw = _reference(hidden_in.double(), weight_in.double(), target, 0.7, w_lp, w_ent)
+        hidden = hidden_in.cuda().requires_grad_()
+        weight = weight_in.cuda().requires_grad_()
+        log_prob, entropy = fused_output_logprobs_entropy(hidden, weight, target.cuda(), None, temperature=0.7,
+                                                          vocab_chunk_size=1024, kernel="triton")
+        ((log_prob * w_lp.cuda().float()).sum() + (entropy * w_ent.cuda().float()).sum()).backward()
+        value_tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the logits blocks are rounded to bf16
+        assert _rel_err(log_prob.detach().cpu(), ref_lp) < value_tol, dtype
+        assert _rel_err(entropy.detach().cpu(), ref_ent) < value_tol, dtype
+        assert _rel_err(hidden.grad.cpu(), ref_dh) < grad_tol, dtype
+        assert _rel_err(weight.grad.cpu(), ref_dw) < grad_tol, dtype
+        assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype
