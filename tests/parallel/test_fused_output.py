@@ -95,9 +95,8 @@ def test_torch_blocks_match_fp64(tp):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not importable")
 def test_interpreted_triton_blocks_match_fp64(tp):
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not importable")
     _check(run_distributed(_fused_case, tp, "triton", timeout_s=300, env={"TRITON_INTERPRET": "1"}))
 
 
@@ -116,6 +115,7 @@ def test_bad_arguments_are_named():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not importable")
 def test_compiled_triton_blocks_match_fp64_on_cuda():
     from maspo_megatron.parallel.fused_output import fused_output_logprobs_entropy
 

@@ -5,6 +5,7 @@ with TRITON_INTERPRET=1, because the interpreter is chosen when the kernels are 
 not leak into (or from) the CUDA tests of the same pytest process. TP 2 runs over gloo.
 Skipped where triton does not import. The `gpu` tests run the compiled kernels on CUDA.
 """
+import importlib.util
 import os
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 from tests.helpers.multiproc import run_distributed
 
-pytest.importorskip("triton")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not importable")
 
 T, V = 24, 1000  # V/TP = 1000 or 500: neither a multiple of the interpreter's 256-wide vocab block
 INTERPRET = {"TRITON_INTERPRET": "1"}
@@ -131,10 +132,12 @@ def _check(results, tp):
                 assert value < 1e-5, f"TP{tp} rank {rank} {key} {name}: relative error {value:.2e}"
 
 
+@needs_triton
 def test_interpreted_kernels_match_fp64_at_tp1():
     _check(run_distributed(_interpreted_case, 1, timeout_s=300, env=INTERPRET), 1)
 
 
+@needs_triton
 def test_interpreted_kernels_match_fp64_at_tp2():
     _check(run_distributed(_interpreted_case, 2, timeout_s=300, env=INTERPRET), 2)
 
@@ -168,6 +171,7 @@ def _cuda_errors(rows, vocab, dtype, temperature, checked_rows):
 
 
 @pytest.mark.gpu
+@needs_triton
 def test_compiled_kernels_match_fp64_on_cuda():
     rows = torch.arange(0, 300, 7, device="cuda")
     for dtype, grad_tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)):
@@ -180,6 +184,7 @@ def test_compiled_kernels_match_fp64_on_cuda():
 
 
 @pytest.mark.gpu
+@needs_triton
 def test_compiled_kernels_use_int64_offsets_on_cuda():
     """T * V/TP > 2^31 elements: the last rows sit past int32 offsets."""
     rows, vocab = 14200, 151936
