@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from maspo_megatron.parallel.vocab_parallel import (
+    LOWEST_LOGIT,
     auto_chunk_rows,
     combine_over_tp,
     gradient_coefficients,
@@ -35,6 +36,7 @@ from maspo_megatron.parallel.vocab_parallel import (
     shard_gradient,
     shard_statistics,
     use_triton_kernel,
+    valid_columns,
 )
 
 AUTO_BLOCK_BYTES = 512 * 2**20  # per [T, C] fp32-equivalent block: wide enough for efficient matmuls
@@ -57,17 +59,22 @@ def _block_target(local_index, in_shard, start: int, stop: int):
 
 class _FusedOutputLogprobsEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, tp_group, temperature, block_columns, use_triton):
+    def forward(ctx, hidden, weight, target, tp_group, temperature, block_columns, use_triton, vocab_size):
         rows, vocab_local = hidden.shape[0], weight.shape[0]
-        local_index, in_shard = local_target_index(target, tp_group, vocab_local)
+        valid_cols = valid_columns(vocab_size, tp_group, vocab_local)
+        local_index, in_shard = local_target_index(target, tp_group, vocab_local, valid_cols)
         inv_temperature = 1.0 / temperature
         chunk_rows = auto_chunk_rows(None, rows, block_columns)
-        block_max, block_stats, block_owner = [], [], []
-        for start in range(0, vocab_local, block_columns):
-            stop = min(start + block_columns, vocab_local)
+        # starts with a neutral block (no columns), so that a shard of padding only needs no special case
+        block_max = [torch.full((rows,), LOWEST_LOGIT, dtype=torch.float32, device=hidden.device)]
+        block_stats = [torch.zeros(3, rows, dtype=torch.float32, device=hidden.device)]
+        block_owner = [torch.zeros_like(in_shard)]
+        for start in range(0, valid_cols, block_columns):
+            stop = min(start + block_columns, valid_cols)
             index, owner = _block_target(local_index, in_shard, start, stop)
             logits = hidden @ weight[start:stop].t()  # [T, C]
-            local_max, stats = shard_statistics(logits, index, inv_temperature, chunk_rows, use_triton)
+            local_max, stats = shard_statistics(logits, index, inv_temperature, chunk_rows, use_triton,
+                                                stop - start)
             block_max.append(local_max)
             block_stats.append(stats)
             block_owner.append(owner)
@@ -78,7 +85,7 @@ class _FusedOutputLogprobsEntropy(torch.autograd.Function):
         rescale_statistics(block_max, block_stats, shard_max, torch.stack(block_owner))
         log_prob, entropy, log_normaliser = combine_over_tp(shard_max, block_stats.sum(dim=0), in_shard, tp_group)
         ctx.save_for_backward(hidden, weight, local_index, in_shard, log_normaliser, entropy)
-        ctx.settings = (temperature, block_columns, chunk_rows, use_triton)
+        ctx.settings = (temperature, block_columns, chunk_rows, use_triton, valid_cols)
         ctx.set_materialize_grads(False)
         return log_prob, entropy
 
@@ -86,40 +93,45 @@ class _FusedOutputLogprobsEntropy(torch.autograd.Function):
     def backward(ctx, grad_log_prob, grad_entropy):
         hidden, weight, local_index, in_shard, log_normaliser, entropy = ctx.saved_tensors
         if grad_log_prob is None and grad_entropy is None:
-            return (None,) * 7
-        temperature, block_columns, chunk_rows, use_triton = ctx.settings
+            return (None,) * 8
+        temperature, block_columns, chunk_rows, use_triton, valid_cols = ctx.settings
         inv_temperature = 1.0 / temperature
         onehot_weight, slope, offset = gradient_coefficients(grad_log_prob, grad_entropy, entropy, in_shard,
                                                              inv_temperature)
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-        for start in range(0, weight.shape[0], block_columns):
-            stop = min(start + block_columns, weight.shape[0])
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # the padding rows of the weight get 0
+            grad_weight = torch.empty_like(weight) if valid_cols == weight.shape[0] else torch.zeros_like(weight)
+        for start in range(0, valid_cols, block_columns):
+            stop = min(start + block_columns, valid_cols)
             index, owner = _block_target(local_index, in_shard, start, stop)
             logits = hidden @ weight[start:stop].t()
             grad_logits = shard_gradient(logits, index, log_normaliser, onehot_weight * owner, slope, offset,
-                                         inv_temperature, chunk_rows, use_triton)
+                                         inv_temperature, chunk_rows, use_triton, stop - start)
             del logits
             if ctx.needs_input_grad[0]:
                 grad_hidden.add_(grad_logits @ weight[start:stop])
             if grad_weight is not None:
                 torch.matmul(grad_logits.t(), hidden, out=grad_weight[start:stop])
         grad_hidden = grad_hidden.to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def fused_output_logprobs_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, tp_group=None,
                                   temperature: float = 1.0, vocab_chunk_size: Optional[int] = None,
-                                  kernel: str = "auto"):
+                                  kernel: str = "auto", vocab_size: Optional[int] = None):
     """(log_prob, entropy), fp32, shaped like `target`, of softmax(hidden @ weight.T / temperature).
 
     hidden[..., H]: the output layer's input (same on every TP rank). weight[V/TP, H]: this rank's
     vocab shard of the output layer (rank r holds ids [r*V/TP, (r+1)*V/TP)), same dtype as hidden.
     target[...]: GLOBAL token ids, hidden's leading shape. vocab_chunk_size: columns per block
-    (None: about AUTO_BLOCK_BYTES of fp32 per [T, C] block). kernel: as vocab_parallel_logprobs_entropy.
+    (None: about AUTO_BLOCK_BYTES of fp32 per [T, C] block). kernel, vocab_size: as
+    vocab_parallel_logprobs_entropy (the weight's padding rows are never multiplied; their gradient is 0).
     """
     if temperature <= 0:
         raise ValueError(f"temperature: {temperature} must be > 0")
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"vocab_size: {vocab_size} must be >= 1 (or None: no padded rows)")
     if hidden.shape[:-1] != target.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"fused_output_logprobs_entropy: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} "
                          f"and target {tuple(target.shape)} must be [..., H], [V/TP, H] and [...]")
@@ -130,5 +142,5 @@ def fused_output_logprobs_entropy(hidden: torch.Tensor, weight: torch.Tensor, ta
     block_columns = _block_columns(vocab_chunk_size, flat_hidden.shape[0], weight.shape[0])
     log_prob, entropy = _FusedOutputLogprobsEntropy.apply(
         flat_hidden, weight, target.reshape(-1).long(), tp_group, float(temperature), block_columns,
-        use_triton_kernel(flat_hidden, kernel))
+        use_triton_kernel(flat_hidden, kernel), vocab_size)
     return log_prob.reshape(lead_shape), entropy.reshape(lead_shape)

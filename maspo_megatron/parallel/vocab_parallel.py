@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 KERNELS = ("auto", "torch", "triton")
+LOWEST_LOGIT = -1.0e30  # the row max of a shard without real columns: finite, so exp(it - max) = 0, never nan
 AUTO_CHUNK_BYTES = 64 * 2**20  # per work allocation: few ops per row (each op is a thread-pool barrier)
 
 
@@ -90,13 +91,16 @@ def _torch_shard_statistics(logits, local_index, inv_temperature, chunk_rows):
 
 
 def _torch_shard_gradient(logits, local_index, log_normaliser, onehot_weight, slope, offset, inv_temperature,
-                          chunk_rows):
+                          chunk_rows, valid_cols):
     """grad[T, V/TP] = onehot_weight onehot + p (slope log p + offset), in row chunks of torch ops.
 
     slope None: the entropy term is skipped (p * offset). The per-row coefficients are fp32 [T].
+    Columns from valid_cols on (vocab padding) get 0.
     """
+    full_grad = torch.empty_like(logits)
+    full_grad[:, valid_cols:] = 0
+    logits, grad_logits = logits[:, :valid_cols], full_grad[:, :valid_cols]
     rows, vocab_local = logits.shape
-    grad_logits = torch.empty_like(logits)
     # log p = (logits - T * log_normaliser) / T; x * (1/T) is exact only for T = 1 but matches forward.
     shifted_normaliser = (log_normaliser / inv_temperature)[:, None]
     fp32_grad = grad_logits.dtype == torch.float32
@@ -119,7 +123,7 @@ def _torch_shard_gradient(logits, local_index, log_normaliser, onehot_weight, sl
         out.scatter_add_(1, local_index[start:stop, None], onehot_weight[start:stop, None])
         if not fp32_grad:
             grad_logits[start:stop] = out
-    return grad_logits
+    return full_grad
 
 
 def _triton_kernels():
@@ -145,25 +149,34 @@ def use_triton_kernel(logits: torch.Tensor, kernel: str) -> bool:
     return True
 
 
-def shard_statistics(logits, local_index, inv_temperature: float, chunk_rows: int, use_triton: bool):
+def shard_statistics(logits, local_index, inv_temperature: float, chunk_rows: int, use_triton: bool,
+                     valid_cols: int):
     """local_max[T], stats[3, T] of one vocab shard: x = logits * inv_temperature, s = x - local_max,
-    stats = (sum exp(s), sum exp(s) * s, s[local_index]) (Triton kernel or torch chunked loop)."""
+    stats = (sum exp(s), sum exp(s) * s, s[local_index]) over the first valid_cols columns (Triton
+    kernel or torch chunked loop). A shard of padding only: max LOWEST_LOGIT, zero sums."""
+    if valid_cols == 0:
+        rows = logits.shape[0]
+        return (torch.full((rows,), LOWEST_LOGIT, dtype=torch.float32, device=logits.device),
+                torch.zeros(3, rows, dtype=torch.float32, device=logits.device))
     if use_triton:
         with _on_device(logits):
-            return _triton_kernels().shard_statistics(logits, local_index, inv_temperature)
-    return _torch_shard_statistics(logits, local_index, inv_temperature, chunk_rows)
+            return _triton_kernels().shard_statistics(logits, local_index, inv_temperature, valid_cols)
+    return _torch_shard_statistics(logits[:, :valid_cols], local_index, inv_temperature, chunk_rows)
 
 
 def shard_gradient(logits, local_index, log_normaliser, onehot_weight, slope, offset, inv_temperature: float,
-                   chunk_rows: int, use_triton: bool):
-    """grad[T, V/TP] = onehot_weight onehot(local_index) + p (slope log p + offset), in the logits' dtype."""
+                   chunk_rows: int, use_triton: bool, valid_cols: int):
+    """grad[T, V/TP] = onehot_weight onehot(local_index) + p (slope log p + offset), in the logits' dtype;
+    0 in the columns from valid_cols on."""
+    if valid_cols == 0:  # a shard of padding only
+        return torch.zeros_like(logits)
     if use_triton:
         slope = torch.zeros_like(offset) if slope is None else slope
         with _on_device(logits):
             return _triton_kernels().shard_gradient(logits, local_index, log_normaliser, onehot_weight, slope,
-                                                    offset, inv_temperature)
+                                                    offset, inv_temperature, valid_cols)
     return _torch_shard_gradient(logits, local_index, log_normaliser, onehot_weight, slope, offset, inv_temperature,
-                                 chunk_rows)
+                                 chunk_rows, valid_cols)
 
 
 def rescale_statistics(local_max, stats, new_max, owner) -> None:
@@ -210,21 +223,30 @@ def gradient_coefficients(grad_log_prob, grad_entropy, entropy, in_shard, inv_te
     return onehot_weight, -g_ent * inv_temperature, -(g_ent * entropy + g_lp) * inv_temperature
 
 
-def local_target_index(target, tp_group, vocab_local: int):
-    """local_index[T] (clamped to 0 off-shard) and in_shard[T] of GLOBAL ids in this rank's vocab shard."""
+def valid_columns(vocab_size: Optional[int], tp_group, vocab_local: int) -> int:
+    """How many of this rank's vocab_local columns are real ids (< vocab_size; None: all)."""
+    if vocab_size is None:
+        return vocab_local
+    return min(max(vocab_size - _group_rank(tp_group) * vocab_local, 0), vocab_local)
+
+
+def local_target_index(target, tp_group, vocab_local: int, valid_cols: int):
+    """local_index[T] (clamped to 0 off-shard) and in_shard[T] of GLOBAL ids in this rank's real columns."""
     local_index = target - _group_rank(tp_group) * vocab_local
-    in_shard = (local_index >= 0) & (local_index < vocab_local)
+    in_shard = (local_index >= 0) & (local_index < valid_cols)
     return torch.where(in_shard, local_index, torch.zeros_like(local_index)), in_shard
 
 
 class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, tp_group, temperature, chunk_rows, use_triton):
-        local_index, in_shard = local_target_index(target, tp_group, logits.shape[1])
-        local_max, stats = shard_statistics(logits, local_index, 1.0 / temperature, chunk_rows, use_triton)
+    def forward(ctx, logits, target, tp_group, temperature, chunk_rows, use_triton, vocab_size):
+        valid_cols = valid_columns(vocab_size, tp_group, logits.shape[1])
+        local_index, in_shard = local_target_index(target, tp_group, logits.shape[1], valid_cols)
+        local_max, stats = shard_statistics(logits, local_index, 1.0 / temperature, chunk_rows, use_triton,
+                                            valid_cols)
         log_prob, entropy, log_normaliser = combine_over_tp(local_max, stats, in_shard, tp_group)
         ctx.save_for_backward(logits, local_index, in_shard, log_normaliser, entropy)
-        ctx.temperature, ctx.chunk_rows, ctx.use_triton = temperature, chunk_rows, use_triton
+        ctx.settings = (temperature, chunk_rows, use_triton, valid_cols)
         ctx.set_materialize_grads(False)
         return log_prob, entropy
 
@@ -232,12 +254,12 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     def backward(ctx, grad_log_prob, grad_entropy):
         logits, local_index, in_shard, log_normaliser, entropy = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_log_prob is None and grad_entropy is None):
-            return None, None, None, None, None, None
-        inv_temperature = 1.0 / ctx.temperature
-        coefficients = gradient_coefficients(grad_log_prob, grad_entropy, entropy, in_shard, inv_temperature)
-        grad_logits = shard_gradient(logits, local_index, log_normaliser, *coefficients, inv_temperature,
-                                     ctx.chunk_rows, ctx.use_triton)
-        return grad_logits, None, None, None, None, None
+            return (None,) * 7
+        temperature, chunk_rows, use_triton, valid_cols = ctx.settings
+        coefficients = gradient_coefficients(grad_log_prob, grad_entropy, entropy, in_shard, 1.0 / temperature)
+        grad_logits = shard_gradient(logits, local_index, log_normaliser, *coefficients, 1.0 / temperature,
+                                     chunk_rows, use_triton, valid_cols)
+        return grad_logits, None, None, None, None, None, None
 
 
 def _on_device(tensor: torch.Tensor):
@@ -247,7 +269,7 @@ def _on_device(tensor: torch.Tensor):
 
 def vocab_parallel_logprobs_entropy(logits: torch.Tensor, target: torch.Tensor, tp_group=None,
                                     temperature: float = 1.0, chunk_size: Optional[int] = None,
-                                    kernel: str = "auto"):
+                                    kernel: str = "auto", vocab_size: Optional[int] = None):
     """(log_prob, entropy), fp32, shaped like `target`, from this rank's vocab shard of the logits.
 
     logits[..., V/TP]: this TP rank's contiguous vocab shard (rank r holds ids [r*V/TP, (r+1)*V/TP)),
@@ -256,9 +278,14 @@ def vocab_parallel_logprobs_entropy(logits: torch.Tensor, target: torch.Tensor, 
     temperature: divides the logits (> 0; the same as the rollout engine's sampling temperature).
     chunk_size: rows processed at once by the torch kernel (bounds its fp32 temporaries to [chunk_size, V/TP]).
     kernel: 'auto' (Triton for CUDA logits when triton imports, else torch), 'torch' or 'triton'.
+    vocab_size: the real vocabulary; ids >= vocab_size (Megatron's padding to a multiple of
+    128 * TP) are left out of the softmax and get a zero gradient, without a masked copy of the
+    logits. None: every column is real.
     """
     if temperature <= 0:
         raise ValueError(f"temperature: {temperature} must be > 0")
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"vocab_size: {vocab_size} must be >= 1 (or None: no padded columns)")
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"vocab_parallel_logprobs_entropy: logits {tuple(logits.shape)} and target "
                          f"{tuple(target.shape)} disagree on the leading dims")
@@ -270,5 +297,5 @@ def vocab_parallel_logprobs_entropy(logits: torch.Tensor, target: torch.Tensor, 
     if use_triton and flat_logits.stride(-1) != 1:
         flat_logits = flat_logits.contiguous()  # the kernels stream rows: the vocab dim must be contiguous
     log_prob, entropy = _VocabParallelLogprobsEntropy.apply(
-        flat_logits, flat_target, tp_group, float(temperature), chunk_rows, use_triton)
+        flat_logits, flat_target, tp_group, float(temperature), chunk_rows, use_triton, vocab_size)
     return log_prob.reshape(lead_shape), entropy.reshape(lead_shape)

@@ -76,6 +76,23 @@ def _fused_case(kernel):
     (log_prob * w_lp.float()).sum().backward()
     _, _, _, ref_dw = _reference(hidden64, weight64, target, 1.0, w_lp, torch.zeros_like(w_ent))
     errors["log_prob_only"] = {"grad_weight": _rel_err(weight.grad, ref_dw.chunk(tp, dim=0)[rank])}
+    # Megatron's vocab padding: ids >= 250 are not part of the softmax (TP2: rank 1 holds padding only)
+    vocab_size = 250
+    padded_target = target % vocab_size
+    ref_lp, ref_ent, ref_dh, ref_dw = _reference(hidden64, weight64[:vocab_size], padded_target, 1.0, w_lp, w_ent)
+    ref_dw = torch.cat([ref_dw, torch.zeros(V - vocab_size, H, dtype=torch.float64)]).chunk(tp, dim=0)[rank]
+    hidden = hidden64.float().requires_grad_()
+    weight = weight64.chunk(tp, dim=0)[rank].float().requires_grad_()
+    log_prob, entropy = fused_output_logprobs_entropy(hidden, weight, padded_target, group, vocab_chunk_size=BLOCK,
+                                                      kernel=kernel, vocab_size=vocab_size)
+    ((log_prob * w_lp.float()).sum() + (entropy * w_ent.float()).sum()).backward()
+    grad_hidden = hidden.grad.clone()
+    if tp > 1:
+        dist.all_reduce(grad_hidden, group=group)
+    errors["padded"] = {"log_prob": _rel_err(log_prob.detach(), ref_lp), "entropy": _rel_err(entropy.detach(), ref_ent),
+                        "grad_hidden": _rel_err(grad_hidden, ref_dh),
+                        "grad_weight": _rel_err(weight.grad, ref_dw) if ref_dw.abs().sum() > 0 else 0.0,
+                        "padding_grad_weight_abs": float(weight.grad[ref_dw.abs().sum(1) == 0].abs().sum())}
     if tp > 1:
         dist.barrier()
     return errors
@@ -83,7 +100,7 @@ def _fused_case(kernel):
 
 def _check(results):
     for rank, errors in enumerate(results):
-        assert len(errors) == 3
+        assert len(errors) == 4
         for key, quantities in errors.items():
             for name, value in quantities.items():
                 assert value < 1e-5, f"rank {rank} {key} {name}: relative error {value:.2e}"

@@ -142,12 +142,68 @@ def test_interpreted_kernels_match_fp64_at_tp2():
     _check(run_distributed(_interpreted_case, 2, timeout_s=300, env=INTERPRET), 2)
 
 
+def _padding_case(kernel):
+    """Megatron's vocab padding via vocab_size: every TP layout, including a shard of padding only."""
+    import torch.distributed as dist
+
+    from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
+
+    tp, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    group = None
+    if tp > 1:
+        dist.init_process_group("gloo")
+        group = dist.group.WORLD
+    full, _, w_lp, w_ent = _inputs()
+    errors = {}
+    for vocab_size in (430, 760):  # TP2: rank 1 holds padding only / a partly padded shard
+        target = torch.randint(0, vocab_size, (T,), generator=torch.Generator().manual_seed(vocab_size))
+        ref_lp, ref_ent, ref_grad = _reference(full[:, :vocab_size], target, 0.6, w_lp, w_ent)
+        ref_grad = torch.cat([ref_grad, torch.zeros(T, V - vocab_size, dtype=torch.float64)], dim=1)
+        logits = full.chunk(tp, dim=1)[rank].float().requires_grad_()
+        log_prob, entropy = vocab_parallel_logprobs_entropy(logits, target, group, temperature=0.6, kernel=kernel,
+                                                            vocab_size=vocab_size)
+        ((log_prob * w_lp.float()).sum() + (entropy * w_ent.float()).sum()).backward()
+        local_ref = ref_grad.chunk(tp, dim=1)[rank]
+        padding = local_ref.abs().sum(0) == 0
+        errors[vocab_size] = {"log_prob": _rel_err(log_prob.detach(), ref_lp),
+                              "entropy": _rel_err(entropy.detach(), ref_ent),
+                              "grad": _rel_err(logits.grad, local_ref) if not padding.all() else 0.0,
+                              "padding_grad_abs": float(logits.grad[:, padding].abs().sum()),
+                              "padding_columns": int(padding.sum())}
+    if tp > 1:
+        dist.barrier()
+    return errors
+
+
+def _check_padding(results, tp):
+    for rank, errors in enumerate(results):
+        for vocab_size, quantities in errors.items():
+            expected_padding = max(0, min(V // tp, (rank + 1) * V // tp - vocab_size))
+            assert quantities.pop("padding_columns") == expected_padding, (rank, vocab_size)
+            assert quantities.pop("padding_grad_abs") == 0.0, (rank, vocab_size)
+            for name, value in quantities.items():
+                assert value < 1e-5, f"TP{tp} rank {rank} vocab_size {vocab_size} {name}: {value:.2e}"
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vocab_padding_torch_kernel(tp):
+    _check_padding(run_distributed(_padding_case, tp, "torch", timeout_s=180), tp)
+
+
+@needs_triton
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vocab_padding_interpreted_triton_kernel(tp):
+    _check_padding(run_distributed(_padding_case, tp, "triton", timeout_s=300, env=INTERPRET), tp)
+
+
 def test_kernel_argument_is_checked():
     from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
 
     logits, target = torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)
     with pytest.raises(ValueError, match="kernel"):
         vocab_parallel_logprobs_entropy(logits, target, None, kernel="cuda")
+    with pytest.raises(ValueError, match="vocab_size"):
+        vocab_parallel_logprobs_entropy(logits, target, None, vocab_size=0)
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         with pytest.raises(ValueError, match="kernel: 'triton' needs"):
             vocab_parallel_logprobs_entropy(logits, target, None, kernel="triton")
