@@ -27,12 +27,15 @@ import triton
 import triton.language as tl
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Memory-bound streaming: a few block sizes / warp counts, tuned once per (V/TP, dtype) on the GPU.
+# Memory-bound streaming: a few block sizes / warp counts, tuned once per (V/TP, row stride, dtype) on
+# the GPU (H200, 16k x 152k bf16: forward 8192/8 warps 1.64 ms, backward 2048/4 warps 2.53 ms).
 # The interpreter gets one small config (autotuning there would only repeat slow CPU runs).
 _STATISTICS_CONFIGS = [triton.Config({"BLOCK_V": 256}, num_warps=1)] if _INTERPRETED else [
-    triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))]
+    triton.Config({"BLOCK_V": block}, num_warps=warps)
+    for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16))]
 _GRADIENT_CONFIGS = [triton.Config({"BLOCK_V": 256}, num_warps=1)] if _INTERPRETED else [
-    triton.Config({"BLOCK_V": block}, num_warps=warps) for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8))]
+    triton.Config({"BLOCK_V": block}, num_warps=warps)
+    for block, warps in ((2048, 4), (4096, 4), (4096, 8), (8192, 8))]
 
 
 @triton.autotune(configs=_STATISTICS_CONFIGS, key=["vocab_local", "row_stride"])
