@@ -2,7 +2,7 @@
 
     log_prob[T], entropy[T] = vocab_parallel_logprobs_entropy(logits[T, V/TP], target[T], tp_group,
                                                               temperature=1.0, chunk_size=None,
-                                                              kernel="auto")
+                                                              kernel="auto", vocab_size=None)
 
 With x = logits / temperature over the FULL vocabulary (sharded over TP ranks),
     log_prob[t] = x[t, target[t]] - logsumexp(x[t])
@@ -20,7 +20,10 @@ folds the per-row factors into fp32 [T] coefficients and calls the "shard gradie
 Two implementations of the two [T, V/TP] steps sit behind the one autograd Function (which owns
 the TP combine): Triton kernels (logprob_triton.py; one read of the logits forward, one read and
 one gradient write backward), used for CUDA logits when triton imports (or on CPU tensors under
-TRITON_INTERPRET=1, for tests), and the torch chunked loops below, used otherwise.
+TRITON_INTERPRET=1, for tests), and the torch chunked loops below, used otherwise. Both take
+vocab_size: columns of ids >= vocab_size (Megatron's vocab padding) are neither read nor given
+gradient. The pieces (shard_statistics, rescale_statistics, combine_over_tp,
+gradient_coefficients, shard_gradient) are also used by fused_output.py.
 
 Memory of the torch kernel (the Triton one allocates only [T]-sized statistics besides the gradient):
 the input is never modified. Rows are processed in chunks through ONE reused fp32 work
@@ -52,6 +55,7 @@ AUTO_CHUNK_BYTES = 64 * 2**20  # per work allocation: few ops per row (each op i
 
 
 def auto_chunk_rows(chunk_size: Optional[int], rows: int, vocab_local: int) -> int:
+    """Rows per chunk of the torch kernel: chunk_size, or about AUTO_CHUNK_BYTES of fp32 when None."""
     if chunk_size is None:
         return max(1, min(rows, AUTO_CHUNK_BYTES // (4 * max(vocab_local, 1))))
     if chunk_size < 1:
