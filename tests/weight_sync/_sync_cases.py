@@ -295,7 +295,7 @@ def case_sglang(urls: dict, disk_dir: str, plan: list) -> dict:
             expected = export_reference(dims, chunks, wmap)
             if rank0:
                 out.append({"key": (label, transport), "report": report, "expected": expected,
-                            "held": _server_weights(engine, expected), "version": engine.get("/get_weight_version")})
+                            "held": _server_weights(engine, expected), "version": engine.get("/model_info")})
         finally:
             syncer.close()
             if engine is not None:

@@ -76,7 +76,7 @@ def _trainer_case(url: str, transport: str, fp8: bool) -> dict:
     trainer = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(
         -1, torch.tensor(sample.token_ids, device="cuda")[:, None]).squeeze(-1).cpu()
     out = {"report": report, "engine": sample.log_probs, "trainer": trainer,
-           "version": next(iter(engine.get("/get_weight_version").values()))["weight_version"]}
+           "version": next(iter(engine.get("/model_info").values()))["weight_version"]}
     syncer.close()
     engine.shutdown()
     return out

@@ -12,11 +12,28 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from tests.helpers import sglang_source
 from tests.helpers.sglang_standin.generation import GenerationMixin
 from tests.helpers.sglang_standin.schema import BadRequest, check_fields
 from tests.helpers.sglang_standin.weights import WeightsMixin, _error
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+
+
+def check_routes_exist(app: web.Application) -> None:
+    """Every route the stand-in serves exists, with that method, in sglang's http_server.py (when its
+    source is here): a client test that passes here cannot rely on an endpoint the real server lacks."""
+    if sglang_source.sglang_root() is None:
+        return
+    real = sglang_source.routes()
+    for route in app.router.routes():
+        path, method = route.resource.canonical, route.method
+        if method == "HEAD":
+            continue
+        methods = real.get(path, (frozenset(), None))[0]
+        if not (method == "*" and methods) and method not in methods:
+            raise RuntimeError(f"stand-in route {method} {path} does not exist in sglang {sglang_source.SGLANG_VERSION} "
+                               f"(it serves {sorted(methods) or 'no such path'})")
 
 
 class StandinServer(GenerationMixin, WeightsMixin):
@@ -60,6 +77,7 @@ class StandinServer(GenerationMixin, WeightsMixin):
         self.released: set[str] = set()
         self.session_open = False
         self.groups: dict[str, Any] = {}
+        self.requests_seen: list[tuple[str, str, Any]] = []
         self._init_generation()
         self._wakeup: Optional[asyncio.Event] = None
         self._thread: Optional[threading.Thread] = None
@@ -89,9 +107,9 @@ class StandinServer(GenerationMixin, WeightsMixin):
             app.router.add_route("*", path, {"/flush_cache": self.flush_cache, "/get_weights_by_name": self.get_weights}[path])
         for path in ("/health", "/health_generate"):
             app.router.add_get(path, self.health)
-        app.router.add_get("/get_model_info", self.model_info)
-        app.router.add_get("/get_weight_version", self.get_weight_version)
+        app.router.add_get("/model_info", self.model_info)
         app.on_startup.append(self._on_startup)
+        check_routes_exist(app)
         return app
 
     @web.middleware
@@ -99,10 +117,20 @@ class StandinServer(GenerationMixin, WeightsMixin):
         if self.api_key and not request.path.startswith("/health"):
             if request.headers.get("Authorization") != f"Bearer {self.api_key}":
                 return web.json_response({"error": "Unauthorized"}, status=401)
+        await self._record(request)
         try:
             return await handler(request)
         except BadRequest as exc:
             return _error(400, str(exc))
+
+    async def _record(self, request: web.Request) -> None:
+        """Appends (method, path, parsed JSON body or None) to `requests_seen` (tests judge what was sent)."""
+        raw = await request.read()  # aiohttp caches the body: the handler reads it again
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        self.requests_seen.append((request.method, request.path, body))
 
     async def _on_startup(self, app: web.Application) -> None:
         self._wakeup = asyncio.Event()
@@ -110,14 +138,16 @@ class StandinServer(GenerationMixin, WeightsMixin):
             self._scheduler_task = asyncio.ensure_future(self._scheduler())
 
     @staticmethod
-    async def _json(request: web.Request, allowed: Optional[set] = None, what: str = "") -> dict:
+    async def _json(request: web.Request, implemented: Optional[set] = None, struct: str = "") -> dict:
+        """The JSON body; with `implemented`, checked against sglang's io_struct `struct` (from its source)
+        and against the fields the stand-in implements."""
         raw = await request.read()
         try:
             body = json.loads(raw) if raw else {}
         except ValueError as exc:
-            raise BadRequest(f"{what or request.path}: body is not JSON: {exc}") from None
-        if allowed is not None:
-            check_fields(body, allowed, allowed, what or request.path)
+            raise BadRequest(f"{struct or request.path}: body is not JSON: {exc}") from None
+        if implemented is not None:
+            check_fields(body, frozenset(implemented), struct, struct=struct)
         return body
 
     # ---- health / info ---------------------------------------------------------------------------
@@ -125,10 +155,10 @@ class StandinServer(GenerationMixin, WeightsMixin):
         return web.Response(status=503 if time.monotonic() < self.ready_at else 200)
 
     async def model_info(self, request: web.Request) -> web.Response:
+        """`/model_info` (0.5.23 has no `/get_weight_version`; `/get_model_info` is deprecated there)."""
         return web.json_response({"model_path": "standin", "is_generation": True, "weight_version": self.weight_version})
 
-    async def get_weight_version(self, request: web.Request) -> web.Response:
-        return web.json_response({"weight_version": self.weight_version})
+
     async def pause_generation(self, request: web.Request) -> web.Response:
         body = await self._json(request, {"mode"}, "PauseGenerationReqInput")
         mode = body.get("mode", "abort")
