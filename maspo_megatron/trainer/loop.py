@@ -69,8 +69,13 @@ class Trainer:
         if self.is_driver:
             self._build_driver()
         engine = self.ctx.engine if self.ctx else None
-        self.syncer = WeightSyncer(cfg.rollout.weight_sync, self.policy.chunks, self.policy.wmap, self.dims,
-                                   engine=engine, engine_kind=cfg.rollout.engine)
+        try:
+            self.syncer = WeightSyncer(cfg.rollout.weight_sync, self.policy.chunks, self.policy.wmap, self.dims,
+                                       engine=engine, engine_kind=cfg.rollout.engine)
+        except BaseException:  # e.g. verify_weights refused at start-up: launched servers must not outlive us
+            if engine is not None:
+                engine.shutdown()
+            raise
         resumed = self._maybe_resume()
         self.metrics = MetricsLogger(self.output_dir, cfg.trainer.total_steps, enabled=self.is_driver,
                                      tensorboard=cfg.trainer.tensorboard, wandb_project=cfg.trainer.wandb_project,
@@ -267,9 +272,10 @@ class Trainer:
             dist.barrier()
 
     def close(self) -> None:
+        from maspo_megatron.rollout.weight_sync.syncer import close_rollout
+
         self.metrics.close()
         self.stop.close()
         if self.ctx is not None:
             self.ctx.scorer.close()
-            self.ctx.engine.shutdown()
-        self.syncer.close()
+        close_rollout(self.syncer, self.ctx.engine if self.ctx is not None else None)  # syncer before engine

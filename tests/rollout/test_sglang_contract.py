@@ -120,3 +120,33 @@ def test_flattened_payload_decodes_with_sglangs_bucket_class():
     for (_, want), (name, have) in zip(named, rebuilt, strict=True):
         assert have.dtype == want.dtype and have.shape == want.shape, name
         assert torch.equal(have.view(torch.uint8), want.contiguous().view(torch.uint8)), name
+
+
+def test_readback_model_classes_match_sglangs_source():
+    """verify_weights' start-up refusal names the classes 0.5.23 can read back: the list is the source's."""
+    from maspo_megatron.rollout.sglang.protocol import WEIGHTS_BY_NAME_ARCHITECTURES
+
+    derived = sglang_source.weights_by_name_architectures()
+    assert WEIGHTS_BY_NAME_ARCHITECTURES == derived
+    assert "LlamaForCausalLM" in derived and not {"Qwen2ForCausalLM", "Qwen3ForCausalLM"} & derived
+
+
+def test_weight_update_bodies_are_sglang_request_structs():
+    """Each weight-update body the engine builds has only fields of its io_struct struct (unknown keys would
+    be dropped silently there) and every required one; the route of each exists and takes that struct."""
+    from maspo_megatron.rollout.sglang import protocol
+
+    bodies = {
+        "/update_weights_from_tensor": protocol.tensor_update_body(["payload-rank0", "payload-rank1"], 3, "flattened_bucket"),
+        "/init_weights_update_group": protocol.init_group_body("g", "10.0.0.1", 1234, 1, 9, "nccl"),
+        "/update_weights_from_distributed": protocol.broadcast_update_body("g", ["w"], ["bfloat16"], [[2, 3]], 3),
+        "/destroy_weights_update_group": protocol.destroy_group_body("g"),
+        "/update_weights_from_disk": protocol.disk_update_body("/shared/v3", 3),
+    }
+    routes, fields = sglang_source.routes(), sglang_source.request_fields()
+    for path, body in bodies.items():
+        methods, struct = routes[path]
+        assert "POST" in methods and struct is not None, path
+        assert set(body) <= set(fields[struct]), (path, set(body) - set(fields[struct]))
+        assert {k for k, required in fields[struct].items() if required} <= set(body), path
+        assert body.get("weight_version", "3") == "3"  # a string in every struct that has it

@@ -63,7 +63,7 @@ def _tensor_payload(named, flattened=False):
 
 
 def test_weight_updates_need_a_session_and_really_load(standin, tmp_path):
-    server = standin(tp_size=2)
+    server = standin(tp_size=2, readback_any_model=True)
     state = tiny_model(9).state_dict()
     named = [("model.norm.weight", state["model.norm.weight"]), ("lm_head.weight", state["lm_head.weight"])]
     body = {"serialized_named_tensors": [_tensor_payload(named, True)] * 2, "load_format": "flattened_bucket", "weight_version": "3"}
@@ -108,7 +108,7 @@ def test_distributed_update_over_gloo(standin):
 
     from maspo_megatron.rollout.sglang.launcher import free_port
 
-    server = standin()
+    server = standin(readback_any_model=True)
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
     init = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,

@@ -54,12 +54,17 @@ class StandinServer(GenerationMixin, WeightsMixin):
         weight_session: bool = True,
         max_running: int = 256,
         response_delay_s: float = 0.0,
+        readback_any_model: bool = False,
     ) -> None:
+        """readback_any_model: serve /get_weights_by_name for every model (test inspection of what landed);
+        by default only for the model classes sglang 0.5.23 implements it for (400 otherwise, as there)."""
         self.host, self.port, self.tp_size, self.api_key = host, port, tp_size, api_key
         self.enable_memory_saver, self.zero_latency = enable_memory_saver, zero_latency
         self.token_delay_s, self.weight_session, self.max_running = token_delay_s, weight_session, max_running
         self.ready_at = time.monotonic() + startup_delay_s
         self.response_delay_s = response_delay_s
+        self.readback_any_model = readback_any_model
+        self.model_path = model_path
         self.model = None
         if not zero_latency:
             import transformers
@@ -156,7 +161,8 @@ class StandinServer(GenerationMixin, WeightsMixin):
 
     async def model_info(self, request: web.Request) -> web.Response:
         """`/model_info` (0.5.23 has no `/get_weight_version`; `/get_model_info` is deprecated there)."""
-        return web.json_response({"model_path": "standin", "is_generation": True, "weight_version": self.weight_version})
+        return web.json_response({"model_path": self.model_path or "standin", "is_generation": True,
+                                  "weight_version": self.weight_version})
 
 
     async def pause_generation(self, request: web.Request) -> web.Response:
@@ -262,6 +268,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--response-delay-s", type=float, default=0.0, help="zero-latency mode: answer after this sleep")
     parser.add_argument("--startup-delay-s", type=float, default=0.0)
     parser.add_argument("--no-weight-session", action="store_true")
+    parser.add_argument("--readback-any-model", action="store_true", help="/get_weights_by_name for every model")
     parser.add_argument("--fail-startup", help="print this message and exit 1 (tests the launcher)")
     args = parser.parse_args(argv)
     print(f"[standin] launching with {vars(args)}", flush=True)
@@ -272,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.model_path, host=args.host, port=args.port, tp_size=args.tp_size, api_key=args.api_key,
         enable_memory_saver=args.enable_memory_saver, zero_latency=args.zero_latency,
         token_delay_s=args.token_delay_s, startup_delay_s=args.startup_delay_s, response_delay_s=args.response_delay_s,
-        weight_session=not args.no_weight_session,
+        weight_session=not args.no_weight_session, readback_any_model=args.readback_any_model,
     )
     print(f"[standin] serving on {server.url}", flush=True)
     web.run_app(server.make_app(), host=args.host, port=args.port, access_log=None, print=None)

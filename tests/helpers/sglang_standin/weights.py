@@ -153,11 +153,24 @@ class WeightsMixin:
 
     async def get_weights(self, request: web.Request) -> web.Response:
         body = await self._json(request, {"name", "truncate_size"}, "GetWeightsByNameReqInput")
+        architectures = set(getattr(self.model.config, "architectures", None) or [])
+        if not self.readback_any_model and not architectures & readback_architectures():
+            # sglang 0.5.23: the model runner logs the model's AttributeError, the server answers 400
+            return _error(400, "Get parameter by name failed")
         tensor = self.model.state_dict().get(body.get("name"))
         if tensor is None:
             return _error(400, "Get parameter by name failed")
         return web.json_response(tensor.float()[: int(body.get("truncate_size", 100))].tolist())
 
+
+
+def readback_architectures() -> frozenset:
+    """Model classes whose sglang 0.5.23 implementation has get_weights_by_name (from its source when here)."""
+    if sglang_source.sglang_root() is not None:
+        return sglang_source.weights_by_name_architectures()
+    from maspo_megatron.rollout.sglang.protocol import WEIGHTS_BY_NAME_ARCHITECTURES
+
+    return WEIGHTS_BY_NAME_ARCHITECTURES
 
 
 def init_custom_process_group(*, backend: str, master_address: str, master_port: int, world_size: int, rank: int,

@@ -22,13 +22,19 @@ import torch.distributed as dist
 
 from maspo_megatron.rollout.weight_sync.bucketing import NamedTensor
 from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source
-from maspo_megatron.rollout.weight_sync.transports.base import Transport, WeightSyncError, check_response
+from maspo_megatron.rollout.weight_sync.receiver import require_receiver
+from maspo_megatron.rollout.weight_sync.transports.base import Transport
 
 
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def group_name(stage: int) -> str:
+    """The weight-broadcast group of pipeline stage `stage`."""
+    return f"maspo_weight_sync_pp{stage}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -79,7 +85,7 @@ class DistributedTransport(Transport):
     def __init__(self, cfg, dims, engine=None) -> None:
         super().__init__(cfg, dims, engine)
         self.group = None  # this source's group with the engines
-        self.group_name = f"maspo_weight_sync_pp{dims.pp_rank}"
+        self.group_name = group_name(dims.pp_rank)
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
 
     def _sources_exchange(self, item):
@@ -97,25 +103,19 @@ class DistributedTransport(Transport):
     def prepare(self, version: int) -> None:
         if self.group is not None or not is_export_source(self.dims):
             return
-        if dist.get_rank() == 0 and not hasattr(self.engine, "init_weights_update_group"):
-            raise WeightSyncError("weight_sync.transport: 'distributed' needs SGLang servers (rollout.engine=sglang)")
+        if dist.get_rank() == 0:
+            require_receiver(self.engine, "distributed")
         host = self.cfg.master_address
         port = _free_port(host)
         rendezvous = self._sources_exchange((host, port, self.group_name))
-        tp_size = int(getattr(self.engine.cfg, "tp_size", 1)) if self.engine is not None else 0
-        urls = list(self.engine.worker_urls) if self.engine is not None else []
-        world_size = [1 + tp_size * len(urls)]
+        world_size = [self.engine.broadcast_group_size() if self.engine is not None else 0]
         if self.dims.pp > 1:
             dist.broadcast_object_list(world_size, src=0, group=self.dims.pp_group)
         background = None
         if dist.get_rank() == 0:
             def init_all() -> None:
                 for stage_host, stage_port, name in rendezvous:
-                    payloads = {url: {"master_address": stage_host, "master_port": stage_port,
-                                      "rank_offset": 1 + index * tp_size, "world_size": world_size[0],
-                                      "group_name": name, "backend": self.backend}
-                                for index, url in enumerate(urls)}
-                    check_response(self.engine.init_weights_update_group(payloads), "init_weights_update_group")
+                    self.engine.init_broadcast_group(name, stage_host, stage_port, self.backend)
             background = _Background(init_all)
         # the timeout also bounds a broadcast whose receiver died
         timeout = datetime.timedelta(seconds=self.cfg.group_timeout_s)
@@ -138,9 +138,8 @@ class DistributedTransport(Transport):
                 for stage, stage_header in enumerate(headers):
                     if stage_header is None:
                         continue
-                    body = dict(stage_header, group_name=f"maspo_weight_sync_pp{stage}", flush_cache=False,
-                                weight_version=str(version))
-                    check_response(self.engine.update_weights_from_distributed(body), "update_weights_from_distributed")
+                    self.engine.load_broadcast_bucket(group_name(stage), stage_header["names"], stage_header["dtypes"],
+                                                      stage_header["shapes"], version)
             background = _Background(post_all)
         if bucket is not None:
             for _, tensor in bucket:
@@ -165,6 +164,6 @@ class DistributedTransport(Transport):
             return
         if dist.get_rank() == 0:
             for stage in range(self.dims.pp):
-                self.engine.post("/destroy_weights_update_group", {"group_name": f"maspo_weight_sync_pp{stage}"})
+                self.engine.destroy_broadcast_group(group_name(stage))
         dist.destroy_process_group(self.group)
         self.group = None

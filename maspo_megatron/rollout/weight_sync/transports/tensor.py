@@ -16,15 +16,16 @@ import torch.distributed as dist
 from maspo_megatron.rollout.weight_sync.bucketing import NamedTensor
 from maspo_megatron.rollout.weight_sync.flattened_bucket import LOAD_FORMAT, flatten_tensors, serialize_payload
 from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source
-from maspo_megatron.rollout.weight_sync.transports.base import Transport, WeightSyncError, check_response
+from maspo_megatron.rollout.weight_sync.receiver import require_receiver
+from maspo_megatron.rollout.weight_sync.transports.base import Transport
 
 
 class TensorTransport(Transport):
     name = "tensor"
 
     def prepare(self, version: int) -> None:
-        if dist.get_rank() == 0 and not hasattr(self.engine, "update_weights_from_tensor"):
-            raise WeightSyncError("weight_sync.transport: 'tensor' needs SGLang servers (rollout.engine=sglang)")
+        if dist.get_rank() == 0:
+            require_receiver(self.engine, "tensor")
 
     def _round(self, payload: Optional[str], version: int) -> bool:
         """One exchange among stage sources; returns True when every source has finished."""
@@ -45,11 +46,8 @@ class TensorTransport(Transport):
         return all_done[0]
 
     def _post(self, payload: str, version: int) -> None:
-        tp_size = int(getattr(self.engine.cfg, "tp_size", 1))
-        body = {"serialized_named_tensors": [payload] * tp_size, "load_format": LOAD_FORMAT,
-                "flush_cache": False, "weight_version": str(version)}
-        check_response(self.engine.update_weights_from_tensor({url: body for url in self.engine.worker_urls}),
-                       "update_weights_from_tensor")
+        payloads = {url: [payload] * tp_size for url, tp_size in self.engine.receiver_tp_sizes.items()}
+        self.engine.load_serialized_buckets(payloads, version, LOAD_FORMAT)
 
     def send(self, bucket: List[NamedTensor], version: int) -> None:
         buf, metadata = flatten_tensors(bucket, release=True)  # bucket and buffer never both resident
