@@ -37,6 +37,9 @@ class SGLangConfig:
     base_gpu_id: int = option(0, ge=0, help="first GPU of server 0; server i starts at base + i * tp_size * dp_size")
     log_dir: Optional[str] = option(None, help="server logs (default: a fresh temp dir)")
     pause_mode: str = option("abort", choices=("abort", "retract", "in_place"), help="/pause_generation mode")
+    deterministic_inference: bool = option(
+        False, help="--enable-deterministic-inference: the per-sample sampling_seed then fixes each sample, so a "
+                    "resumed run draws the same samples; without it SGLang ignores the seed (slower, docs/rollout.md)")
 
 
 @dataclasses.dataclass

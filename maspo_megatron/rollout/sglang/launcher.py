@@ -40,27 +40,34 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return f"(no log: {exc})"
 
 
+def server_flags(cfg) -> list[str]:
+    """The `sglang.launch_server` flags a config decides for every server (`cfg`: an `SGLangConfig`), the
+    same for servers this process launches and for those slurm/sglang_node.sh starts
+    (`python -m maspo_megatron.launch.sglang_server_args`)."""
+    flags = ["--tp-size", str(cfg.tp_size), "--dp-size", str(cfg.dp_size),
+             "--mem-fraction-static", str(cfg.mem_fraction_static)]
+    if cfg.enable_memory_saver:
+        flags.append("--enable-memory-saver")
+    if cfg.quantization:
+        flags += ["--quantization", cfg.quantization]
+    if cfg.deterministic_inference:
+        flags.append("--enable-deterministic-inference")
+    if cfg.api_key:
+        flags += ["--api-key", cfg.api_key]
+    return flags + list(cfg.extra_args)
+
+
 def server_command(cfg, model_path: str, port: int, server_index: int, nccl_port: int) -> list[str]:
     """The argv of server `server_index`; `cfg` is an `SGLangConfig`."""
     prefix = list(cfg.launch_command) or [sys.executable, "-m", "sglang.launch_server"]
     gpus_per_server = cfg.tp_size * cfg.dp_size
-    argv = prefix + [
+    return prefix + [
         "--model-path", str(model_path),
         "--host", cfg.host,
         "--port", str(port),
-        "--tp-size", str(cfg.tp_size),
-        "--dp-size", str(cfg.dp_size),
-        "--mem-fraction-static", str(cfg.mem_fraction_static),
         "--nccl-port", str(nccl_port),
         "--base-gpu-id", str(cfg.base_gpu_id + server_index * gpus_per_server),
-    ]
-    if cfg.enable_memory_saver:
-        argv.append("--enable-memory-saver")
-    if cfg.quantization:
-        argv += ["--quantization", cfg.quantization]
-    if cfg.api_key:
-        argv += ["--api-key", cfg.api_key]
-    return argv + list(cfg.extra_args)
+    ] + server_flags(cfg)
 
 
 def router_command(cfg, worker_urls: Sequence[str], port: int) -> list[str]:

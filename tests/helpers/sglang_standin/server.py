@@ -257,6 +257,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--mem-fraction-static", type=float)
     parser.add_argument("--enable-memory-saver", action="store_true")
     parser.add_argument("--quantization")
+    parser.add_argument("--enable-deterministic-inference", action="store_true")
     parser.add_argument("--api-key")
     parser.add_argument("--nccl-port", type=int)
     parser.add_argument("--base-gpu-id", type=int)
