@@ -110,6 +110,15 @@ class SGLangEngine:
     # ---- the weight receiver (rollout/weight_sync/receiver.py): transports hand over bytes, the bodies
     # are built here (protocol.py) --------------------------------------------------------------------------
     @property
+    def shares_trainer_gpus(self) -> bool:
+        """Servers launched by this job run on the training GPUs (colocated); external URLs do not."""
+        return self.launcher is not None
+
+    @property
+    def data_parallel_size(self) -> int:
+        return int(self.cfg.dp_size)
+
+    @property
     def receiver_tp_sizes(self) -> dict[str, int]:
         """url -> how many SGLang TP ranks that server has (each needs its own payload / group rank)."""
         return {url: int(self.cfg.tp_size) for url in self.client.worker_urls}

@@ -65,19 +65,20 @@ class WeightSyncer:
         self.verify_rows = None if engine_kind == "local" else cfg.verify_rows
         # reused bucket memory of the fast path (bucket_writer.py); FP8 goes through the general path
         self._buffers = None if cfg.fp8 else BucketBuffers(cfg.bucket_bytes, device=_params_device(self.chunks))
-        if cfg.verify_weights:
-            self._check_readback()
+        self._startup_checks()
 
-    def _check_readback(self) -> None:
-        """verify_weights reads weights back from the engine: refused at start-up, on every rank, when the
-        engine cannot (sglang 0.5.23 serves /get_weights_by_name for a few model classes only), instead
-        of a crash at the first sync."""
+    def _startup_checks(self) -> None:
+        """Refuses, at start-up and on every rank, what could only fail at the first sync: a transport the
+        engine cannot receive (e.g. NCCL into colocated servers), and verify_weights where the engine
+        cannot read weights back (sglang 0.5.23 serves /get_weights_by_name for a few model classes only)."""
         error = [None]
-        if dist.get_rank() == 0 and hasattr(self.engine, "check_weight_readback"):
-            try:
-                self.engine.check_weight_readback(READBACK_PROBE)
-            except RuntimeError as exc:
-                error[0] = str(exc)
+        if dist.get_rank() == 0:
+            error[0] = self.transport.receiver_error()
+            if error[0] is None and self.cfg.verify_weights and hasattr(self.engine, "check_weight_readback"):
+                try:
+                    self.engine.check_weight_readback(READBACK_PROBE)
+                except RuntimeError as exc:
+                    error[0] = str(exc)
         dist.broadcast_object_list(error, src=0)
         if error[0] is not None:
             raise WeightSyncError(error[0])

@@ -33,6 +33,10 @@ class Transport:
         self.dims = dims
         self.engine = engine
 
+    def receiver_error(self) -> Optional[str]:
+        """Rank 0, when the syncer is built: why this transport cannot feed the engine, or None."""
+        return None
+
     def prepare(self, version: int) -> None:
         """Collective, every rank."""
 

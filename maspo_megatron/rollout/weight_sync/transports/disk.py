@@ -35,6 +35,11 @@ class DiskTransport(Transport):
         self._shard_index = 0
         self._previous_dir = None
 
+    def receiver_error(self):
+        if not hasattr(self.engine, "load_from_disk"):
+            return "weight_sync.transport: 'disk' needs SGLang servers (rollout.engine=sglang)"
+        return None
+
     def prepare(self, version: int) -> None:
         if dist.get_rank() == 0:
             require_receiver(self.engine, "disk")

@@ -1,8 +1,10 @@
 """`distributed`: one NCCL (gloo on CPU) group per pipeline stage with the engines; broadcast buckets.
 
 Group of stage p: rank 0 = that stage's export source, ranks 1.. = every SGLang TP rank of every
-server (`rank_offset = 1 + server_index * tp_size`), rendezvous at the source's address through
-`/init_weights_update_group`. Both sides build the group the way SGLang's `init_custom_process_group`
+server (`rank_offset = 1 + server_index * tp_size`), rendezvous at the source's OWN address (its
+node: `source_address`) through `/init_weights_update_group`. NCCL cannot put two ranks of one group
+on a GPU, so this transport refuses servers that share the trainer's GPUs (colocated) on CUDA, and
+servers with `dp_size > 1` (their ranks are not `rank_offset + tp_rank`). Both sides build the group the way SGLang's `init_custom_process_group`
 does (TCPStore at tcp://address:port, PrefixStore(group_name), torch's `_new_process_group_helper`,
 which adds its own "<group_name>/" and "<device>/" prefixes), so the store keys meet. Per bucket
 rank 0 posts `/update_weights_from_distributed` (names, dtypes, shapes) for the stage while the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import os
 import socket
 import threading
 from typing import List, Optional
@@ -30,6 +33,26 @@ def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def node_name() -> str:
+    """This process's node as the rollout nodes reach it: Slurm's name for it (`SLURMD_NODENAME`, the name
+    `scontrol show hostnames` and sglang_node.sh use), else the hostname."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def source_address(master_address: str, this_node: Optional[str] = None) -> str:
+    """Where a stage's source binds its TCPStore and what it advertises to the servers. Loopback when the
+    job is on one node (`weight_sync.master_address` loopback); otherwise the source's OWN node (stage p's
+    source may be on any training node; binding there to stage 0's host fails with EADDRNOTAVAIL), except
+    that the node named by master_address keeps that address (it may name a particular interface)."""
+    if master_address in LOOPBACK:
+        return master_address
+    this_node = this_node or node_name()
+    return master_address if this_node.split(".")[0] == master_address.split(".")[0] else this_node
 
 
 def group_name(stage: int) -> str:
@@ -88,6 +111,18 @@ class DistributedTransport(Transport):
         self.group_name = group_name(dims.pp_rank)
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
 
+    def receiver_error(self) -> Optional[str]:
+        """Rank 0, at start-up: why the engine cannot take NCCL broadcasts, or None."""
+        if not hasattr(self.engine, "broadcast_group_size"):
+            return "weight_sync.transport: 'distributed' needs SGLang servers (rollout.engine=sglang)"
+        if getattr(self.engine, "data_parallel_size", 1) > 1:
+            return ("weight_sync.transport: 'distributed' does not support rollout.sglang.dp_size > 1 (its ranks are not "
+                    "rank_offset + tp_rank): use dp_size 1 and more servers (rollout.sglang.num_servers)")
+        if self.backend == "nccl" and getattr(self.engine, "shares_trainer_gpus", False):
+            return ("weight_sync.transport: 'distributed' cannot reach servers on the trainer's own GPUs (NCCL refuses two "
+                    "ranks of a group on one GPU): use 'tensor' when colocated, or rollout.sglang.urls on other nodes")
+        return None
+
     def _sources_exchange(self, item):
         """gather_object over the stage sources -> list on rank 0 (None elsewhere)."""
         if self.dims.pp == 1:
@@ -105,7 +140,7 @@ class DistributedTransport(Transport):
             return
         if dist.get_rank() == 0:
             require_receiver(self.engine, "distributed")
-        host = self.cfg.master_address
+        host = source_address(self.cfg.master_address)
         port = _free_port(host)
         rendezvous = self._sources_exchange((host, port, self.group_name))
         world_size = [self.engine.broadcast_group_size() if self.engine is not None else 0]

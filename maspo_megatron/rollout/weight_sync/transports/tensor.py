@@ -23,6 +23,11 @@ from maspo_megatron.rollout.weight_sync.transports.base import Transport
 class TensorTransport(Transport):
     name = "tensor"
 
+    def receiver_error(self) -> Optional[str]:
+        if not hasattr(self.engine, "load_serialized_buckets"):
+            return "weight_sync.transport: 'tensor' needs SGLang servers (rollout.engine=sglang)"
+        return None
+
     def prepare(self, version: int) -> None:
         if dist.get_rank() == 0:
             require_receiver(self.engine, "tensor")
