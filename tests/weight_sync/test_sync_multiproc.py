@@ -88,7 +88,8 @@ def standin_servers(tmp_path):
     # readback_any_model: these Qwen2 servers answer /get_weights_by_name (0.5.23 would not), so the test
     # can read back what landed and verify_weights runs; test_verify_weights_refused_at_start_up has the truth
     servers = {"new": StandinServer(str(model_dir), readback_any_model=True).start(),
-               "old": StandinServer(str(model_dir), weight_session=False, readback_any_model=True).start()}  # < 0.5.23
+               "old": StandinServer(str(model_dir), weight_session=False, readback_any_model=True,
+                                   version="0.5.2").start()}  # < 0.5.23: no session, one dtype per bucket
     yield servers
     for server in servers.values():
         server.stop()

@@ -77,3 +77,36 @@ def test_nccl_with_server_data_parallel_is_refused():
     finally:
         engine.shutdown()
         server.stop()
+
+
+def test_mixed_dtype_buckets_only_where_the_server_takes_them():
+    """0.5.23's FlattenedTensorBucket takes mixed dtypes; for older servers (by /server_info) the tensor
+    transport sends one dtype per bucket, and such a server refuses a mixed one."""
+    import requests
+    import torch
+
+    from maspo_megatron.rollout.sglang.protocol import version_at_least
+    from maspo_megatron.rollout.weight_sync.flattened_bucket import flatten_tensors, serialize_payload
+    from maspo_megatron.rollout.weight_sync.transports.tensor import split_by_dtype
+    from tests.helpers.sglang_standin import StandinServer
+
+    assert version_at_least("0.5.23", "0.5.23") and version_at_least("0.5.23.post2", "0.5.23")
+    assert version_at_least("0.6.0rc1", "0.5.23") and not version_at_least("0.5.9", "0.5.23")
+    assert not version_at_least(None, "0.5.23") and not version_at_least("dev", "0.5.23")
+    bucket = [("a", torch.zeros(2, dtype=torch.bfloat16)), ("b", torch.ones(3)), ("c", torch.zeros(4, dtype=torch.bfloat16))]
+    assert [[n for n, _ in part] for part in split_by_dtype(bucket)] == [["a", "c"], ["b"]]
+    servers = [StandinServer(zero_latency=True).start(), StandinServer(zero_latency=True, version="0.5.2").start()]
+    engines = [SGLangEngine(SGLangConfig(urls=[s.url])) for s in servers]
+    try:
+        assert [e.accepts_mixed_dtype_buckets for e in engines] == [True, False]
+        old = servers[1]
+        payload = serialize_payload(*flatten_tensors(bucket))  # mixed bf16 / fp32
+        requests.post(old.url + "/begin_weight_update", json={}, timeout=10)
+        answer = requests.post(old.url + "/update_weights_from_tensor", timeout=10, json={
+            "serialized_named_tensors": [payload], "load_format": "flattened_bucket"})
+        assert answer.status_code == 400 and "one dtype per bucket" in answer.text
+    finally:
+        for engine in engines:
+            engine.shutdown()
+        for server in servers:
+            server.stop()

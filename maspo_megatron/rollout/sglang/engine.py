@@ -27,6 +27,7 @@ class SGLangEngine:
     def __init__(self, cfg, *, model_path: Optional[str] = None, weight_version: int = 0) -> None:
         self.cfg = cfg
         self.model_path = model_path
+        self._mixed_dtypes: Optional[bool] = None
         self._weight_version = int(weight_version)
         self.launcher: Optional[ServerLauncher] = None
         if cfg.urls:
@@ -122,6 +123,17 @@ class SGLangEngine:
     def receiver_tp_sizes(self) -> dict[str, int]:
         """url -> how many SGLang TP ranks that server has (each needs its own payload / group rank)."""
         return {url: int(self.cfg.tp_size) for url in self.client.worker_urls}
+
+    @property
+    def accepts_mixed_dtype_buckets(self) -> bool:
+        """A flattened bucket may mix dtypes when every server's FlattenedTensorBucket has
+        `supports_multi_dtypes` (checked in 0.5.23's source, tensor_bucket.py); for a server that reports an
+        older or unknown version (`/server_info`), buckets are sent one dtype at a time."""
+        if self._mixed_dtypes is None:
+            versions = [body.get("version") if isinstance(body, dict) else None
+                        for body in self.get("/server_info").values()]
+            self._mixed_dtypes = all(protocol.version_at_least(v, protocol.MIXED_DTYPE_BUCKETS_SINCE) for v in versions)
+        return self._mixed_dtypes
 
     def begin_weight_update(self) -> bool:
         """Opens the 0.5.23 weight-update session on every server; False for older servers."""

@@ -29,6 +29,24 @@ WEIGHTS_BY_NAME_ARCHITECTURES = frozenset({
     "GraniteForCausalLM", "GraniteSWAForCausalLM", "Exaone4ForCausalLM", "EmbeddingGemma2Model",
 })
 
+# The first release whose FlattenedTensorBucket we read `supports_multi_dtypes = True` in (tensor_bucket.py).
+MIXED_DTYPE_BUCKETS_SINCE = "0.5.23"
+
+
+def version_at_least(version: Any, minimum: str) -> bool:
+    """"0.5.23.post1" >= "0.5.23"; an unknown or unparsable version counts as older."""
+    def numbers(text: str) -> tuple:
+        parts = []
+        for piece in str(text).split("."):
+            digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+            if not digits:
+                break
+            parts.append(int(digits))
+        return tuple(parts)
+
+    return bool(version) and bool(numbers(version)) and numbers(version) >= numbers(minimum)
+
+
 # SamplingParams fields of sglang 0.5.23 (srt/sampling/sampling_params.py) that this client uses.
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos", "sampling_seed")
 

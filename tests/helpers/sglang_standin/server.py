@@ -55,6 +55,7 @@ class StandinServer(GenerationMixin, WeightsMixin):
         max_running: int = 256,
         response_delay_s: float = 0.0,
         readback_any_model: bool = False,
+        version: str = "0.5.23",
     ) -> None:
         """readback_any_model: serve /get_weights_by_name for every model (test inspection of what landed);
         by default only for the model classes sglang 0.5.23 implements it for (400 otherwise, as there)."""
@@ -64,6 +65,7 @@ class StandinServer(GenerationMixin, WeightsMixin):
         self.ready_at = time.monotonic() + startup_delay_s
         self.response_delay_s = response_delay_s
         self.readback_any_model = readback_any_model
+        self.version = version  # /server_info; below 0.5.23 flattened buckets must hold one dtype
         self.model_path = model_path
         self.model = None
         if not zero_latency:
@@ -113,6 +115,7 @@ class StandinServer(GenerationMixin, WeightsMixin):
         for path in ("/health", "/health_generate"):
             app.router.add_get(path, self.health)
         app.router.add_get("/model_info", self.model_info)
+        app.router.add_get("/server_info", self.server_info)
         app.on_startup.append(self._on_startup)
         check_routes_exist(app)
         return app
@@ -158,6 +161,9 @@ class StandinServer(GenerationMixin, WeightsMixin):
     # ---- health / info ---------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=503 if time.monotonic() < self.ready_at else 200)
+
+    async def server_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": self.version, "tp_size": self.tp_size, "frontend": "python"})
 
     async def model_info(self, request: web.Request) -> web.Response:
         """`/model_info` (0.5.23 has no `/get_weight_version`; `/get_model_info` is deprecated there)."""

@@ -73,6 +73,11 @@ class WeightsMixin:
         if not isinstance(payloads, list) or len(payloads) != self.tp_size:
             raise BadRequest(f"serialized_named_tensors: expected one payload per TP rank ({self.tp_size})")
         decoded = [_decode_payload(p, body.get("load_format")) for p in payloads]
+        from maspo_megatron.rollout.sglang.protocol import MIXED_DTYPE_BUCKETS_SINCE, version_at_least
+
+        mixed = [p for p in decoded if len({t.dtype for _, t in p}) > 1]
+        if mixed and body.get("load_format") == "flattened_bucket" and not version_at_least(self.version, MIXED_DTYPE_BUCKETS_SINCE):
+            raise BadRequest(f"flattened_bucket: this server ({self.version}) takes one dtype per bucket")
         return self._load(decoded[0], body)
 
     async def update_from_disk(self, request: web.Request) -> web.Response:
