@@ -15,6 +15,9 @@ class SGLangConfig:
     dp_size: int = option(1, ge=1)
     mem_fraction_static: float = option(0.8, gt=0, le=1)
     enable_memory_saver: bool = option(False, help="needed to release/resume memory when colocated")
+    colocated: Optional[bool] = option(
+        None, help="the servers share the trainer's GPUs (default: true when launched by the trainer, false for urls); "
+                   "with enable_memory_saver their memory is released while Megatron trains (docs/rollout.md)")
     quantization: Optional[str] = option(None, help="e.g. fp8")
     host: str = option("127.0.0.1", help="interface servers bind to; never 0.0.0.0 by default")
     api_key: Optional[str] = None

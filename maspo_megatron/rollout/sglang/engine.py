@@ -28,6 +28,7 @@ class SGLangEngine:
         self.cfg = cfg
         self.model_path = model_path
         self._mixed_dtypes: Optional[bool] = None
+        self._released: set[str] = set()  # memory tags released on the servers (colocated handover)
         self._weight_version = int(weight_version)
         self.launcher: Optional[ServerLauncher] = None
         if cfg.urls:
@@ -87,14 +88,19 @@ class SGLangEngine:
 
     def flush_cache(self, timeout_s: float = 5.0) -> None:
         """Raises RolloutError if a server still has queued or running requests after `timeout_s`
-        (SGLang refuses to flush then)."""
+        (SGLang refuses to flush then). Skipped while the KV cache is released (releasing flushed it)."""
+        if protocol.MEMORY_KV_CACHE in self._released:
+            return
         self._run(self.client.flush_cache(timeout_s))
 
     def release_memory_occupation(self, tags: Optional[Sequence[str]] = None) -> None:
+        """tags: of `protocol.MEMORY_TAGS`; None = all (needs --enable-memory-saver and an idle server)."""
         self._run(self.client.post("/release_memory_occupation", {"tags": list(tags) if tags else None}))
+        self._released |= set(tags or protocol.MEMORY_TAGS)
 
     def resume_memory_occupation(self, tags: Optional[Sequence[str]] = None) -> None:
         self._run(self.client.post("/resume_memory_occupation", {"tags": list(tags) if tags else None}))
+        self._released -= set(tags or protocol.MEMORY_TAGS)
 
     # ---- low-level control plane ----------------------------------------------------------------------
     def post(self, endpoint: str, payload: Any = None, *, urls: Optional[Sequence[str]] = None, timeout_s: Optional[float] = None) -> dict[str, Any]:
@@ -112,8 +118,31 @@ class SGLangEngine:
     # are built here (protocol.py) --------------------------------------------------------------------------
     @property
     def shares_trainer_gpus(self) -> bool:
-        """Servers launched by this job run on the training GPUs (colocated); external URLs do not."""
-        return self.launcher is not None
+        """The servers run on the training GPUs: `rollout.sglang.colocated`, by default true for servers this
+        job launched and false for external URLs."""
+        return self.launcher is not None if self.cfg.colocated is None else bool(self.cfg.colocated)
+
+    # ---- colocated memory handover (trainer/loop.py calls these on the driver) --------------------------
+    # One step on shared GPUs: rollout (SGLang holds weights + KV cache) -> before_train: SGLang releases
+    # everything -> Megatron trains -> every rank empties its CUDA cache -> after_train: SGLang maps its
+    # weights again (their contents are stale) -> the weight sync fills them (the trainer's bucket buffers
+    # are alive now, the KV cache is not yet) -> after_weight_sync: SGLang maps its KV cache (and CUDA
+    # graphs) -> the next rollout. Neither side holds its peak while the other holds its own.
+    @property
+    def hands_over_memory(self) -> bool:
+        return self.shares_trainer_gpus and bool(self.cfg.enable_memory_saver)
+
+    def before_train(self) -> None:
+        if self.hands_over_memory:
+            self.release_memory_occupation(list(protocol.MEMORY_TAGS))
+
+    def after_train(self) -> None:
+        if self.hands_over_memory:
+            self.resume_memory_occupation([protocol.MEMORY_WEIGHTS])
+
+    def after_weight_sync(self) -> None:
+        if self.hands_over_memory:
+            self.resume_memory_occupation([t for t in protocol.MEMORY_TAGS if t != protocol.MEMORY_WEIGHTS])
 
     @property
     def data_parallel_size(self) -> int:

@@ -47,6 +47,10 @@ def version_at_least(version: Any, minimum: str) -> bool:
     return bool(version) and bool(numbers(version)) and numbers(version) >= numbers(minimum)
 
 
+# Memory tags of /release_memory_occupation and /resume_memory_occupation (sglang 0.5.23 constants.py).
+MEMORY_WEIGHTS, MEMORY_KV_CACHE, MEMORY_CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
+MEMORY_TAGS = (MEMORY_WEIGHTS, MEMORY_KV_CACHE, MEMORY_CUDA_GRAPH)
+
 # SamplingParams fields of sglang 0.5.23 (srt/sampling/sampling_params.py) that this client uses.
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos", "sampling_seed")
 

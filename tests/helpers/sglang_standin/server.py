@@ -85,6 +85,8 @@ class StandinServer(GenerationMixin, WeightsMixin):
         self.session_open = False
         self.groups: dict[str, Any] = {}
         self.requests_seen: list[tuple[str, str, Any]] = []
+        # (event, memory tags released at that moment): release / resume / /generate / load_weights
+        self.memory_events: list[tuple[str, tuple]] = []
         self._init_generation()
         self._wakeup: Optional[asyncio.Event] = None
         self._thread: Optional[threading.Thread] = None
@@ -209,10 +211,12 @@ class StandinServer(GenerationMixin, WeightsMixin):
 
     async def release_memory(self, request: web.Request) -> web.Response:
         self.released |= await self._memory_tags(request, "ReleaseMemoryOccupationReqInput")
+        self.memory_events.append(("release", tuple(sorted(self.released))))
         return web.Response(status=200)
 
     async def resume_memory(self, request: web.Request) -> web.Response:
         self.released -= await self._memory_tags(request, "ResumeMemoryOccupationReqInput")
+        self.memory_events.append(("resume", tuple(sorted(self.released))))
         self._wakeup.set()
         return web.Response(status=200)
 

@@ -49,6 +49,10 @@ class WeightsMixin:
     def _load(self, named: list, body: dict) -> web.Response:
         import torch
 
+        self.memory_events.append(("load_weights", tuple(sorted(self.released))))
+        if "weights" in self.released:  # the weights' memory is not mapped: nowhere to copy into
+            raise BadRequest("update weights: the weights' memory is released; resume tag 'weights' first")
+
         params = dict(self.model.state_dict(keep_vars=True))
         for name, tensor in named:
             if name not in params:
