@@ -5,6 +5,7 @@ quantization, deterministic inference, memory saver, extra_args), as servers the
 
 Prints (shell-quoted, for `eval`):
     MASPO_SGLANG_TP=<tp_size * dp_size GPUs per server>   MASPO_SGLANG_ARGS=<launch_server flags>
+    MASPO_FP8_BLOCK=<weight_sync.fp8_block_size, empty without weight_sync.fp8>   MASPO_FP8_TP=<tp_size>
 Exit status 2 with a one-line error on a bad config.
 """
 from __future__ import annotations
@@ -19,8 +20,10 @@ from maspo_megatron.config import ConfigError, load_config
 def server_settings(config_path: str, overrides: list[str]) -> dict[str, str]:
     from maspo_megatron.rollout.sglang.launcher import server_flags
 
-    sglang = load_config(config_path, overrides).rollout.sglang
-    return {"MASPO_SGLANG_TP": str(sglang.tp_size * sglang.dp_size), "MASPO_SGLANG_ARGS": shlex.join(server_flags(sglang))}
+    rollout = load_config(config_path, overrides).rollout
+    sglang, sync = rollout.sglang, rollout.weight_sync
+    return {"MASPO_SGLANG_TP": str(sglang.tp_size * sglang.dp_size), "MASPO_SGLANG_ARGS": shlex.join(server_flags(sglang)),
+            "MASPO_FP8_BLOCK": str(sync.fp8_block_size) if sync.fp8 else "", "MASPO_FP8_TP": str(sglang.tp_size)}
 
 
 def main(argv=None) -> int:

@@ -169,3 +169,21 @@ def test_rollout_nodes_run_the_yamls_server_settings(config, tp, flags):
     bad = subprocess.run(args[:-1] + ["rollout.sglang.tp_size=0"], capture_output=True, text=True, cwd=REPO,
                          env=_clean_env(PYTHONPATH=str(REPO)))
     assert bad.returncode == 2 and "tp_size" in bad.stderr
+
+
+def test_fp8_rollout_writes_the_start_checkpoint_first(tmp_path):
+    """weight_sync.fp8 with a BF16 MASPO_MODEL_DIR: a step writes the block-FP8 checkpoint (TP 8, block 128)
+    before the servers start, and the servers then load it."""
+    model_dir = tmp_path / "llama70b"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    env = _disagg_env(tmp_path)
+    env.update(MASPO_CONFIG="examples/llama3.3_70b_fp8.yaml", MASPO_MODEL_DIR=str(model_dir),
+               SLURM_JOB_NODELIST="gpu[01-02]", MASPO_TRAIN_NODES="1", MASPO_ROLLOUT_NODES="1")
+    result = _run("train_disaggregated.sbatch", env)
+    assert result.returncode == 0, result.stderr
+    fp8, servers, *_ = _srun_lines(result.stdout)
+    tool = fp8[fp8.index(str(REPO / "tools" / "write_fp8_checkpoint.py")) + 1:]
+    assert tool == ["--hf-dir", str(model_dir), "--out-dir", f"{model_dir}-fp8-b128", "--tp-size", "8", "--block-size", "128"]
+    assert servers[-1].endswith("sglang_node.sh") and "--nodelist=gpu02" in servers
+    assert "writing the block-FP8 start checkpoint" in result.stderr

@@ -73,7 +73,7 @@ class WeightSyncer:
         cannot read weights back (sglang 0.5.23 serves /get_weights_by_name for a few model classes only)."""
         error = [None]
         if dist.get_rank() == 0:
-            error[0] = self.transport.receiver_error()
+            error[0] = self.transport.receiver_error() or self._fp8_shard_error()
             if error[0] is None and self.cfg.verify_weights and hasattr(self.engine, "check_weight_readback"):
                 try:
                     self.engine.check_weight_readback(READBACK_PROBE)
@@ -82,6 +82,20 @@ class WeightSyncer:
         dist.broadcast_object_list(error, src=0)
         if error[0] is not None:
             raise WeightSyncError(error[0])
+
+    def _fp8_shard_error(self) -> Optional[str]:
+        """FP8 into servers whose TP shards would split a scale block (SGLang fails loading them)."""
+        if not self.cfg.fp8 or not hasattr(self.engine, "receiver_tp_sizes"):
+            return None
+        from maspo_megatron.rollout.weight_sync.fp8_checkpoint import check_tp_blocks, linear_shapes
+
+        block = (self.cfg.fp8_block_size, self.cfg.fp8_block_size)
+        for tp_size in sorted(set(self.engine.receiver_tp_sizes.values())):
+            problems = check_tp_blocks(linear_shapes(self.wmap.meta), tp_size, block)
+            if problems:
+                return (f"rollout.weight_sync.fp8: rollout.sglang.tp_size {tp_size} splits FP8 blocks of "
+                        f"{len(problems)} weight(s), e.g. {problems[0]}")
+        return None
 
     # ---- the HF stream this rank feeds ---------------------------------------------------------
     def buckets(self):
