@@ -110,3 +110,20 @@ def test_mixed_dtype_buckets_only_where_the_server_takes_them():
             engine.shutdown()
         for server in servers:
             server.stop()
+
+
+def test_transports_know_no_sglang_json():
+    """The engine owns its protocol: no transport names an SGLang endpoint or a request-body key (they
+    call the receiver methods of weight_sync/receiver.py; rollout/sglang/protocol.py builds the bodies)."""
+    from pathlib import Path
+
+    import maspo_megatron.rollout.weight_sync.transports as transports
+
+    body_keys = [f'"{key}"' for key in ("serialized_named_tensors", "load_format", "master_address", "master_port",
+                                        "rank_offset", "world_size", "group_name", "backend", "names", "dtypes",
+                                        "shapes", "flush_cache", "abort_all_requests", "model_path", "weight_version")]
+    for path in sorted(Path(transports.__file__).parent.glob("*.py")):
+        text = path.read_text()
+        assert '"/' not in text, f"{path.name} names an HTTP endpoint"
+        leaked = [key for key in body_keys if key in text]
+        assert not leaked, f"{path.name} builds SGLang request bodies: {leaked}"

@@ -160,9 +160,9 @@ class DistributedTransport(Transport):
         self._barrier()
 
     def _round(self, bucket: Optional[List[NamedTensor]], version: int) -> bool:
-        header = None if bucket is None else {
-            "names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-            "shapes": [list(t.shape) for _, t in bucket]}
+        # (names, dtypes, shapes) of the tensors this source broadcasts next, in order
+        header = None if bucket is None else (
+            [n for n, _ in bucket], [dtype_name(t.dtype) for _, t in bucket], [list(t.shape) for _, t in bucket])
         headers = self._sources_exchange(header)
         background = None
         all_done = [False]
@@ -173,8 +173,7 @@ class DistributedTransport(Transport):
                 for stage, stage_header in enumerate(headers):
                     if stage_header is None:
                         continue
-                    self.engine.load_broadcast_bucket(group_name(stage), stage_header["names"], stage_header["dtypes"],
-                                                      stage_header["shapes"], version)
+                    self.engine.load_broadcast_bucket(group_name(stage), *stage_header, version)
             background = _Background(post_all)
         if bucket is not None:
             for _, tensor in bucket:
