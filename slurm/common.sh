@@ -12,6 +12,8 @@
 #   MASPO_LOG_DIR          one log file per job step lands here (default: $MASPO_REPO/logs/slurm)
 #   MASPO_DRY_RUN=1        print each srun command line instead of running it (for checks)
 #   MASTER_PORT            rendezvous port (default: derived from the job id, so jobs sharing a node do not clash)
+#   MASPO_CPUS_PER_TASK    CPUs of each training rank (default: the node's CPUs / ranks per node)
+#   MASPO_MEM_PER_NODE     --mem of each step (default 0: all the memory the job holds on the node)
 
 maspo_die() {
     echo "maspo[$(basename "${0:-slurm}")]: $*" >&2
@@ -84,6 +86,23 @@ maspo_tasks_per_node() {
     fi
     [[ "$n" =~ ^[1-9][0-9]*$ ]] || maspo_die "tasks per node must be a positive integer, got '$n'"
     echo "$n"
+}
+
+# maspo_step_resources TASKS_PER_NODE: the srun flags that give a step its CPUs, memory and GPUs
+# explicitly. Without them a cons_tres + cgroup site confines a step to the defaults (one CPU per task,
+# DefMemPerCPU) and eight SGLang servers or training ranks end up on one core. --gpu-bind=none: every
+# task sees all GPUs of its node (a rank picks its GPU by local rank, a server by --base-gpu-id).
+maspo_step_resources() {
+    local tasks="$1" cpus="${MASPO_CPUS_PER_TASK:-}"
+    if [ -z "$cpus" ]; then
+        [ -n "${SLURM_CPUS_ON_NODE:-}" ] || maspo_die "cannot tell the CPUs per node: set MASPO_CPUS_PER_TASK"
+        cpus=$((SLURM_CPUS_ON_NODE / tasks))
+        [ "$cpus" -ge 1 ] || cpus=1
+    fi
+    [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || maspo_die "MASPO_CPUS_PER_TASK must be a positive integer, got '$cpus'"
+    echo "--cpus-per-task=$cpus"
+    echo "--mem=${MASPO_MEM_PER_NODE:-0}"
+    [ "$MASPO_DEVICE" = cpu ] || echo "--gpu-bind=none"
 }
 
 # maspo_rendezvous HOST: exports MASTER_ADDR/MASTER_PORT for torch.distributed. The port is derived

@@ -15,6 +15,9 @@ class SGLangConfig:
     dp_size: int = option(1, ge=1)
     mem_fraction_static: float = option(0.8, gt=0, le=1)
     enable_memory_saver: bool = option(False, help="needed to release/resume memory when colocated")
+    colocated: Optional[bool] = option(
+        None, help="the servers share the trainer's GPUs (default: true when launched by the trainer, false for urls); "
+                   "with enable_memory_saver their memory is released while Megatron trains (docs/rollout.md)")
     quantization: Optional[str] = option(None, help="e.g. fp8")
     host: str = option("127.0.0.1", help="interface servers bind to; never 0.0.0.0 by default")
     api_key: Optional[str] = None
@@ -37,6 +40,9 @@ class SGLangConfig:
     base_gpu_id: int = option(0, ge=0, help="first GPU of server 0; server i starts at base + i * tp_size * dp_size")
     log_dir: Optional[str] = option(None, help="server logs (default: a fresh temp dir)")
     pause_mode: str = option("abort", choices=("abort", "retract", "in_place"), help="/pause_generation mode")
+    deterministic_inference: bool = option(
+        False, help="--enable-deterministic-inference: the per-sample sampling_seed then fixes each sample, so a "
+                    "resumed run draws the same samples; without it SGLang ignores the seed (slower, docs/rollout.md)")
 
 
 @dataclasses.dataclass

@@ -1,6 +1,9 @@
 """Engines by name: `build_engine(cfg.rollout, ...)` returns the engine `cfg.rollout.engine` names.
 
-    register_engine("my_engine", factory)   # factory(rollout_cfg, **kwargs) -> RolloutEngine
+    register_engine("my_engine", factory, default_transport)  # factory(rollout_cfg, **kwargs) -> RolloutEngine
+    default_transport("sglang", cuda=True)  -> the weight transport `weight_sync.transport: auto` picks
+
+Each engine names its default weight transport (known on every rank, without building the engine).
 """
 from __future__ import annotations
 
@@ -9,10 +12,20 @@ from typing import Any, Callable, Optional
 from maspo_megatron.rollout.types import RolloutEngine
 
 _ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
+_DEFAULT_TRANSPORTS: dict[str, Callable[[bool], str]] = {}
 
 
-def register_engine(name: str, factory: Callable[..., RolloutEngine]) -> None:
+def register_engine(name: str, factory: Callable[..., RolloutEngine],
+                    default_transport: Callable[[bool], str] = lambda cuda: "disk") -> None:
+    """`default_transport(cuda)`: the transport `auto` means for this engine, with or without CUDA."""
     _ENGINES[name] = factory
+    _DEFAULT_TRANSPORTS[name] = default_transport
+
+
+def default_transport(engine_name: str, cuda: bool) -> str:
+    if engine_name not in _DEFAULT_TRANSPORTS:
+        raise ValueError(f"rollout.engine: {engine_name!r} is not one of {sorted(_ENGINES)}")
+    return _DEFAULT_TRANSPORTS[engine_name](cuda)
 
 
 def _build_local(rollout_cfg: Any, *, model: Any = None, model_path: Optional[str] = None, weight_version: int = 0, **_: Any) -> RolloutEngine:
@@ -32,8 +45,13 @@ def _build_sglang(rollout_cfg: Any, *, model_path: Optional[str] = None, weight_
     return SGLangEngine(rollout_cfg.sglang, model_path=model_path, weight_version=weight_version)
 
 
-register_engine("local", _build_local)
-register_engine("sglang", _build_sglang)
+def _sglang_default_transport(cuda: bool) -> str:
+    """CUDA IPC into colocated servers on a GPU node; safetensors on a shared disk without CUDA."""
+    return "tensor" if cuda else "disk"
+
+
+register_engine("local", _build_local, default_transport=lambda cuda: "local")
+register_engine("sglang", _build_sglang, default_transport=_sglang_default_transport)
 
 
 def build_engine(rollout_cfg: Any, **kwargs: Any) -> RolloutEngine:

@@ -99,3 +99,17 @@ class RolloutEngine(Protocol):
     def resume_memory_occupation(self, tags: Optional[Sequence[str]] = None) -> None: ...
 
     def shutdown(self) -> None: ...
+
+
+HANDOVER_HOOKS = ("before_train", "after_train", "after_weight_sync")
+
+
+def memory_handover(engine: Any, hook: str) -> None:
+    """Calls the engine's colocated GPU-memory hook `hook` (one of HANDOVER_HOOKS) when it has one: the
+    SGLang engine releases / resumes its servers' memory around training and weight sync; an engine
+    with no GPU memory of its own to hand over (the in-process CPU engine) has none."""
+    if hook not in HANDOVER_HOOKS:
+        raise ValueError(f"memory_handover: {hook!r} is not one of {list(HANDOVER_HOOKS)}")
+    method = getattr(engine, hook, None)
+    if method is not None:
+        method()

@@ -19,6 +19,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from maspo_megatron.config import Config, to_dict
+from maspo_megatron.rollout.types import memory_handover
 from maspo_megatron.trainer import checkpoint
 from maspo_megatron.trainer.evaluation import eval_metrics
 from maspo_megatron.trainer.metrics import MetricsLogger
@@ -69,8 +70,13 @@ class Trainer:
         if self.is_driver:
             self._build_driver()
         engine = self.ctx.engine if self.ctx else None
-        self.syncer = WeightSyncer(cfg.rollout.weight_sync, self.policy.chunks, self.policy.wmap, self.dims,
-                                   engine=engine, engine_kind=cfg.rollout.engine)
+        try:
+            self.syncer = WeightSyncer(cfg.rollout.weight_sync, self.policy.chunks, self.policy.wmap, self.dims,
+                                       engine=engine, engine_kind=cfg.rollout.engine)
+        except BaseException:  # e.g. verify_weights refused at start-up: launched servers must not outlive us
+            if engine is not None:
+                engine.shutdown()
+            raise
         resumed = self._maybe_resume()
         self.metrics = MetricsLogger(self.output_dir, cfg.trainer.total_steps, enabled=self.is_driver,
                                      tensorboard=cfg.trainer.tensorboard, wandb_project=cfg.trainer.wandb_project,
@@ -132,6 +138,8 @@ class Trainer:
             timings.update(self.ctx_timings())
             self.counters["samples_generated"] += int(metrics.get("rollout/num_samples", 0))
             self.counters["prompts_served"] = self.ctx.sampler.served if hasattr(self.ctx.sampler, "served") else 0
+        if self.is_driver:
+            memory_handover(self.ctx.engine, "before_train")  # colocated: SGLang frees the GPUs; samples wait
         samples = broadcast_samples(samples, dims)
         train_started = time.perf_counter()
         if samples:
@@ -149,13 +157,27 @@ class Trainer:
         timings["time/train_s"] = time.perf_counter() - train_started
         sync_started = time.perf_counter()
         self.metrics.phase(step, "sync")
+        self._hand_gpus_back()
         report = self.syncer.sync(weight_version=step)
+        if self.is_driver:
+            memory_handover(self.ctx.engine, "after_weight_sync")  # colocated: SGLang maps its KV cache again
         timings["time/sync_s"] = time.perf_counter() - sync_started
         if report is not None:
             metrics["sync/bytes"] = report.total_bytes
         timings["time/step_s"] = time.perf_counter() - started
         metrics.update(timings)
         return metrics
+
+    def _hand_gpus_back(self) -> None:
+        """Every rank returns its cached CUDA blocks before the colocated servers map their weights again."""
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if dist.is_initialized():
+            dist.barrier()
+        if self.is_driver:
+            memory_handover(self.ctx.engine, "after_train")
 
     def ctx_timings(self) -> dict:
         timer = getattr(self.ctx, "timings", None) or {}
@@ -267,9 +289,10 @@ class Trainer:
             dist.barrier()
 
     def close(self) -> None:
+        from maspo_megatron.rollout.weight_sync.syncer import close_rollout
+
         self.metrics.close()
         self.stop.close()
         if self.ctx is not None:
             self.ctx.scorer.close()
-            self.ctx.engine.shutdown()
-        self.syncer.close()
+        close_rollout(self.syncer, self.ctx.engine if self.ctx is not None else None)  # syncer before engine

@@ -94,11 +94,10 @@ def _bad_sampling():
 
 
 def test_weight_update_session_detection_and_helpers(standin):
-    new, old = standin(), standin(weight_session=False)
+    new, old = standin(readback_any_model=True), standin(weight_session=False)
     engine_new, engine_old = engine_for(new.url), engine_for(old.url)
     try:
         assert engine_new.begin_weight_update() is True
-        engine_new.update_weights_from_disk  # noqa: B018  (exists for weight sync)
         engine_new.end_weight_update()
         assert new.session_open is False
         assert engine_old.begin_weight_update() is False

@@ -25,6 +25,9 @@ def test_server_argv_passes_user_settings():
         assert expected in joined
     assert argv[-2:] == ["--chunked-prefill-size", "4096"]
     assert "0.0.0.0" not in joined
+    assert "--enable-deterministic-inference" not in argv  # off by default: SGLang then ignores sampling_seed
+    cfg.deterministic_inference = True
+    assert "--enable-deterministic-inference" in server_command(cfg, "/models/m", 31000, 0, 31001)
     router = " ".join(router_command(cfg, ["http://a:1", "http://b:2"], 32000))
     assert "sglang_router.launch_router --worker-urls http://a:1 http://b:2" in router and "--api-key k" in router
 

@@ -8,6 +8,7 @@ import requests
 import torch
 from safetensors.torch import save_file
 
+from tests.helpers import sglang_source
 from tests.rollout.conftest import tiny_model
 
 
@@ -44,8 +45,13 @@ def test_flush_refused_while_requests_queued(standin):
 
 
 def _tensor_payload(named, flattened=False):
+    """A payload as SGLang's own producer builds it (its FlattenedTensorBucket, when its source is here)."""
     if not flattened:
         return base64.b64encode(pickle.dumps(named)).decode()
+    if sglang_source.sglang_root() is not None:
+        bucket = sglang_source.tensor_bucket().FlattenedTensorBucket(named_tensors=named)
+        obj = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
+        return base64.b64encode(pickle.dumps(obj)).decode()
     chunks, metadata, offset = [], [], 0
     for name, tensor in named:
         raw = tensor.contiguous().view(-1).view(torch.uint8)
@@ -57,7 +63,7 @@ def _tensor_payload(named, flattened=False):
 
 
 def test_weight_updates_need_a_session_and_really_load(standin, tmp_path):
-    server = standin(tp_size=2)
+    server = standin(tp_size=2, readback_any_model=True)
     state = tiny_model(9).state_dict()
     named = [("model.norm.weight", state["model.norm.weight"]), ("lm_head.weight", state["lm_head.weight"])]
     body = {"serialized_named_tensors": [_tensor_payload(named, True)] * 2, "load_format": "flattened_bucket", "weight_version": "3"}
@@ -73,7 +79,7 @@ def test_weight_updates_need_a_session_and_really_load(standin, tmp_path):
     assert post(server, "/end_weight_update").status_code == 200
     got = post(server, "/get_weights_by_name", {"name": "lm_head.weight", "truncate_size": 2}).json()
     assert torch.tensor(got).equal(state["lm_head.weight"][:2])
-    assert requests.get(server.url + "/get_weight_version", timeout=10).json() == {"weight_version": "3"}
+    assert requests.get(server.url + "/model_info", timeout=10).json()["weight_version"] == "3"
     # disk updates do not need a session
     save_file({"model.norm.weight": torch.full_like(state["model.norm.weight"], 0.5)}, str(tmp_path / "model.safetensors"))
     assert post(server, "/update_weights_from_disk", {"model_path": str(tmp_path), "weight_version": "4"}).status_code == 200
@@ -102,7 +108,7 @@ def test_distributed_update_over_gloo(standin):
 
     from maspo_megatron.rollout.sglang.launcher import free_port
 
-    server = standin()
+    server = standin(readback_any_model=True)
     port = free_port()
     store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
     init = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,

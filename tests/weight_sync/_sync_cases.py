@@ -277,7 +277,7 @@ def case_sglang(urls: dict, disk_dir: str, plan: list) -> dict:
 
     from maspo_megatron.config.rollout import SGLangConfig
     from maspo_megatron.rollout.sglang.engine import SGLangEngine
-    from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer
+    from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer, close_rollout
 
     dims, chunks, wmap = build_policy(False)
     rank0 = dist.get_rank() == 0
@@ -295,11 +295,9 @@ def case_sglang(urls: dict, disk_dir: str, plan: list) -> dict:
             expected = export_reference(dims, chunks, wmap)
             if rank0:
                 out.append({"key": (label, transport), "report": report, "expected": expected,
-                            "held": _server_weights(engine, expected), "version": engine.get("/get_weight_version")})
+                            "held": _server_weights(engine, expected), "version": engine.get("/model_info")})
         finally:
-            syncer.close()
-            if engine is not None:
-                engine.shutdown()
+            close_rollout(syncer, engine)  # the trainer's order: syncer (destroys the groups) before engine
     return out
 
 
@@ -353,3 +351,25 @@ def case_export_paths(tp: int, plans: list) -> list:
                     "kept_mapping": buffers["shared"].shared.tensor.data_ptr() == mapped,
                     "shared_nbytes": buffers["shared"].shared.nbytes, "padded_vocab": wmap.meta.padded_vocab_size})
     return out
+
+
+def case_verify_refused(url: str) -> str:
+    """verify_weights against a server that cannot read weights back: every rank's WeightSyncer raises."""
+    import torch.distributed as dist
+
+    from maspo_megatron.config.rollout import SGLangConfig
+    from maspo_megatron.rollout.sglang.engine import SGLangEngine
+    from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer
+    from maspo_megatron.rollout.weight_sync.transports import WeightSyncError
+
+    dims, chunks, wmap = build_policy(False, tp=2, pp=1)
+    engine = SGLangEngine(SGLangConfig(urls=[url])) if dist.get_rank() == 0 else None
+    try:
+        WeightSyncer(weight_sync_cfg(transport="disk", disk_dir="/nonexistent-never-written"), chunks, wmap, dims,
+                     engine=engine, engine_kind="sglang")
+    except WeightSyncError as exc:
+        return str(exc)
+    finally:
+        if engine is not None:
+            engine.shutdown()
+    return "no error"

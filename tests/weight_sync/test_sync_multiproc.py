@@ -85,8 +85,11 @@ def standin_servers(tmp_path):
 
     model_dir = tmp_path / "engine_model"
     cases.hf_model(False, cases.SEED_ENGINE).save_pretrained(model_dir)
-    servers = {"new": StandinServer(str(model_dir)).start(),
-               "old": StandinServer(str(model_dir), weight_session=False).start()}  # sglang < 0.5.23
+    # readback_any_model: these Qwen2 servers answer /get_weights_by_name (0.5.23 would not), so the test
+    # can read back what landed and verify_weights runs; test_verify_weights_refused_at_start_up has the truth
+    servers = {"new": StandinServer(str(model_dir), readback_any_model=True).start(),
+               "old": StandinServer(str(model_dir), weight_session=False, readback_any_model=True,
+                                   version="0.5.2").start()}  # < 0.5.23: no session, one dtype per bucket
     yield servers
     for server in servers.values():
         server.stop()
@@ -117,3 +120,19 @@ def test_sync_into_standin_servers_over_disk_tensor_distributed(standin_servers,
     _check_standin_run(rank0, plan)
     assert [p.name for p in (tmp_path / "sync").iterdir()] == ["v00000011"]  # the disk version dir
     assert standin_servers["new"].call(lambda: dict(standin_servers["new"].groups)) == {}  # destroyed on close
+
+
+def test_verify_weights_refused_at_start_up_naming_the_model_class(tmp_path):
+    """A Qwen2 server as sglang 0.5.23 serves it (no /get_weights_by_name for Qwen2): verify_weights stops
+    every rank when the syncer is built, naming the model class, instead of crashing the first sync."""
+    from tests.helpers.sglang_standin import StandinServer
+
+    model_dir = tmp_path / "engine_model"
+    cases.hf_model(False, cases.SEED_ENGINE).save_pretrained(model_dir)
+    server = StandinServer(str(model_dir)).start()
+    try:
+        messages = run_distributed(cases.case_verify_refused, 2, server.url, timeout_s=120)
+    finally:
+        server.stop()
+    for message in messages:
+        assert "verify_weights" in message and "Qwen2ForCausalLM" in message and "LlamaForCausalLM" in message, message

@@ -1,8 +1,10 @@
 """Real SGLang (GPU): tensor (CUDA IPC flattened buckets) and distributed (NCCL) transports, verify_weights,
 engine log-probs vs the trainer's after a sync, and blockwise FP8 into an FP8 server.
 
-Skipped without CUDA (tests/conftest.py) and without the `sglang` package. The trainer runs in a
-child process (world size 1, NCCL); the server is launched by the test through the rollout package.
+Skipped without CUDA (tests/conftest.py) and without the `sglang` package (except the CUDA-IPC
+device-UUID test, which needs only torch). The trainer runs in a child process (world size 1, NCCL);
+the server is launched by the test through the rollout package. The model is a Llama: sglang 0.5.23
+serves /get_weights_by_name (verify_weights) for Llama-like classes only, not Qwen2/Qwen3.
 """
 import pytest
 import torch
@@ -17,8 +19,8 @@ VOCAB = 512
 def _hf_config():
     import transformers
 
-    # head_dim 64: SGLang's attention kernels do not take tiny head sizes
-    return transformers.Qwen2Config(
+    # head_dim 64: SGLang's attention kernels do not take tiny head sizes; 256 / 512 rows: whole FP8 blocks
+    return transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=2, tie_word_embeddings=False)
 
@@ -76,7 +78,7 @@ def _trainer_case(url: str, transport: str, fp8: bool) -> dict:
     trainer = torch.log_softmax(logits, -1)[len(prompt) - 1:-1].gather(
         -1, torch.tensor(sample.token_ids, device="cuda")[:, None]).squeeze(-1).cpu()
     out = {"report": report, "engine": sample.log_probs, "trainer": trainer,
-           "version": next(iter(engine.get("/get_weight_version").values()))["weight_version"]}
+           "version": next(iter(engine.get("/model_info").values()))["weight_version"]}
     syncer.close()
     engine.shutdown()
     return out
@@ -94,30 +96,26 @@ def bf16_server(tmp_path_factory):
 
 @pytest.mark.parametrize("transport", ["tensor", "distributed"])
 def test_sync_into_real_sglang(bf16_server, transport):
-    (result,) = run_distributed(_trainer_case, 1, bf16_server.worker_urls[0], transport, False, timeout_s=600, device="cuda")
+    if transport == "distributed" and torch.cuda.device_count() < 2:
+        pytest.skip("NCCL refuses two ranks of one group on one GPU: the distributed transport needs 2 GPUs")
+    (result,) = run_distributed(_trainer_case, 1, bf16_server.worker_urls[0], transport, False, timeout_s=600,
+                                device="cuda")
     assert result["report"].verified and result["version"] == "7"
     # bf16 kernels differ between SGLang and Megatron; a wrong or stale weight moves log-probs by far more
     assert (result["engine"] - result["trainer"]).abs().mean() < 0.05
 
 
 def test_fp8_blockwise_into_fp8_server(tmp_path_factory):
-    """The server starts from an FP8 checkpoint written in the HF layout by our quantizer; the sync
-    then sends quantized weights + weight_scale_inv on the fly."""
+    """The server starts from the FP8 checkpoint tools/write_fp8_checkpoint.py writes; the sync then
+    sends quantized weights + weight_scale_inv on the fly."""
     pytest.importorskip("sglang")
-    import json
 
-    from safetensors.torch import save_file
+    from maspo_megatron.rollout.weight_sync.fp8_checkpoint import write_fp8_checkpoint
 
-    from maspo_megatron.rollout.weight_sync.fp8 import fp8_stream, quantization_config
-
-    model_dir = tmp_path_factory.mktemp("ws_gpu_fp8_model")
-    model = _model(2)
-    model.config.save_pretrained(model_dir)
-    quantized = {n: t.contiguous() for n, t, _ in fp8_stream((n, t, None) for n, t in model.state_dict().items())}
-    save_file(quantized, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((model_dir / "config.json").read_text())
-    config["quantization_config"] = quantization_config()
-    (model_dir / "config.json").write_text(json.dumps(config))
+    bf16_dir = tmp_path_factory.mktemp("ws_gpu_bf16_model")
+    _model(2).save_pretrained(bf16_dir, safe_serialization=True)
+    model_dir = tmp_path_factory.mktemp("ws_gpu_fp8_parent") / "fp8"
+    write_fp8_checkpoint(str(bf16_dir), str(model_dir))  # what slurm/train_disaggregated.sbatch runs first
     engine = _launch(model_dir, tmp_path_factory.mktemp("ws_gpu_fp8_logs"), quantization="fp8")
     try:
         (result,) = run_distributed(_trainer_case, 1, engine.worker_urls[0], "tensor", True, timeout_s=600, device="cuda")
@@ -125,3 +123,30 @@ def test_fp8_blockwise_into_fp8_server(tmp_path_factory):
         engine.shutdown()
     assert result["version"] == "7"
     assert (result["engine"] - result["trainer"]).abs().mean() < 0.15  # e4m3 weights vs the bf16 trainer
+
+
+def _open_payload(payload: str) -> list:
+    """Another process: rebuild the payload as SGLang's patched reductions would (UUID -> local index)."""
+    from maspo_megatron.rollout.weight_sync.flattened_bucket import load_payload
+
+    return [(name, tensor.float().sum().item(), str(tensor.device)) for name, tensor in load_payload(payload)]
+
+
+def test_cuda_ipc_payload_names_its_gpu_by_uuid():
+    """The handle carries the device UUID, not this process's index: another process (here with the same
+    devices; a server may number them differently) maps it back and reads the same memory."""
+    import base64
+    import multiprocessing
+
+    from maspo_megatron.rollout.weight_sync.flattened_bucket import device_uuid, flatten_tensors, serialize_payload
+
+    device = torch.cuda.current_device()
+    named = [("w", torch.arange(12, dtype=torch.bfloat16, device="cuda").reshape(3, 4)),
+             ("s", torch.full((5,), 0.5, device="cuda"))]
+    buf, metadata = flatten_tensors(named)
+    payload = serialize_payload(buf, metadata)
+    assert device_uuid(device).encode() in base64.b64decode(payload)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        opened = pool.apply(_open_payload, (payload,))
+    del buf  # kept alive until the receiver answered
+    assert opened == [("w", 66.0, f"cuda:{device}"), ("s", 2.5, f"cuda:{device}")]

@@ -7,6 +7,7 @@ the deadline, fails the launch with its log tail in the error; all started proce
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -40,27 +41,74 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return f"(no log: {exc})"
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerSlot:
+    """Where one server runs: `node` (index in the job's node list), its index among that node's servers,
+    and its node-local GPU ids (`--base-gpu-id` = gpu_ids[0]; SGLang TP rank r runs on gpu_ids[r])."""
+
+    node: int
+    index_on_node: int
+    gpu_ids: tuple[int, ...]
+
+
+def plan_servers(cfg, num_nodes: int, gpus_per_node: int) -> list[ServerSlot]:
+    """The colocated fleet: on EVERY node, `rollout.sglang.num_servers` servers of tp_size x dp_size GPUs
+    each, from `base_gpu_id` on, with node-local GPU ids (each node's launcher starts its own set). Refuses
+    a plan that runs past a node's GPUs."""
+    gpus_per_server = cfg.tp_size * cfg.dp_size
+    needed = cfg.base_gpu_id + cfg.num_servers * gpus_per_server
+    if needed > gpus_per_node:
+        raise ValueError(f"rollout.sglang: base_gpu_id {cfg.base_gpu_id} + num_servers {cfg.num_servers} x tp_size "
+                         f"{cfg.tp_size} x dp_size {cfg.dp_size} = GPU {needed - 1} runs past a node's {gpus_per_node} GPUs "
+                         "(num_servers counts the servers of ONE node)")
+    return [ServerSlot(node, index, tuple(range(cfg.base_gpu_id + index * gpus_per_server,
+                                                cfg.base_gpu_id + (index + 1) * gpus_per_server)))
+            for node in range(num_nodes) for index in range(cfg.num_servers)]
+
+
+def ipc_routes(slots: Sequence[ServerSlot], urls: Sequence[str], rank_of_gpu: dict) -> dict[str, list[int]]:
+    """CUDA IPC works only within a node and each SGLang TP rank should open a handle on its own GPU (slime's
+    colocated design): url -> the trainer global rank whose bucket copy each TP rank of that server gets.
+    `rank_of_gpu[(node, gpu)]` = the trainer rank on that node-local GPU (from an all-gather of
+    (node, device) over the trainer ranks)."""
+    routes = {}
+    for slot, url in zip(slots, urls, strict=True):
+        missing = [gpu for gpu in slot.gpu_ids if (slot.node, gpu) not in rank_of_gpu]
+        if missing:
+            raise ValueError(f"weight_sync.transport 'tensor': server {url} (node {slot.node}) runs on GPUs {missing} where "
+                             "no trainer rank runs, so no rank can hand it a CUDA IPC handle on its own GPU")
+        routes[url] = [rank_of_gpu[(slot.node, gpu)] for gpu in slot.gpu_ids]
+    return routes
+
+
+def server_flags(cfg) -> list[str]:
+    """The `sglang.launch_server` flags a config decides for every server (`cfg`: an `SGLangConfig`), the
+    same for servers this process launches and for those slurm/sglang_node.sh starts
+    (`python -m maspo_megatron.launch.sglang_server_args`)."""
+    flags = ["--tp-size", str(cfg.tp_size), "--dp-size", str(cfg.dp_size),
+             "--mem-fraction-static", str(cfg.mem_fraction_static)]
+    if cfg.enable_memory_saver:
+        flags.append("--enable-memory-saver")
+    if cfg.quantization:
+        flags += ["--quantization", cfg.quantization]
+    if cfg.deterministic_inference:
+        flags.append("--enable-deterministic-inference")
+    if cfg.api_key:
+        flags += ["--api-key", cfg.api_key]
+    return flags + list(cfg.extra_args)
+
+
 def server_command(cfg, model_path: str, port: int, server_index: int, nccl_port: int) -> list[str]:
     """The argv of server `server_index`; `cfg` is an `SGLangConfig`."""
     prefix = list(cfg.launch_command) or [sys.executable, "-m", "sglang.launch_server"]
     gpus_per_server = cfg.tp_size * cfg.dp_size
-    argv = prefix + [
+    return prefix + [
         "--model-path", str(model_path),
         "--host", cfg.host,
         "--port", str(port),
-        "--tp-size", str(cfg.tp_size),
-        "--dp-size", str(cfg.dp_size),
-        "--mem-fraction-static", str(cfg.mem_fraction_static),
         "--nccl-port", str(nccl_port),
         "--base-gpu-id", str(cfg.base_gpu_id + server_index * gpus_per_server),
-    ]
-    if cfg.enable_memory_saver:
-        argv.append("--enable-memory-saver")
-    if cfg.quantization:
-        argv += ["--quantization", cfg.quantization]
-    if cfg.api_key:
-        argv += ["--api-key", cfg.api_key]
-    return argv + list(cfg.extra_args)
+    ] + server_flags(cfg)
 
 
 def router_command(cfg, worker_urls: Sequence[str], port: int) -> list[str]:
@@ -71,6 +119,12 @@ def router_command(cfg, worker_urls: Sequence[str], port: int) -> list[str]:
     return argv + list(cfg.router_extra_args)
 
 
+def _visible_gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 class ServerLauncher:
     """Owns the server (and router) processes of one engine. Use `launch()` then `shutdown()`."""
 
@@ -79,6 +133,9 @@ class ServerLauncher:
             raise ValueError("rollout.sglang: launching servers needs a model path (model.hf_config) or set rollout.sglang.urls")
         self.cfg = cfg
         self.model_path = model_path
+        gpus = _visible_gpu_count()
+        if gpus:
+            plan_servers(cfg, 1, gpus)  # this node's servers must fit its GPUs (--base-gpu-id past the node)
         self.log_dir = Path(log_dir or cfg.log_dir or tempfile.mkdtemp(prefix="maspo_sglang_"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.processes: list[tuple[str, subprocess.Popen, Path]] = []

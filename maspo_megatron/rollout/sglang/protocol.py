@@ -16,9 +16,40 @@ Unknown request fields and unknown sampling params are a 400 on the server, so n
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from maspo_megatron.rollout.types import FINISH_REASONS, RolloutError, Sample, SamplingParams
+
+# HF architectures whose sglang 0.5.23 model class implements `get_weights_by_name` (models/llama.py and
+# its subclasses, opt.py, granite.py, exaone4.py, embedding_gemma2.py); for every other class, e.g.
+# Qwen2ForCausalLM and Qwen3ForCausalLM, `/get_weights_by_name` answers 400 (tests check this list
+# against the source: tests/rollout/test_sglang_contract.py).
+WEIGHTS_BY_NAME_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "Phi3ForCausalLM", "InternLM3ForCausalLM", "IQuestCoderForCausalLM", "OPTForCausalLM",
+    "GraniteForCausalLM", "GraniteSWAForCausalLM", "Exaone4ForCausalLM", "EmbeddingGemma2Model",
+})
+
+# The first release whose FlattenedTensorBucket we read `supports_multi_dtypes = True` in (tensor_bucket.py).
+MIXED_DTYPE_BUCKETS_SINCE = "0.5.23"
+
+
+def version_at_least(version: Any, minimum: str) -> bool:
+    """"0.5.23.post1" >= "0.5.23"; an unknown or unparsable version counts as older."""
+    def numbers(text: str) -> tuple:
+        parts = []
+        for piece in str(text).split("."):
+            digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+            if not digits:
+                break
+            parts.append(int(digits))
+        return tuple(parts)
+
+    return bool(version) and bool(numbers(version)) and numbers(version) >= numbers(minimum)
+
+
+# Memory tags of /release_memory_occupation and /resume_memory_occupation (sglang 0.5.23 constants.py).
+MEMORY_WEIGHTS, MEMORY_KV_CACHE, MEMORY_CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
+MEMORY_TAGS = (MEMORY_WEIGHTS, MEMORY_KV_CACHE, MEMORY_CUDA_GRAPH)
 
 # SamplingParams fields of sglang 0.5.23 (srt/sampling/sampling_params.py) that this client uses.
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "stop_token_ids", "ignore_eos", "sampling_seed")
@@ -132,3 +163,44 @@ def parse_batch_response(body: Any, count: int, *, url: str, default_weight_vers
         raise RolloutError(f"{url}/generate: a batch of {count} items was answered with {got} results")
     # Each sample owns its log-prob tensor (views of one batch tensor would pickle the whole batch).
     return [parse_generate_response(item, url=url, default_weight_version=default_weight_version) for item in body]
+
+
+# ---- weight-update bodies (io_struct.py request structs of 0.5.23; unknown keys are dropped silently
+# there, so every key here is checked against the source by tests/rollout/test_sglang_contract.py) ----
+def tensor_update_body(payloads: Sequence[str], weight_version: int, load_format: str) -> dict:
+    """`UpdateWeightsFromTensorReqInput`: `payloads[i]` is the serialized bucket SGLang TP rank i opens."""
+    return {"serialized_named_tensors": list(payloads), "load_format": load_format, "flush_cache": False,
+            "weight_version": str(weight_version)}
+
+
+def init_group_body(group_name: str, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                    backend: str) -> dict:
+    """`InitWeightsUpdateGroupReqInput`: the server's TP rank r joins as rank `rank_offset + r`."""
+    return {"master_address": master_address, "master_port": int(master_port), "rank_offset": int(rank_offset),
+            "world_size": int(world_size), "group_name": group_name, "backend": backend}
+
+
+def broadcast_update_body(group_name: str, names: Sequence[str], dtypes: Sequence[str],
+                          shapes: Sequence[Sequence[int]], weight_version: int) -> dict:
+    """`UpdateWeightsFromDistributedReqInput`: the tensors rank 0 of `group_name` broadcasts next, in order."""
+    return {"names": list(names), "dtypes": list(dtypes), "shapes": [list(s) for s in shapes],
+            "group_name": group_name, "flush_cache": False, "weight_version": str(weight_version)}
+
+
+def destroy_group_body(group_name: str) -> dict:
+    """`DestroyWeightsUpdateGroupReqInput`."""
+    return {"group_name": group_name}
+
+
+def disk_update_body(model_path: str, weight_version: int) -> dict:
+    """`UpdateWeightFromDiskReqInput` (no abort: the syncer has paused generation already)."""
+    return {"model_path": model_path, "weight_version": str(weight_version), "abort_all_requests": False}
+
+
+def check_update_answers(url_to_body: Mapping[str, Any], what: str) -> None:
+    """SGLang answers weight updates with {"success": bool, "message": str}; success false is an error."""
+    for url, body in url_to_body.items():
+        if isinstance(body, BaseException):
+            raise RolloutError(f"{what} on {url}: {type(body).__name__}: {body}")
+        if isinstance(body, dict) and body.get("success") is False:
+            raise RolloutError(f"{what} on {url} failed: {body.get('message')}")

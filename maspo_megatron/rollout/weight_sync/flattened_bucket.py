@@ -10,9 +10,9 @@ needs the byte offset to be a multiple of the element size, so each tensor start
 `ALIGN_BYTES` (the format allows gaps: only start/end are read).
 
 SGLang unpickles with an allowlist (`SafeUnpickler`): the metadata objects must be instances of
-`sglang.srt.weight_sync.tensor_bucket.FlattenedTensorMetadata`. When sglang is importable we use its
-class and serializer; otherwise `_SGLangNamePickler` writes that global by name so the payload is
-byte-for-byte what the real receiver accepts. `load_payload` is the strict receiving side, used by
+`sglang.srt.weight_sync.tensor_bucket.FlattenedTensorMetadata`: `_SGLangNamePickler` writes that global
+by name (sglang need not be installed on training nodes), and CUDA handles name their GPU by UUID as
+SGLang's patched reductions expect. `load_payload` is the strict receiving side, used by
 tests and the CPU stand-in server.
 """
 from __future__ import annotations
@@ -95,6 +95,31 @@ def reconstruct_tensors(buf: torch.Tensor, metadata: Iterable[Any]) -> List[Tupl
     return out
 
 
+# Position of the CUDA device index among the arguments torch's `reduce_tensor` returns for
+# `rebuild_cuda_tensor` (torch/multiprocessing/reductions.py; sglang 0.5.23 patch_torch.py names it the same).
+_REBUILD_CUDA_DEVICE_ARG = 6
+
+
+def device_uuid(index: int) -> str:
+    import torch
+
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+def reduce_tensor_by_device_uuid(tensor: torch.Tensor):
+    """torch's CUDA-IPC reduction with the device named by its UUID instead of this process's index.
+    SGLang's workers apply `monkey_patch_torch_reductions` (srt/utils/patch_torch.py), whose rebuild maps
+    a UUID string to their own index: the trainer and a server may see the same GPU under different
+    CUDA_VISIBLE_DEVICES numbers, and an index would open the wrong one. CPU tensors are unchanged."""
+    from torch.multiprocessing import reductions
+
+    rebuild, args = reductions.reduce_tensor(tensor)
+    if rebuild is reductions.rebuild_cuda_tensor and isinstance(args[_REBUILD_CUDA_DEVICE_ARG], int):
+        args = (*args[:_REBUILD_CUDA_DEVICE_ARG], device_uuid(args[_REBUILD_CUDA_DEVICE_ARG]),
+                *args[_REBUILD_CUDA_DEVICE_ARG + 1:])
+    return rebuild, args
+
+
 class _SGLangNamePickler(pickle._Pickler):  # the pure-Python pickler lets `save` write opcodes itself
     """Pickles our metadata exactly as sglang's own dataclass pickles (NEWOBJ + BUILD of its state),
     under the global name `sglang.srt.weight_sync.tensor_bucket.FlattenedTensorMetadata`."""
@@ -105,9 +130,12 @@ class _SGLangNamePickler(pickle._Pickler):  # the pure-Python pickler lets `save
         if share_memory:  # torch's reducers: CUDA IPC handles instead of bytes
             from multiprocessing.reduction import ForkingPickler
 
-            import torch.multiprocessing  # noqa: F401  (registers torch's tensor/storage reducers)
+            from torch.multiprocessing import reductions
 
             table.update(ForkingPickler._extra_reducers)
+            for cls, reducer in list(table.items()):
+                if reducer is reductions.reduce_tensor:
+                    table[cls] = reduce_tensor_by_device_uuid
         self.dispatch_table = table
 
     def save(self, obj: Any, save_persistent_id: bool = True) -> None:
@@ -124,31 +152,37 @@ class _SGLangNamePickler(pickle._Pickler):  # the pure-Python pickler lets `save
         super().save(obj, save_persistent_id)
 
 
-def _sglang_serializer():
-    """(serializer, metadata class) from an installed sglang, or None."""
-    try:
-        from sglang.srt.utils import MultiprocessingSerializer
-        from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata as SGLangMeta
-    except ImportError:
-        return None
-    return MultiprocessingSerializer, SGLangMeta
-
-
 def serialize_payload(buf: torch.Tensor, metadata: Sequence[FlattenedTensorMetadata]) -> str:
     """One `serialized_named_tensors` entry (base64 str) for `/update_weights_from_tensor`.
 
-    A CUDA `buf` travels as a CUDA IPC handle (the receiver maps the same memory: keep `buf` alive
-    until the request returns). A CPU `buf` travels by value: shared-memory file descriptors would
-    need the multiprocessing authkey, which an unrelated server process does not have.
+    A CUDA `buf` travels as a CUDA IPC handle naming its GPU by UUID (`reduce_tensor_by_device_uuid`;
+    the receiver maps the same memory: keep `buf` alive until the request returns). A CPU `buf` travels
+    by value: shared-memory file descriptors would need the multiprocessing authkey, which an unrelated
+    server process does not have. The pickle is the one sglang's MultiprocessingSerializer writes
+    (ForkingPickler reducers, base64), with its metadata class named.
     """
-    real = _sglang_serializer() if buf.is_cuda else None
-    if real is not None:
-        serializer, sglang_meta = real
-        converted = [sglang_meta(**dataclasses.asdict(m)) for m in metadata]
-        return serializer.serialize({"flattened_tensor": buf, "metadata": converted}, output_str=True)
     stream = io.BytesIO()
     _SGLangNamePickler(stream, share_memory=buf.is_cuda).dump({"flattened_tensor": buf, "metadata": list(metadata)})
     return base64.b64encode(stream.getvalue()).decode("ascii")
+
+
+def device_index_of_uuid(uuid: str) -> int:
+    import torch
+
+    for index in range(torch.cuda.device_count()):
+        if device_uuid(index) == uuid:
+            return index
+    raise ValueError(f"flattened bucket payload: no visible CUDA device has uuid {uuid} (another node's GPU?)")
+
+
+def rebuild_cuda_tensor_from_uuid(*args):
+    """The receiving half of `reduce_tensor_by_device_uuid`: the UUID back to this process's device index."""
+    from torch.multiprocessing import reductions
+
+    device = args[_REBUILD_CUDA_DEVICE_ARG]
+    if isinstance(device, str):
+        args = (*args[:_REBUILD_CUDA_DEVICE_ARG], device_index_of_uuid(device), *args[_REBUILD_CUDA_DEVICE_ARG + 1:])
+    return reductions.rebuild_cuda_tensor(*args)
 
 
 class _StrictUnpickler(pickle.Unpickler):
@@ -159,6 +193,8 @@ class _StrictUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"flattened bucket payload: blocked {module}.{name}")
         if module == SGLANG_METADATA_MODULE and name == SGLANG_METADATA_CLASS:
             return FlattenedTensorMetadata
+        if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+            return rebuild_cuda_tensor_from_uuid  # what SGLang's patched reductions do
         if not (module + ".").startswith(SGLANG_ALLOWED_MODULE_PREFIXES):
             raise pickle.UnpicklingError(f"flattened bucket payload: {module}.{name} is not in SGLang's allowlist")
         return super().find_class(module, name)

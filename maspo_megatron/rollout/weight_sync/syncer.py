@@ -25,6 +25,8 @@ from maspo_megatron.rollout.weight_sync.fp8 import DEFAULT_BLOCK, fp8_stream
 from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source, megatron_hf_stream
 from maspo_megatron.rollout.weight_sync.transports import TRANSPORTS, WeightSyncError, resolve_transport_name
 
+READBACK_PROBE = "model.norm.weight"  # a tensor every supported family has, never quantized
+
 
 @dataclasses.dataclass
 class SyncReport:
@@ -63,6 +65,37 @@ class WeightSyncer:
         self.verify_rows = None if engine_kind == "local" else cfg.verify_rows
         # reused bucket memory of the fast path (bucket_writer.py); FP8 goes through the general path
         self._buffers = None if cfg.fp8 else BucketBuffers(cfg.bucket_bytes, device=_params_device(self.chunks))
+        self._startup_checks()
+
+    def _startup_checks(self) -> None:
+        """Refuses, at start-up and on every rank, what could only fail at the first sync: a transport the
+        engine cannot receive (e.g. NCCL into colocated servers), and verify_weights where the engine
+        cannot read weights back (sglang 0.5.23 serves /get_weights_by_name for a few model classes only)."""
+        error = [None]
+        if dist.get_rank() == 0:
+            error[0] = self.transport.receiver_error() or self._fp8_shard_error()
+            if error[0] is None and self.cfg.verify_weights and hasattr(self.engine, "check_weight_readback"):
+                try:
+                    self.engine.check_weight_readback(READBACK_PROBE)
+                except RuntimeError as exc:
+                    error[0] = str(exc)
+        dist.broadcast_object_list(error, src=0)
+        if error[0] is not None:
+            raise WeightSyncError(error[0])
+
+    def _fp8_shard_error(self) -> Optional[str]:
+        """FP8 into servers whose TP shards would split a scale block (SGLang fails loading them)."""
+        if not self.cfg.fp8 or not hasattr(self.engine, "receiver_tp_sizes"):
+            return None
+        from maspo_megatron.rollout.weight_sync.fp8_checkpoint import check_tp_blocks, linear_shapes
+
+        block = (self.cfg.fp8_block_size, self.cfg.fp8_block_size)
+        for tp_size in sorted(set(self.engine.receiver_tp_sizes.values())):
+            problems = check_tp_blocks(linear_shapes(self.wmap.meta), tp_size, block)
+            if problems:
+                return (f"rollout.weight_sync.fp8: rollout.sglang.tp_size {tp_size} splits FP8 blocks of "
+                        f"{len(problems)} weight(s), e.g. {problems[0]}")
+        return None
 
     # ---- the HF stream this rank feeds ---------------------------------------------------------
     def buckets(self):
@@ -148,6 +181,18 @@ class WeightSyncer:
     def close(self) -> None:
         self.transport.close()
         self._buffers = None
+
+
+def close_rollout(syncer: Optional[WeightSyncer], engine: Optional[Any]) -> None:
+    """Shuts the rollout side down in order: the syncer first, because its close still talks to the engine
+    (distributed: /destroy_weights_update_group on every server, collectively with the stage sources),
+    then the engine, even when the syncer's close failed. Every rank calls it (engine: rank 0's or None)."""
+    try:
+        if syncer is not None:
+            syncer.close()
+    finally:
+        if engine is not None:
+            engine.shutdown()
 
 
 def _params_device(chunks) -> Any:

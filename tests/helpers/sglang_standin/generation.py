@@ -48,6 +48,9 @@ class GenerationMixin:
         self.generate_count += 1  # every /generate call, accepted or not
         body = await self._json(request)
         single, jobs = normalize_generate(body)
+        self.memory_events.append(("/generate", tuple(sorted(self.released))))
+        if self.released & {"weights", "kv_cache"}:  # a real server would read unmapped memory
+            raise BadRequest(f"generate: memory released ({sorted(self.released)}); resume it first")
         self.generate_items += len(jobs)
         if self.zero_latency:
             if self.response_delay_s:

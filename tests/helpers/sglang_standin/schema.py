@@ -16,33 +16,15 @@ the stand-in refuses both with 400, so a client that passes here is right on the
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-# GenerateReqInput fields of sglang 0.5.23 (srt/managers/io_struct.py). Unknown -> 400.
-GENERATE_FIELDS = frozenset({
-    "rid", "session_id", "text", "input_ids", "input_embeds", "image_data", "video_data", "audio_data", "mm_hashes",
-    "mm_content_hashes", "use_audio_in_video", "video_config", "sampling_params", "return_logprob",
-    "logprob_start_len", "top_logprobs_num", "token_ids_logprob", "return_sampling_mask", "return_text_in_logprobs",
-    "return_flat_raw_top_logprobs", "return_flat_raw_top_logprobs_b64", "stream", "log_metrics",
-    "return_hidden_states", "return_routed_experts", "routed_experts_start_len", "return_indexer_topk", "modalities",
-    "session_params", "lora_path", "lora_id", "custom_logit_processor", "positional_embed_overrides",
-    "bootstrap_host", "bootstrap_port", "bootstrap_room", "bootstrap_pair_key", "decode_tp_size", "routed_dp_rank",
-    "data_parallel_rank", "disagg_prefill_dp_rank", "kv_router_hint", "routing_key", "conversation_id",
-    "http_worker_ipc", "background", "require_reasoning", "max_thinking_tokens", "priority", "extra_key", "no_logs",
-    "custom_labels", "return_bytes", "return_entropy", "return_prompt_token_ids", "external_trace_header",
-    "received_time", "need_wait_for_mm_inputs", "num_items_assigned", "encoder_urls", "max_dynamic_patch",
-    "min_dynamic_patch", "image_max_dynamic_patch", "video_max_dynamic_patch", "images_config",
-    "multi_item_delimiter_indices", "cache_salt",
-})
+from tests.helpers import sglang_source
+from tests.helpers.sglang_source import SGLANG_VERSION
+
+# What the stand-in implements (its own capability; SGLang's field lists come from its source:
+# tests/helpers/sglang_source.py). A non-empty field outside these sets is a 400 here.
 GENERATE_IMPLEMENTED = frozenset({"rid", "input_ids", "sampling_params", "return_logprob", "logprob_start_len",
                                   "stream", "log_metrics", "return_text_in_logprobs", "top_logprobs_num"})
-# SamplingParams API fields of sglang 0.5.23 (srt/sampling/sampling_params.py). Unknown -> 400.
-SAMPLING_FIELDS = frozenset({
-    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
-    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema", "regex",
-    "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
-    "custom_params", "stream_interval", "logit_bias", "sampling_seed",
-})
 SAMPLING_IMPLEMENTED = frozenset({"max_new_tokens", "stop_token_ids", "temperature", "top_p", "top_k", "n",
                                   "ignore_eos", "sampling_seed", "skip_special_tokens",
                                   "spaces_between_special_tokens", "no_stop_trim"})
@@ -55,22 +37,40 @@ class BadRequest(Exception):
     """Answered with HTTP 400 and this message."""
 
 
-def check_fields(body: Any, allowed: frozenset, implemented: frozenset, what: str) -> None:
+def check_fields(body: Any, implemented: frozenset, what: str, struct: Optional[str] = None) -> None:
+    """`body` against SGLang's io_struct `struct` (when its source is here: unknown keys, which the real
+    server drops silently, and missing required ones are a 400), then against what the stand-in implements."""
     if not isinstance(body, dict):
         raise BadRequest(f"{what}: expected a JSON object")
-    extra = body.keys() - allowed
-    if extra:
-        raise BadRequest(f"{what}: unexpected field(s) {sorted(extra)} (extra_forbidden)")
+    fields = _sglang_fields(struct)
+    if fields is not None:
+        unknown = sorted(body.keys() - fields.keys())
+        if unknown:
+            raise BadRequest(f"{what}: {unknown} are not fields of sglang {SGLANG_VERSION} {struct} (the real server "
+                             "would drop them silently)")
+        missing = sorted(k for k, required in fields.items() if required and k not in body)
+        if missing:
+            raise BadRequest(f"{what}: required field(s) {missing} of sglang {struct} missing")
+    elif body.keys() - implemented:  # no SGLang source to judge by: only what the stand-in knows
+        raise BadRequest(f"{what}: unexpected field(s) {sorted(body.keys() - implemented)}")
     unimplemented = sorted(k for k in body.keys() - implemented if body[k] not in _EMPTY)
     if unimplemented:
         raise BadRequest(f"{what}: field(s) {unimplemented} are valid SGLang but not implemented by the stand-in")
 
 
+def _sglang_fields(struct: Optional[str]) -> Optional[dict]:
+    """{field: required} of io_struct `struct` from SGLang's source, or None (no struct, or no source)."""
+    if struct is None or sglang_source.sglang_root() is None:
+        return None
+    return sglang_source.request_fields()[struct]
+
+
 def verify_sampling(sampling: Any, what: str = "SamplingParams") -> dict:
-    """One sampling_params dict -> the full parameter dict; SGLang's `SamplingParams.verify` errors as 400."""
+    """One sampling_params dict -> the full parameter dict; SGLang's `SamplingParams.verify` errors as 400.
+    (Unknown keys and wrong types were refused before, by SGLang's contract decoder.)"""
     if sampling is None:
         sampling = {}
-    check_fields(sampling, SAMPLING_FIELDS, SAMPLING_IMPLEMENTED, what)
+    check_fields(sampling, SAMPLING_IMPLEMENTED, what)
     params = dict(SAMPLING_DEFAULTS)
     for key, value in sampling.items():
         if value is not None:
@@ -106,7 +106,11 @@ def _per_item(value: Any, default: Any, batch_size: int, n: int, name: str) -> l
 def normalize_generate(body: Any) -> tuple[bool, list[tuple[list, dict, bool, str | None]]]:
     """A `/generate` body -> (is_single, jobs): one (input_ids, params, return_logprob, rid) per result,
     in the order SGLang answers them. Raises BadRequest for what SGLang refuses."""
-    check_fields(body, GENERATE_FIELDS, GENERATE_IMPLEMENTED, "GenerateReqInput")
+    if sglang_source.sglang_root() is not None:
+        contract_error = sglang_source.generate_contract_error(body)
+        if contract_error is not None:  # what http_server.py answers: 400 {"error": message}
+            raise BadRequest(f"GenerateRequest contract: {contract_error}")
+    check_fields(body, GENERATE_IMPLEMENTED, "GenerateReqInput")
     if body.get("stream"):
         raise BadRequest("GenerateReqInput: stream=true is not implemented by the stand-in")
     input_ids = body.get("input_ids")

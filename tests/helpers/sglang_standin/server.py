@@ -12,11 +12,28 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from tests.helpers import sglang_source
 from tests.helpers.sglang_standin.generation import GenerationMixin
 from tests.helpers.sglang_standin.schema import BadRequest, check_fields
 from tests.helpers.sglang_standin.weights import WeightsMixin, _error
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
+
+
+def check_routes_exist(app: web.Application) -> None:
+    """Every route the stand-in serves exists, with that method, in sglang's http_server.py (when its
+    source is here): a client test that passes here cannot rely on an endpoint the real server lacks."""
+    if sglang_source.sglang_root() is None:
+        return
+    real = sglang_source.routes()
+    for route in app.router.routes():
+        path, method = route.resource.canonical, route.method
+        if method == "HEAD":
+            continue
+        methods = real.get(path, (frozenset(), None))[0]
+        if not (method == "*" and methods) and method not in methods:
+            raise RuntimeError(f"stand-in route {method} {path} does not exist in sglang {sglang_source.SGLANG_VERSION} "
+                               f"(it serves {sorted(methods) or 'no such path'})")
 
 
 class StandinServer(GenerationMixin, WeightsMixin):
@@ -37,12 +54,19 @@ class StandinServer(GenerationMixin, WeightsMixin):
         weight_session: bool = True,
         max_running: int = 256,
         response_delay_s: float = 0.0,
+        readback_any_model: bool = False,
+        version: str = "0.5.23",
     ) -> None:
+        """readback_any_model: serve /get_weights_by_name for every model (test inspection of what landed);
+        by default only for the model classes sglang 0.5.23 implements it for (400 otherwise, as there)."""
         self.host, self.port, self.tp_size, self.api_key = host, port, tp_size, api_key
         self.enable_memory_saver, self.zero_latency = enable_memory_saver, zero_latency
         self.token_delay_s, self.weight_session, self.max_running = token_delay_s, weight_session, max_running
         self.ready_at = time.monotonic() + startup_delay_s
         self.response_delay_s = response_delay_s
+        self.readback_any_model = readback_any_model
+        self.version = version  # /server_info; below 0.5.23 flattened buckets must hold one dtype
+        self.model_path = model_path
         self.model = None
         if not zero_latency:
             import transformers
@@ -60,6 +84,9 @@ class StandinServer(GenerationMixin, WeightsMixin):
         self.released: set[str] = set()
         self.session_open = False
         self.groups: dict[str, Any] = {}
+        self.requests_seen: list[tuple[str, str, Any]] = []
+        # (event, memory tags released at that moment): release / resume / /generate / load_weights
+        self.memory_events: list[tuple[str, tuple]] = []
         self._init_generation()
         self._wakeup: Optional[asyncio.Event] = None
         self._thread: Optional[threading.Thread] = None
@@ -89,9 +116,10 @@ class StandinServer(GenerationMixin, WeightsMixin):
             app.router.add_route("*", path, {"/flush_cache": self.flush_cache, "/get_weights_by_name": self.get_weights}[path])
         for path in ("/health", "/health_generate"):
             app.router.add_get(path, self.health)
-        app.router.add_get("/get_model_info", self.model_info)
-        app.router.add_get("/get_weight_version", self.get_weight_version)
+        app.router.add_get("/model_info", self.model_info)
+        app.router.add_get("/server_info", self.server_info)
         app.on_startup.append(self._on_startup)
+        check_routes_exist(app)
         return app
 
     @web.middleware
@@ -99,10 +127,20 @@ class StandinServer(GenerationMixin, WeightsMixin):
         if self.api_key and not request.path.startswith("/health"):
             if request.headers.get("Authorization") != f"Bearer {self.api_key}":
                 return web.json_response({"error": "Unauthorized"}, status=401)
+        await self._record(request)
         try:
             return await handler(request)
         except BadRequest as exc:
             return _error(400, str(exc))
+
+    async def _record(self, request: web.Request) -> None:
+        """Appends (method, path, parsed JSON body or None) to `requests_seen` (tests judge what was sent)."""
+        raw = await request.read()  # aiohttp caches the body: the handler reads it again
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        self.requests_seen.append((request.method, request.path, body))
 
     async def _on_startup(self, app: web.Application) -> None:
         self._wakeup = asyncio.Event()
@@ -110,25 +148,31 @@ class StandinServer(GenerationMixin, WeightsMixin):
             self._scheduler_task = asyncio.ensure_future(self._scheduler())
 
     @staticmethod
-    async def _json(request: web.Request, allowed: Optional[set] = None, what: str = "") -> dict:
+    async def _json(request: web.Request, implemented: Optional[set] = None, struct: str = "") -> dict:
+        """The JSON body; with `implemented`, checked against sglang's io_struct `struct` (from its source)
+        and against the fields the stand-in implements."""
         raw = await request.read()
         try:
             body = json.loads(raw) if raw else {}
         except ValueError as exc:
-            raise BadRequest(f"{what or request.path}: body is not JSON: {exc}") from None
-        if allowed is not None:
-            check_fields(body, allowed, allowed, what or request.path)
+            raise BadRequest(f"{struct or request.path}: body is not JSON: {exc}") from None
+        if implemented is not None:
+            check_fields(body, frozenset(implemented), struct, struct=struct)
         return body
 
     # ---- health / info ---------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=503 if time.monotonic() < self.ready_at else 200)
 
-    async def model_info(self, request: web.Request) -> web.Response:
-        return web.json_response({"model_path": "standin", "is_generation": True, "weight_version": self.weight_version})
+    async def server_info(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": self.version, "tp_size": self.tp_size, "frontend": "python"})
 
-    async def get_weight_version(self, request: web.Request) -> web.Response:
-        return web.json_response({"weight_version": self.weight_version})
+    async def model_info(self, request: web.Request) -> web.Response:
+        """`/model_info` (0.5.23 has no `/get_weight_version`; `/get_model_info` is deprecated there)."""
+        return web.json_response({"model_path": self.model_path or "standin", "is_generation": True,
+                                  "weight_version": self.weight_version})
+
+
     async def pause_generation(self, request: web.Request) -> web.Response:
         body = await self._json(request, {"mode"}, "PauseGenerationReqInput")
         mode = body.get("mode", "abort")
@@ -167,10 +211,12 @@ class StandinServer(GenerationMixin, WeightsMixin):
 
     async def release_memory(self, request: web.Request) -> web.Response:
         self.released |= await self._memory_tags(request, "ReleaseMemoryOccupationReqInput")
+        self.memory_events.append(("release", tuple(sorted(self.released))))
         return web.Response(status=200)
 
     async def resume_memory(self, request: web.Request) -> web.Response:
         self.released -= await self._memory_tags(request, "ResumeMemoryOccupationReqInput")
+        self.memory_events.append(("resume", tuple(sorted(self.released))))
         self._wakeup.set()
         return web.Response(status=200)
 
@@ -221,6 +267,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--mem-fraction-static", type=float)
     parser.add_argument("--enable-memory-saver", action="store_true")
     parser.add_argument("--quantization")
+    parser.add_argument("--enable-deterministic-inference", action="store_true")
     parser.add_argument("--api-key")
     parser.add_argument("--nccl-port", type=int)
     parser.add_argument("--base-gpu-id", type=int)
@@ -232,6 +279,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--response-delay-s", type=float, default=0.0, help="zero-latency mode: answer after this sleep")
     parser.add_argument("--startup-delay-s", type=float, default=0.0)
     parser.add_argument("--no-weight-session", action="store_true")
+    parser.add_argument("--readback-any-model", action="store_true", help="/get_weights_by_name for every model")
     parser.add_argument("--fail-startup", help="print this message and exit 1 (tests the launcher)")
     args = parser.parse_args(argv)
     print(f"[standin] launching with {vars(args)}", flush=True)
@@ -242,7 +290,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.model_path, host=args.host, port=args.port, tp_size=args.tp_size, api_key=args.api_key,
         enable_memory_saver=args.enable_memory_saver, zero_latency=args.zero_latency,
         token_delay_s=args.token_delay_s, startup_delay_s=args.startup_delay_s, response_delay_s=args.response_delay_s,
-        weight_session=not args.no_weight_session,
+        weight_session=not args.no_weight_session, readback_any_model=args.readback_any_model,
     )
     print(f"[standin] serving on {server.url}", flush=True)
     web.run_app(server.make_app(), host=args.host, port=args.port, access_log=None, print=None)

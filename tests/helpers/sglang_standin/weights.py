@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from tests.helpers import sglang_source
 from tests.helpers.sglang_standin.schema import BadRequest
 
 GROUP_TIMEOUT_S = 60.0  # SGLang uses torch's default (30 min); bounded here so a broken test fails, not hangs
@@ -35,7 +36,7 @@ class WeightsMixin:
         return web.json_response({"success": True, "message": "Weight update session opened."})
 
     async def end_weight_update(self, request: web.Request) -> web.Response:
-        await self._json(request, {"run_post_load"}, "EndWeightUpdateReqInput")
+        await self._json(request, set(), "EndWeightUpdateReqInput")
         if not self.session_open:
             raise BadRequest("end_weight_update: no weight update session is open")
         self.session_open = False
@@ -47,6 +48,10 @@ class WeightsMixin:
 
     def _load(self, named: list, body: dict) -> web.Response:
         import torch
+
+        self.memory_events.append(("load_weights", tuple(sorted(self.released))))
+        if "weights" in self.released:  # the weights' memory is not mapped: nowhere to copy into
+            raise BadRequest("update weights: the weights' memory is released; resume tag 'weights' first")
 
         params = dict(self.model.state_dict(keep_vars=True))
         for name, tensor in named:
@@ -65,18 +70,22 @@ class WeightsMixin:
 
     async def update_from_tensor(self, request: web.Request) -> web.Response:
         fields = {"serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests", "weight_version",
-                  "disable_draft_model", "torch_empty_cache"}
+                  "torch_empty_cache"}
         body = await self._json(request, fields, "UpdateWeightsFromTensorReqInput")
         self._require_session("update_weights_from_tensor")
         payloads = body.get("serialized_named_tensors")
         if not isinstance(payloads, list) or len(payloads) != self.tp_size:
             raise BadRequest(f"serialized_named_tensors: expected one payload per TP rank ({self.tp_size})")
         decoded = [_decode_payload(p, body.get("load_format")) for p in payloads]
+        from maspo_megatron.rollout.sglang.protocol import MIXED_DTYPE_BUCKETS_SINCE, version_at_least
+
+        mixed = [p for p in decoded if len({t.dtype for _, t in p}) > 1]
+        if mixed and body.get("load_format") == "flattened_bucket" and not version_at_least(self.version, MIXED_DTYPE_BUCKETS_SINCE):
+            raise BadRequest(f"flattened_bucket: this server ({self.version}) takes one dtype per bucket")
         return self._load(decoded[0], body)
 
     async def update_from_disk(self, request: web.Request) -> web.Response:
-        fields = {"model_path", "load_format", "abort_all_requests", "weight_version", "is_async", "torch_empty_cache",
-                  "keep_pause", "recapture_cuda_graph", "token_step", "flush_cache", "manifest"}
+        fields = {"model_path", "load_format", "abort_all_requests", "weight_version", "torch_empty_cache", "flush_cache"}
         body = await self._json(request, fields, "UpdateWeightFromDiskReqInput")
         from safetensors.torch import load_file
 
@@ -153,11 +162,24 @@ class WeightsMixin:
 
     async def get_weights(self, request: web.Request) -> web.Response:
         body = await self._json(request, {"name", "truncate_size"}, "GetWeightsByNameReqInput")
+        architectures = set(getattr(self.model.config, "architectures", None) or [])
+        if not self.readback_any_model and not architectures & readback_architectures():
+            # sglang 0.5.23: the model runner logs the model's AttributeError, the server answers 400
+            return _error(400, "Get parameter by name failed")
         tensor = self.model.state_dict().get(body.get("name"))
         if tensor is None:
             return _error(400, "Get parameter by name failed")
         return web.json_response(tensor.float()[: int(body.get("truncate_size", 100))].tolist())
 
+
+
+def readback_architectures() -> frozenset:
+    """Model classes whose sglang 0.5.23 implementation has get_weights_by_name (from its source when here)."""
+    if sglang_source.sglang_root() is not None:
+        return sglang_source.weights_by_name_architectures()
+    from maspo_megatron.rollout.sglang.protocol import WEIGHTS_BY_NAME_ARCHITECTURES
+
+    return WEIGHTS_BY_NAME_ARCHITECTURES
 
 
 def init_custom_process_group(*, backend: str, master_address: str, master_port: int, world_size: int, rank: int,
@@ -186,7 +208,7 @@ def init_custom_process_group(*, backend: str, master_address: str, master_port:
 
 
 class _AnyObject:
-    """Stands in for sglang classes inside pickles (e.g. FlattenedTensorMetadata)."""
+    """Stands in for sglang classes inside pickles when sglang's source is not here."""
 
     def __init__(self, *args, **kwargs):
         self.__dict__.update(kwargs)
@@ -196,9 +218,16 @@ class _AnyObject:
 
 
 class _Unpickler(pickle.Unpickler):
+    """sglang names resolve to sglang's own classes (FlattenedTensorMetadata from its source) when it is here."""
+
     def find_class(self, module: str, name: str):
         if module.startswith("sglang"):
-            return _AnyObject
+            if sglang_source.sglang_root() is None:
+                return _AnyObject
+            bucket_module = sglang_source.tensor_bucket()
+            if module != bucket_module.__name__ or name != "FlattenedTensorMetadata":
+                raise pickle.UnpicklingError(f"{module}.{name}: not a class a weight payload may name")
+            return bucket_module.FlattenedTensorMetadata
         return super().find_class(module, name)
 
 
@@ -206,26 +235,39 @@ def _field(meta: Any, key: str) -> Any:
     return meta[key] if isinstance(meta, dict) else getattr(meta, key)
 
 
-def _decode_payload(payload: str, load_format: Optional[str]) -> list:
+def _decode_flattened(obj: Any) -> list:
+    """{"flattened_tensor", "metadata"} -> [(name, tensor)], by SGLang's FlattenedTensorBucket when its
+    source is here (what the real model runner does), else by the same slicing rule."""
     import torch
 
+    flat = obj["flattened_tensor"]
+    if flat.dtype != torch.uint8:
+        raise BadRequest("flattened_bucket: flattened_tensor must be uint8")
+    if sglang_source.sglang_root() is not None:
+        bucket_module = sglang_source.tensor_bucket()
+        bad = [m for m in obj["metadata"] if type(m) is not bucket_module.FlattenedTensorMetadata]
+        if bad:
+            raise BadRequest(f"flattened_bucket: metadata must be sglang FlattenedTensorMetadata, got {type(bad[0]).__name__}")
+        try:
+            return bucket_module.FlattenedTensorBucket(flattened_tensor=flat, metadata=obj["metadata"]).reconstruct_tensors()
+        except RuntimeError as exc:  # e.g. a misaligned view
+            raise BadRequest(f"flattened_bucket: {exc}") from None
+    named = []
+    for meta in obj["metadata"]:
+        dtype = _field(meta, "dtype")
+        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).replace("torch.", ""))
+        chunk = flat[int(_field(meta, "start_idx")):int(_field(meta, "end_idx"))]
+        named.append((_field(meta, "name"), chunk.view(dtype).reshape(list(_field(meta, "shape")))))
+    return named
+
+
+def _decode_payload(payload: str, load_format: Optional[str]) -> list:
     try:
         obj = _Unpickler(io.BytesIO(base64.b64decode(payload))).load()
     except Exception as exc:
         raise BadRequest(f"serialized_named_tensors: cannot decode payload ({type(exc).__name__}: {exc})") from None
     if load_format == "flattened_bucket":
-        flat = obj["flattened_tensor"]
-        if flat.dtype != torch.uint8:
-            raise BadRequest("flattened_bucket: flattened_tensor must be uint8")
-        named = []
-        for meta in obj["metadata"]:
-            dtype = _field(meta, "dtype")
-            dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).replace("torch.", ""))
-            chunk = flat[int(_field(meta, "start_idx")):int(_field(meta, "end_idx"))]
-            named.append((_field(meta, "name"), chunk.view(dtype).reshape(list(_field(meta, "shape")))))
-        return named
+        return _decode_flattened(obj)
     if load_format not in (None, "direct"):
         raise BadRequest(f"load_format: {load_format!r} is not implemented by the stand-in")
     return [(str(name), tensor) for name, tensor in obj]
-
-

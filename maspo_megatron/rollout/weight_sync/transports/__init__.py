@@ -15,16 +15,17 @@ def register_transport(cls: type) -> None:
 
 
 def resolve_transport_name(name: str, engine_kind: str) -> str:
-    """`auto` -> local for the in-process engine, tensor (colocated, CUDA) or disk for SGLang."""
+    """`auto` -> the engine's own default (rollout/registry.py: local for the in-process engine; tensor
+    with CUDA, disk without, for SGLang)."""
     import torch
 
-    if name != "auto":
-        if name not in TRANSPORTS:
-            raise WeightSyncError(f"weight_sync.transport: {name!r} is not one of {sorted(TRANSPORTS)}")
-        return name
-    if engine_kind == "local":
-        return "local"
-    return "tensor" if torch.cuda.is_available() else "disk"
+    from maspo_megatron.rollout.registry import default_transport
+
+    if name == "auto":
+        name = default_transport(engine_kind, torch.cuda.is_available())
+    if name not in TRANSPORTS:
+        raise WeightSyncError(f"weight_sync.transport: {name!r} is not one of {sorted(TRANSPORTS)}")
+    return name
 
 
 __all__ = ["TRANSPORTS", "DiskTransport", "DistributedTransport", "LocalTransport", "TensorTransport", "Transport",

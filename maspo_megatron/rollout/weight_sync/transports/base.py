@@ -4,8 +4,8 @@ Call order in one sync (the `WeightSyncer` drives it; every rank calls every ste
     prepare(version)          collective: groups, URLs, directories
     send(bucket, version)     on each pipeline stage's export source, once per bucket
     finish(version)           collective: the last bucket has been sent by every source
-`engine` is the rollout engine handle and exists on global rank 0 only (the driver); HTTP calls to
-SGLang are made from there.
+`engine` is the rollout engine handle and exists on global rank 0 only (the driver); transports call
+its receiver methods (receiver.py) there and never build an engine's request bodies themselves.
 """
 from __future__ import annotations
 
@@ -20,15 +20,6 @@ class WeightSyncError(RuntimeError):
     """A weight sync failed or verification found a mismatch (the message names the tensors / server)."""
 
 
-def check_response(url_to_body: dict, what: str) -> None:
-    """SGLang answers weight updates with {"success": bool, "message": str}; success=false is an error."""
-    for url, body in url_to_body.items():
-        if isinstance(body, BaseException):
-            raise WeightSyncError(f"{what} on {url}: {type(body).__name__}: {body}")
-        if isinstance(body, dict) and body.get("success") is False:
-            raise WeightSyncError(f"{what} on {url} failed: {body.get('message')}")
-
-
 def stage_sources(dims) -> List[int]:
     """Global ranks of the export sources of all pipeline stages, in stage order (valid on sources)."""
     return dist.get_process_group_ranks(dims.pp_group) if dims.pp > 1 else [dist.get_rank()]
@@ -41,6 +32,10 @@ class Transport:
         self.cfg = cfg
         self.dims = dims
         self.engine = engine
+
+    def receiver_error(self) -> Optional[str]:
+        """Rank 0, when the syncer is built: why this transport cannot feed the engine, or None."""
+        return None
 
     def prepare(self, version: int) -> None:
         """Collective, every rank."""

@@ -14,7 +14,8 @@ from typing import List
 import torch.distributed as dist
 
 from maspo_megatron.rollout.weight_sync.bucketing import NamedTensor, bucket_nbytes
-from maspo_megatron.rollout.weight_sync.transports.base import Transport, WeightSyncError, check_response
+from maspo_megatron.rollout.weight_sync.receiver import require_receiver
+from maspo_megatron.rollout.weight_sync.transports.base import Transport, WeightSyncError
 
 
 def version_dir(root: str, version: int) -> str:
@@ -34,10 +35,14 @@ class DiskTransport(Transport):
         self._shard_index = 0
         self._previous_dir = None
 
+    def receiver_error(self):
+        if not hasattr(self.engine, "load_from_disk"):
+            return "weight_sync.transport: 'disk' needs SGLang servers (rollout.engine=sglang)"
+        return None
+
     def prepare(self, version: int) -> None:
         if dist.get_rank() == 0:
-            if not hasattr(self.engine, "update_weights_from_disk"):
-                raise WeightSyncError("weight_sync.transport: 'disk' needs SGLang servers (rollout.engine=sglang)")
+            require_receiver(self.engine, "disk")
             path = version_dir(self.cfg.disk_dir, version)
             shutil.rmtree(path, ignore_errors=True)
             os.makedirs(path)
@@ -67,9 +72,7 @@ class DiskTransport(Transport):
         path = version_dir(self.cfg.disk_dir, version)
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as handle:
             json.dump({"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}, handle)
-        check_response(self.engine.update_weights_from_disk(
-            {"model_path": path, "weight_version": str(version), "abort_all_requests": False}),
-            "update_weights_from_disk")
+        self.engine.load_from_disk(path, version)
         if self._previous_dir and self._previous_dir != path:
             shutil.rmtree(self._previous_dir, ignore_errors=True)
         self._previous_dir = path

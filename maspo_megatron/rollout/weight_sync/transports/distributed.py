@@ -1,8 +1,10 @@
 """`distributed`: one NCCL (gloo on CPU) group per pipeline stage with the engines; broadcast buckets.
 
 Group of stage p: rank 0 = that stage's export source, ranks 1.. = every SGLang TP rank of every
-server (`rank_offset = 1 + server_index * tp_size`), rendezvous at the source's address through
-`/init_weights_update_group`. Both sides build the group the way SGLang's `init_custom_process_group`
+server (`rank_offset = 1 + server_index * tp_size`), rendezvous at the source's OWN address (its
+node: `source_address`) through `/init_weights_update_group`. NCCL cannot put two ranks of one group
+on a GPU, so this transport refuses servers that share the trainer's GPUs (colocated) on CUDA, and
+servers with `dp_size > 1` (their ranks are not `rank_offset + tp_rank`). Both sides build the group the way SGLang's `init_custom_process_group`
 does (TCPStore at tcp://address:port, PrefixStore(group_name), torch's `_new_process_group_helper`,
 which adds its own "<group_name>/" and "<device>/" prefixes), so the store keys meet. Per bucket
 rank 0 posts `/update_weights_from_distributed` (names, dtypes, shapes) for the stage while the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import os
 import socket
 import threading
 from typing import List, Optional
@@ -22,13 +25,39 @@ import torch.distributed as dist
 
 from maspo_megatron.rollout.weight_sync.bucketing import NamedTensor
 from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source
-from maspo_megatron.rollout.weight_sync.transports.base import Transport, WeightSyncError, check_response
+from maspo_megatron.rollout.weight_sync.receiver import require_receiver
+from maspo_megatron.rollout.weight_sync.transports.base import Transport
 
 
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def node_name() -> str:
+    """This process's node as the rollout nodes reach it: Slurm's name for it (`SLURMD_NODENAME`, the name
+    `scontrol show hostnames` and sglang_node.sh use), else the hostname."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def source_address(master_address: str, this_node: Optional[str] = None) -> str:
+    """Where a stage's source binds its TCPStore and what it advertises to the servers. Loopback when the
+    job is on one node (`weight_sync.master_address` loopback); otherwise the source's OWN node (stage p's
+    source may be on any training node; binding there to stage 0's host fails with EADDRNOTAVAIL), except
+    that the node named by master_address keeps that address (it may name a particular interface)."""
+    if master_address in LOOPBACK:
+        return master_address
+    this_node = this_node or node_name()
+    return master_address if this_node.split(".")[0] == master_address.split(".")[0] else this_node
+
+
+def group_name(stage: int) -> str:
+    """The weight-broadcast group of pipeline stage `stage`."""
+    return f"maspo_weight_sync_pp{stage}"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -79,8 +108,20 @@ class DistributedTransport(Transport):
     def __init__(self, cfg, dims, engine=None) -> None:
         super().__init__(cfg, dims, engine)
         self.group = None  # this source's group with the engines
-        self.group_name = f"maspo_weight_sync_pp{dims.pp_rank}"
+        self.group_name = group_name(dims.pp_rank)
         self.backend = "nccl" if torch.cuda.is_available() else "gloo"
+
+    def receiver_error(self) -> Optional[str]:
+        """Rank 0, at start-up: why the engine cannot take NCCL broadcasts, or None."""
+        if not hasattr(self.engine, "broadcast_group_size"):
+            return "weight_sync.transport: 'distributed' needs SGLang servers (rollout.engine=sglang)"
+        if getattr(self.engine, "data_parallel_size", 1) > 1:
+            return ("weight_sync.transport: 'distributed' does not support rollout.sglang.dp_size > 1 (its ranks are not "
+                    "rank_offset + tp_rank): use dp_size 1 and more servers (rollout.sglang.num_servers)")
+        if self.backend == "nccl" and getattr(self.engine, "shares_trainer_gpus", False):
+            return ("weight_sync.transport: 'distributed' cannot reach servers on the trainer's own GPUs (NCCL refuses two "
+                    "ranks of a group on one GPU): use 'tensor' when colocated, or rollout.sglang.urls on other nodes")
+        return None
 
     def _sources_exchange(self, item):
         """gather_object over the stage sources -> list on rank 0 (None elsewhere)."""
@@ -97,25 +138,19 @@ class DistributedTransport(Transport):
     def prepare(self, version: int) -> None:
         if self.group is not None or not is_export_source(self.dims):
             return
-        if dist.get_rank() == 0 and not hasattr(self.engine, "init_weights_update_group"):
-            raise WeightSyncError("weight_sync.transport: 'distributed' needs SGLang servers (rollout.engine=sglang)")
-        host = self.cfg.master_address
+        if dist.get_rank() == 0:
+            require_receiver(self.engine, "distributed")
+        host = source_address(self.cfg.master_address)
         port = _free_port(host)
         rendezvous = self._sources_exchange((host, port, self.group_name))
-        tp_size = int(getattr(self.engine.cfg, "tp_size", 1)) if self.engine is not None else 0
-        urls = list(self.engine.worker_urls) if self.engine is not None else []
-        world_size = [1 + tp_size * len(urls)]
+        world_size = [self.engine.broadcast_group_size() if self.engine is not None else 0]
         if self.dims.pp > 1:
             dist.broadcast_object_list(world_size, src=0, group=self.dims.pp_group)
         background = None
         if dist.get_rank() == 0:
             def init_all() -> None:
                 for stage_host, stage_port, name in rendezvous:
-                    payloads = {url: {"master_address": stage_host, "master_port": stage_port,
-                                      "rank_offset": 1 + index * tp_size, "world_size": world_size[0],
-                                      "group_name": name, "backend": self.backend}
-                                for index, url in enumerate(urls)}
-                    check_response(self.engine.init_weights_update_group(payloads), "init_weights_update_group")
+                    self.engine.init_broadcast_group(name, stage_host, stage_port, self.backend)
             background = _Background(init_all)
         # the timeout also bounds a broadcast whose receiver died
         timeout = datetime.timedelta(seconds=self.cfg.group_timeout_s)
@@ -125,9 +160,9 @@ class DistributedTransport(Transport):
         self._barrier()
 
     def _round(self, bucket: Optional[List[NamedTensor]], version: int) -> bool:
-        header = None if bucket is None else {
-            "names": [n for n, _ in bucket], "dtypes": [dtype_name(t.dtype) for _, t in bucket],
-            "shapes": [list(t.shape) for _, t in bucket]}
+        # (names, dtypes, shapes) of the tensors this source broadcasts next, in order
+        header = None if bucket is None else (
+            [n for n, _ in bucket], [dtype_name(t.dtype) for _, t in bucket], [list(t.shape) for _, t in bucket])
         headers = self._sources_exchange(header)
         background = None
         all_done = [False]
@@ -138,9 +173,7 @@ class DistributedTransport(Transport):
                 for stage, stage_header in enumerate(headers):
                     if stage_header is None:
                         continue
-                    body = dict(stage_header, group_name=f"maspo_weight_sync_pp{stage}", flush_cache=False,
-                                weight_version=str(version))
-                    check_response(self.engine.update_weights_from_distributed(body), "update_weights_from_distributed")
+                    self.engine.load_broadcast_bucket(group_name(stage), *stage_header, version)
             background = _Background(post_all)
         if bucket is not None:
             for _, tensor in bucket:
@@ -165,6 +198,6 @@ class DistributedTransport(Transport):
             return
         if dist.get_rank() == 0:
             for stage in range(self.dims.pp):
-                self.engine.post("/destroy_weights_update_group", {"group_name": f"maspo_weight_sync_pp{stage}"})
+                self.engine.destroy_broadcast_group(group_name(stage))
         dist.destroy_process_group(self.group)
         self.group = None

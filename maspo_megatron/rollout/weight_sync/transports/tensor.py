@@ -16,15 +16,37 @@ import torch.distributed as dist
 from maspo_megatron.rollout.weight_sync.bucketing import NamedTensor
 from maspo_megatron.rollout.weight_sync.flattened_bucket import LOAD_FORMAT, flatten_tensors, serialize_payload
 from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source
-from maspo_megatron.rollout.weight_sync.transports.base import Transport, WeightSyncError, check_response
+from maspo_megatron.rollout.weight_sync.receiver import require_receiver
+from maspo_megatron.rollout.weight_sync.transports.base import Transport
+
+
+def split_by_dtype(bucket: List[NamedTensor]) -> List[List[NamedTensor]]:
+    """One bucket per dtype, in order of first appearance (for servers whose bucket class takes one dtype)."""
+    parts: dict = {}
+    for name, tensor in bucket:
+        parts.setdefault(tensor.dtype, []).append((name, tensor))
+    return list(parts.values())
 
 
 class TensorTransport(Transport):
     name = "tensor"
 
+    def __init__(self, cfg, dims, engine=None) -> None:
+        super().__init__(cfg, dims, engine)
+        self._one_dtype_per_bucket: Optional[bool] = None
+
+    def receiver_error(self) -> Optional[str]:
+        if not hasattr(self.engine, "load_serialized_buckets"):
+            return "weight_sync.transport: 'tensor' needs SGLang servers (rollout.engine=sglang)"
+        return None
+
     def prepare(self, version: int) -> None:
-        if dist.get_rank() == 0 and not hasattr(self.engine, "update_weights_from_tensor"):
-            raise WeightSyncError("weight_sync.transport: 'tensor' needs SGLang servers (rollout.engine=sglang)")
+        if dist.get_rank() == 0:
+            require_receiver(self.engine, "tensor")
+        if self._one_dtype_per_bucket is None:  # asked once: do the servers take mixed-dtype buckets?
+            mixed = [bool(self.engine.accepts_mixed_dtype_buckets) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(mixed, src=0)
+            self._one_dtype_per_bucket = not mixed[0]
 
     def _round(self, payload: Optional[str], version: int) -> bool:
         """One exchange among stage sources; returns True when every source has finished."""
@@ -45,16 +67,14 @@ class TensorTransport(Transport):
         return all_done[0]
 
     def _post(self, payload: str, version: int) -> None:
-        tp_size = int(getattr(self.engine.cfg, "tp_size", 1))
-        body = {"serialized_named_tensors": [payload] * tp_size, "load_format": LOAD_FORMAT,
-                "flush_cache": False, "weight_version": str(version)}
-        check_response(self.engine.update_weights_from_tensor({url: body for url in self.engine.worker_urls}),
-                       "update_weights_from_tensor")
+        payloads = {url: [payload] * tp_size for url, tp_size in self.engine.receiver_tp_sizes.items()}
+        self.engine.load_serialized_buckets(payloads, version, LOAD_FORMAT)
 
     def send(self, bucket: List[NamedTensor], version: int) -> None:
-        buf, metadata = flatten_tensors(bucket, release=True)  # bucket and buffer never both resident
-        self._round(serialize_payload(buf, metadata), version)
-        del buf  # released only after rank 0's request returned: the engine has copied the weights
+        for part in (split_by_dtype(bucket) if self._one_dtype_per_bucket else [bucket]):
+            buf, metadata = flatten_tensors(part, release=True)  # bucket and buffer never both resident
+            self._round(serialize_payload(buf, metadata), version)
+            del buf  # released only after rank 0's request returned: the engine has copied the weights
 
     def finish(self, version: int) -> None:
         if not is_export_source(self.dims):

@@ -1,0 +1,76 @@
+"""The trainer as a user runs it (`python -m maspo_megatron.train`) against a stand-in SGLang server that
+shares its "GPUs" (rollout.sglang.colocated) with the memory saver on, over the distributed transport:
+the stand-in records which memory was released at each request and refuses generation or weight loads
+into released memory, so the step must hand memory over in the right order; at exit the syncer destroys
+its update group before the engine shuts down (exit code 0)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.trainer._loop_cases import EXAMPLE, tiny_overrides
+
+REPO = Path(__file__).resolve().parents[2]
+ALL = ("cuda_graph", "kv_cache", "weights")
+
+
+def _tiny_policy_dir(path: Path, output_dir: str) -> str:
+    """The cpu_tiny policy (config and tokenizer as the trainer builds them) saved as an HF directory."""
+    import transformers
+
+    from maspo_megatron.config import load_config
+    from maspo_megatron.trainer.setup import build_tokenizer, resolve_hf_config
+
+    cfg = load_config(EXAMPLE, tiny_overrides(output_dir))
+    tokenizer = build_tokenizer(cfg)
+    model = transformers.AutoModelForCausalLM.from_config(resolve_hf_config(cfg, tokenizer))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_colocated_step_hands_memory_over_in_order_and_exits_cleanly(tmp_path):
+    from tests.helpers.sglang_standin import StandinServer
+
+    output_dir = str(tmp_path / "run")
+    model_dir = _tiny_policy_dir(tmp_path / "policy", output_dir)
+    server = StandinServer(model_dir, enable_memory_saver=True).start()
+    try:
+        args = tiny_overrides(output_dir, "trainer.total_steps=2", "trainer.sft_warmup_steps=0", "trainer.eval_at_end=false",
+                              "trainer.prompts_per_step=2", "rollout.n_samples_per_prompt=2", "rollout.max_new_tokens=4",
+                              f"model.hf_config={model_dir}", "rollout.engine=sglang", f"rollout.sglang.urls=[{server.url}]",
+                              "rollout.sglang.colocated=true", "rollout.sglang.enable_memory_saver=true",
+                              "rollout.weight_sync.transport=distributed")
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO),
+                   MASTER_PORT=str(_free_port()))
+        result = subprocess.run([sys.executable, "-m", "maspo_megatron.train", "--config", EXAMPLE, *args], cwd=REPO,
+                                env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        events = server.call(lambda: list(server.memory_events))
+        paths = server.call(lambda: [path for _, path, _ in server.requests_seen])
+        groups = server.call(lambda: dict(server.groups))
+    finally:
+        server.stop()
+    # start-up sync with everything resident, then per step: rollout, release all, (train), resume weights,
+    # load them, resume the rest, ... and the next step's rollout on a whole server
+    loads = [i for i, (event, _) in enumerate(events) if event == "load_weights"]
+    assert events[loads[0]] == ("load_weights", ())
+    step = events[loads[0] + 1:]
+    for _ in range(2):
+        generates = [e for e in step[:step.index(("release", ALL))] if e[0] == "/generate"]
+        assert generates and all(released == () for _, released in generates)  # rollout on resident memory
+        step = step[step.index(("release", ALL)) + 1:]
+        assert step[0] == ("resume", ("cuda_graph", "kv_cache"))  # weights mapped again before any load
+        assert {e for e in step[1:step.index(("resume", ()))]} == {("load_weights", ("cuda_graph", "kv_cache"))}
+        step = step[step.index(("resume", ())) + 1:]
+    assert paths.count("/destroy_weights_update_group") == 1 and groups == {}  # the syncer closed first
