@@ -43,6 +43,7 @@ class ParallelDims:
 
     Sizes: tp, pp, cp, dp (derived), vpp (None or virtual stages per rank), world_size.
     Ranks: rank (global), tp_rank, pp_rank, cp_rank, dp_rank.
+    local_rank: this process's rank on its node (LOCAL_RANK / SLURM_LOCALID).
     device: where this rank computes (cuda:<local rank> on a GPU node, cpu without CUDA; decided
     once in `parallel/device.py`): model chunks, micro-batches and loss tensors live there.
     Groups (torch.distributed ProcessGroup): tp_group, pp_group, cp_group, dp_group (without CP),
@@ -62,9 +63,10 @@ class ParallelDims:
     dp_rank: int
     sequence_parallel: bool
     device: torch.device = torch.device("cpu")
+    local_rank: int = 0
 
     @classmethod
-    def from_megatron(cls, parallel_cfg: ParallelConfig, device: torch.device) -> ParallelDims:
+    def from_megatron(cls, parallel_cfg: ParallelConfig, device: torch.device, local_rank: int = 0) -> ParallelDims:
         """Reads sizes and ranks from Megatron's initialised parallel_state."""
         from megatron.core import parallel_state as ps
 
@@ -82,6 +84,7 @@ class ParallelDims:
             dp_rank=ps.get_data_parallel_rank(),
             sequence_parallel=parallel_cfg.sequence_parallel,
             device=device,
+            local_rank=local_rank,
         )
 
     # Groups are looked up in Megatron's parallel_state every time (never cached here), so a
@@ -210,7 +213,7 @@ def init_distributed(parallel_cfg: ParallelConfig, seed: int) -> ParallelDims:
     random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    _DIMS = ParallelDims.from_megatron(parallel_cfg, device)
+    _DIMS = ParallelDims.from_megatron(parallel_cfg, device, local_rank)
     return _DIMS
 
 

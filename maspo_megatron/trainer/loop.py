@@ -49,15 +49,28 @@ def check_sizes(cfg: Config) -> None:
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         from maspo_megatron.parallel import init_distributed
-        from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer
-        from maspo_megatron.trainer.optim import build_optimizer, build_scheduler
-        from maspo_megatron.trainer.setup import build_policy, build_tokenizer
+        from maspo_megatron.trainer.setup import start_rollout_fleet
 
         check_sizes(cfg)
         self.cfg = cfg
         self.stop = StopRequest()
         self.dims = init_distributed(cfg.parallel, cfg.trainer.seed)
         self.is_driver = self.dims.rank == 0
+        # Colocated SGLang servers on every node, before Megatron allocates: SGLang sizes its static
+        # memory from what the GPU has free when it starts.
+        self.fleet = start_rollout_fleet(cfg, self.dims)
+        try:
+            self._build(cfg)
+        except BaseException:  # launched servers run in their own session: they must not outlive us
+            if self.fleet is not None:
+                self.fleet.shutdown()
+            raise
+
+    def _build(self, cfg: Config) -> None:
+        from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer
+        from maspo_megatron.trainer.optim import build_optimizer, build_scheduler
+        from maspo_megatron.trainer.setup import build_policy, build_tokenizer
+
         self.output_dir = Path(cfg.trainer.output_dir)
         self.tokenizer = build_tokenizer(cfg)
         self.policy = build_policy(cfg, self.dims, self.tokenizer)
@@ -103,7 +116,7 @@ class Trainer:
         if len(train) == 0:
             raise ValueError("data.train_files: no usable prompts (all filtered by data.max_prompt_tokens?)")
         sampler = PromptSampler(len(train), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-        engine = build_engine_on_driver(cfg, self.policy, self.dims, self.tokenizer)
+        engine = build_engine_on_driver(cfg, self.policy, self.dims, self.tokenizer, fleet=self.fleet)
         self.ctx = DriverContext(cfg=cfg, engine=engine, scorer=RewardScorer(cfg.reward), tokenizer=self.tokenizer,
                                  sampler=sampler, dataset=train)
 
@@ -296,3 +309,5 @@ class Trainer:
         if self.ctx is not None:
             self.ctx.scorer.close()
         close_rollout(self.syncer, self.ctx.engine if self.ctx is not None else None)  # syncer before engine
+        if self.fleet is not None:
+            self.fleet.shutdown()

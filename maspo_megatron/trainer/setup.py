@@ -137,7 +137,26 @@ def local_engine_dtype(choice: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
 
 
-def build_engine_on_driver(cfg: Config, policy: Policy, dims, tokenizer) -> Optional[Any]:
+def start_rollout_fleet(cfg: Config, dims) -> Optional[Any]:
+    """Collective: the colocated SGLang servers of EVERY node, each launched by its node's first rank
+    (rollout/sglang/fleet.py), or None when the run uses the local engine or servers given by URL.
+
+    Call it before the policy allocates GPU memory: SGLang sizes its static memory from what the
+    GPU has free when it starts.
+    """
+    sglang = cfg.rollout.sglang
+    if cfg.rollout.engine != "sglang" or sglang.urls:
+        return None
+    from maspo_megatron.rollout.sglang.fleet import start_colocated_fleet
+
+    model_path = cfg.model.init_from_hf or cfg.model.hf_config
+    per_node = sglang.base_gpu_id + sglang.num_servers * sglang.tp_size * sglang.dp_size
+    # Without CUDA (CPU tests with a stand-in server) there are no GPU ids to run out of.
+    gpus_per_node = torch.cuda.device_count() if dims.device.type == "cuda" else per_node
+    return start_colocated_fleet(sglang, model_path, dims.local_rank, gpus_per_node)
+
+
+def build_engine_on_driver(cfg: Config, policy: Policy, dims, tokenizer, fleet=None) -> Optional[Any]:
     """The rollout engine, on global rank 0 only (None elsewhere).
 
     The local engine gets a fresh HF model built from the policy's HF config, on the rank's
@@ -158,4 +177,8 @@ def build_engine_on_driver(cfg: Config, policy: Policy, dims, tokenizer) -> Opti
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return build_engine(cfg.rollout, model=model, weight_version=0)
     model_path = cfg.model.init_from_hf or cfg.model.hf_config
-    return build_engine(cfg.rollout, model_path=model_path, weight_version=0)
+    rollout_cfg = cfg.rollout
+    if fleet is not None:  # the servers every node launched (start_rollout_fleet), colocated with the trainer
+        sglang = dataclasses.replace(rollout_cfg.sglang, urls=list(fleet.urls), colocated=True)
+        rollout_cfg = dataclasses.replace(rollout_cfg, sglang=sglang)
+    return build_engine(rollout_cfg, model_path=model_path, weight_version=0)
