@@ -26,7 +26,6 @@ it was given. The packer then builds identical micro-batches on every rank (chec
 """
 from __future__ import annotations
 
-import itertools
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -45,16 +44,17 @@ def _is_scalar(value) -> bool:
     return isinstance(value, (int, float, np.generic)) or (isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0)
 
 
-def _flat(parts: Sequence, count: int, dtype: torch.dtype) -> torch.Tensor:
-    """The concatenation of 1-D sequences (lists or tensors) as one CPU tensor[count] of `dtype`."""
+def _flat(parts: Sequence, dtype: torch.dtype) -> torch.Tensor:
+    """The concatenation of 1-D sequences (lists or tensors) as one CPU tensor of `dtype`.
+
+    Lists go through numpy (its list reader is ~3x faster than torch.tensor's); an integer that
+    does not fit `dtype` raises OverflowError."""
     if not parts:
         return torch.empty(0, dtype=dtype, device=_CPU)
-    if all(isinstance(p, torch.Tensor) for p in parts):
-        return torch.cat([p.reshape(-1).to(device=_CPU, dtype=dtype) for p in parts])
-    # numpy reads a chained iterator of Python numbers in one C loop (about 3x torch.tensor(list)).
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    chained = itertools.chain.from_iterable(p.tolist() if isinstance(p, torch.Tensor) else p for p in parts)
-    return torch.from_numpy(np.fromiter(chained, dtype=np_dtype, count=count))
+    arrays = [p.detach().reshape(-1).to(device=_CPU, dtype=dtype).numpy() if isinstance(p, torch.Tensor)
+              else np.asarray(p, dtype=np_dtype).reshape(-1) for p in parts]
+    return torch.from_numpy(np.concatenate(arrays))
 
 
 def _check_lengths(index: int, sample: TrainSample, per_token: bool) -> None:
@@ -85,11 +85,14 @@ def pack_samples(samples: Sequence[TrainSample]) -> List[torch.Tensor]:
             lp_total += response
         adv_parts.append(sample.advantage if per_token else [float(sample.advantage)])
         adv_total += response if per_token else 1
-    ids = _flat(id_parts, id_total, torch.int64)
-    id_code = 0 if ids.numel() == 0 or (int(ids.min()) >= -2**31 and int(ids.max()) < 2**31) else 1
-    ids = ids.to(_ID_DTYPES[id_code])
-    log_probs = _flat(lp_parts, lp_total, torch.float32)
-    advantages = _flat(adv_parts, adv_total, torch.float64)
+    try:
+        id_code, ids = 0, _flat(id_parts, torch.int32)
+        if any(isinstance(p, torch.Tensor) and p.numel() and (p.max() >= 2**31 or p.min() < -2**31) for p in id_parts):
+            raise OverflowError  # a tensor cast to int32 would wrap silently
+    except OverflowError:
+        id_code, ids = 1, _flat(id_parts, torch.int64)
+    log_probs = _flat(lp_parts, torch.float32)
+    advantages = _flat(adv_parts, torch.float64)
     header = torch.tensor([len(samples), id_total, lp_total, adv_total, id_code], dtype=torch.int64, device=_CPU)
     counts_tensor = torch.tensor(counts, dtype=torch.int64, device=_CPU).reshape(len(samples), 3)
     return [header, counts_tensor, ids, log_probs, advantages]
