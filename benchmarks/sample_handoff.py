@@ -7,7 +7,10 @@ off, barrier (so the receivers' unpacking counts); the best of several passes is
 the baseline interleaved in the same processes. "ours" is `trainer/sample_handoff.broadcast_samples`
 (pack on rank 0, five tensor broadcasts, views on the receiver); the baseline is what train_step
 did before: `dist.broadcast_object_list([samples])` (pickle, one byte broadcast, unpickle).
-Issue 16 target: >= 5x.
+Issue 16 target: >= 5x. Three representations of the same samples on the driver, each with both
+methods: Python lists (what rollout_phase builds today), log-probs kept as the rollout Sample's fp32
+tensors (rollout_phase without its `.tolist()`), and ids as int32 tensors as well. With lists, ours
+is bounded by reading ~31M Python numbers into arrays on rank 0.
 
     flock /tmp/maspo_heavy.lock .venv/bin/python benchmarks/sample_handoff.py    # full (~3 GB RAM)
     .venv/bin/python benchmarks/sample_handoff.py --quick                        # smoke size
@@ -66,8 +69,12 @@ def _worker(shape: dict, out_path: str) -> None:
     # the same samples with the log-probs kept as the engine's fp32 tensors (rollout Sample.log_probs)
     tensors = None if lists is None else [dataclasses.replace(s, old_log_probs=torch.tensor(s.old_log_probs))
                                           for s in lists]
+    # ... and with the token ids as int32 tensors too (converted where the engine's answers arrive)
+    all_tensors = None if lists is None else [
+        dataclasses.replace(s, prompt_ids=torch.tensor(s.prompt_ids, dtype=torch.int32),
+                            response_ids=torch.tensor(s.response_ids, dtype=torch.int32)) for s in tensors]
     result = {"rank": dims.rank}
-    for variant, samples in (("lists", lists), ("lp_tensors", tensors)):
+    for variant, samples in (("lists", lists), ("lp_tensors", tensors), ("all_tensors", all_tensors)):
         result[variant] = _time_variant(samples, dims, shape)
         if dims.rank == 0:  # sizes on the wire, untimed
             result[variant]["ours_bytes"] = sum(t.numel() * t.element_size() for t in pack_samples(samples))
@@ -147,7 +154,8 @@ def main(argv=None) -> list[dict]:
     tokens = shape["samples"] * (shape["prompt_tokens"] + shape["response_tokens"])
     rows = []
     for variant, label in (("lists", "driver holds lists (today's rollout_phase)"),
-                           ("lp_tensors", "driver keeps log-probs as the engine's fp32 tensors")):
+                           ("lp_tensors", "driver keeps log-probs as the engine's fp32 tensors"),
+                           ("all_tensors", "driver holds ids (int32) and log-probs as tensors")):
         ours_s = max(r[variant]["ours"] for r in results)  # equal up to the last barrier's skew
         base_s = max(r[variant]["baseline"] for r in results)
         rows.append({"case": f"{shape['samples']} samples x {shape['prompt_tokens'] + shape['response_tokens']} tokens, "

@@ -44,6 +44,12 @@ def _is_scalar(value) -> bool:
     return isinstance(value, (int, float, np.generic)) or (isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0)
 
 
+def _fits_int32(ids: torch.Tensor) -> bool:
+    if ids.numel() == 0 or ids.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+        return True
+    return -2**31 <= int(ids.min()) and int(ids.max()) < 2**31  # Python ints: no wrap-around in the test
+
+
 def _flat(parts: Sequence, dtype: torch.dtype) -> torch.Tensor:
     """The concatenation of 1-D sequences (lists or tensors) as one CPU tensor of `dtype`.
 
@@ -87,7 +93,7 @@ def pack_samples(samples: Sequence[TrainSample]) -> List[torch.Tensor]:
         adv_total += response if per_token else 1
     try:
         id_code, ids = 0, _flat(id_parts, torch.int32)
-        if any(isinstance(p, torch.Tensor) and p.numel() and (p.max() >= 2**31 or p.min() < -2**31) for p in id_parts):
+        if not all(_fits_int32(p) for p in id_parts if isinstance(p, torch.Tensor)):
             raise OverflowError  # a tensor cast to int32 would wrap silently
     except OverflowError:
         id_code, ids = 1, _flat(id_parts, torch.int64)

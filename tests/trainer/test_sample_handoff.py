@@ -36,6 +36,8 @@ def _samples(big_ids: bool = False) -> list[TrainSample]:
         TrainSample(torch.tensor(ids(4)), torch.tensor(ids(5)), torch.tensor(0.75, dtype=torch.float64),
                     torch.randn(5, generator=gen)),                           # tensors in
         TrainSample(ids(1), ids(9), -0.5, floats(9)),
+        TrainSample(torch.tensor(ids(3), dtype=torch.int32), torch.tensor(ids(2), dtype=torch.int32), 1.5,
+                    torch.tensor(floats(2))),                                  # int32 tensors, as an engine may keep them
     ]
     if big_ids:
         samples.append(TrainSample([2**40, 3], [2**33 + 1], 1.0, [-0.5]))
@@ -106,8 +108,8 @@ def test_pack_unpack_round_trip_without_processes():
     header, counts, ids, log_probs, advantages = pack_samples(samples)
     assert header.tolist() == [len(samples), ids.numel(), log_probs.numel(), advantages.numel(), 0]
     # counted by hand from _samples(): prompt + response ids, log-probs, advantages
-    assert ids.numel() == 12 + 3 + 10 + 5 + 6 + 9 + 10
-    assert log_probs.numel() == 7 + 6 + 5 + 9 and advantages.numel() == 5 + 6 + 0
+    assert ids.numel() == 12 + 3 + 10 + 5 + 6 + 9 + 10 + 5
+    assert log_probs.numel() == 7 + 6 + 5 + 9 + 2 and advantages.numel() == 6 + 6 + 0
     assert [_plain(s) for s in unpack_samples(counts, ids, log_probs, advantages)][1:5] == \
         [_plain(s) for s in samples][1:5]
 
