@@ -26,6 +26,7 @@ it was given. The packer then builds identical micro-batches on every rank (chec
 """
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -53,14 +54,28 @@ def _fits_int32(ids: torch.Tensor) -> bool:
 def _flat(parts: Sequence, dtype: torch.dtype) -> torch.Tensor:
     """The concatenation of 1-D sequences (lists or tensors) as one CPU tensor of `dtype`.
 
-    Lists go through numpy (its list reader is ~3x faster than torch.tensor's); an integer that
-    does not fit `dtype` raises OverflowError."""
-    if not parts:
-        return torch.empty(0, dtype=dtype, device=_CPU)
+    Consecutive lists are read by ONE `np.fromiter` over a chained iterator (about 20 ns a number,
+    a quarter of what pickling them costs; torch.tensor(list) is ~7x slower); tensors are copied.
+    An integer that does not fit `dtype` raises OverflowError."""
     np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
-    arrays = [p.detach().reshape(-1).to(device=_CPU, dtype=dtype).numpy() if isinstance(p, torch.Tensor)
-              else np.asarray(p, dtype=np_dtype).reshape(-1) for p in parts]
-    return torch.from_numpy(np.concatenate(arrays))
+    arrays, run = [], []
+
+    def flush() -> None:
+        if run:
+            count = sum(len(p) for p in run)
+            arrays.append(np.fromiter(itertools.chain.from_iterable(run), dtype=np_dtype, count=count))
+            run.clear()
+
+    for part in parts:
+        if isinstance(part, torch.Tensor):
+            flush()
+            arrays.append(part.detach().reshape(-1).to(device=_CPU, dtype=dtype).numpy())
+        else:
+            run.append(part)
+    flush()
+    if not arrays:
+        return torch.empty(0, dtype=dtype, device=_CPU)
+    return torch.from_numpy(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
 
 
 def _check_lengths(index: int, sample: TrainSample, per_token: bool) -> None:
