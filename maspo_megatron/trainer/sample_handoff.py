@@ -2,16 +2,21 @@
 
     samples = broadcast_samples(samples_on_rank0 if dims.rank == 0 else None, dims)
 
-Global rank 0 (the driver) flattens the samples into five CPU tensors and broadcasts them over the
+Global rank 0 (the driver) flattens the samples into CPU tensors and broadcasts them over the
 default group; every other rank gets TrainSamples whose fields are views into those tensors:
 
-    header[5]   int64   N, id count, log-prob count, advantage count, id dtype code (0 int32, 1 int64)
-    counts[N,3] int64   prompt tokens, response tokens, flags (1: per-token advantage, 2: has log-probs)
-    ids[I]      int32   prompt then response ids of every sample, sample after sample (int64 when an
-                        id does not fit int32)
+    header[4]    int64  N, id count, log-prob count, advantage count
+    counts[N,3]  int64  prompt tokens, response tokens, flags (1: per-token advantage, 2: has log-probs)
+    ids[I]       int32  prompt then response ids of every sample, sample after sample (a token id
+                        beyond int32 is an error: no tokenizer has 2**31 tokens)
     log_probs[L] fp32   response log-probs of the samples that have them (the engines' precision,
                         and what the packer stores)
     advantages[A] fp64  one value per scalar-advantage sample, r values per per-token sample (exact)
+
+ids and log-probs travel in chunks of consecutive samples (~2M ids each, `_chunks`, computed from
+`counts` on every rank), as asynchronous broadcasts: gloo sends one chunk from its own threads while
+rank 0 reads the next one out of Python lists (`_flat`), which is where the time goes when the driver
+holds lists (~20 ns a number; pickling them costs ~4x that, and unpickling more).
 
 Why a full broadcast rather than a scatter by data-parallel rank: every rank packs the GLOBAL batch
 itself (trainer/batch.py `pack_micro_batches`: rows, DP balance and the global normalisers come from
@@ -37,7 +42,7 @@ from maspo_megatron.trainer.batch import TrainSample
 
 _PER_TOKEN_ADVANTAGE = 1
 _HAS_LOG_PROBS = 2
-_ID_DTYPES = (torch.int32, torch.int64)
+_CHUNK_IDS = 1 << 21  # token ids per broadcast (8 MiB of int32)
 _CPU = torch.device("cpu")
 
 
@@ -88,35 +93,62 @@ def _check_lengths(index: int, sample: TrainSample, per_token: bool) -> None:
                          f"tokens (sample {index})")
 
 
-def pack_samples(samples: Sequence[TrainSample]) -> List[torch.Tensor]:
-    """[header[5], counts[N, 3], ids[I], log_probs[L], advantages[A]] on the CPU (see the module docstring)."""
-    counts = []
-    id_parts, lp_parts, adv_parts = [], [], []
-    id_total = lp_total = adv_total = 0
+def _describe(samples: Sequence[TrainSample]) -> tuple[List[tuple[int, int, int]], torch.Tensor]:
+    """(counts: per sample (prompt tokens, response tokens, flags), advantages[A] fp64), checked."""
+    counts, adv_parts = [], []
     for index, sample in enumerate(samples):
         per_token = not _is_scalar(sample.advantage)
         _check_lengths(index, sample, per_token)
-        prompt, response = len(sample.prompt_ids), len(sample.response_ids)
         flags = (_PER_TOKEN_ADVANTAGE if per_token else 0) | (_HAS_LOG_PROBS if sample.old_log_probs is not None else 0)
-        counts.append((prompt, response, flags))
-        id_parts += [sample.prompt_ids, sample.response_ids]
-        id_total += prompt + response
-        if sample.old_log_probs is not None:
-            lp_parts.append(sample.old_log_probs)
-            lp_total += response
+        counts.append((len(sample.prompt_ids), len(sample.response_ids), flags))
         adv_parts.append(sample.advantage if per_token else [float(sample.advantage)])
-        adv_total += response if per_token else 1
+    return counts, _flat(adv_parts, torch.float64)
+
+
+def _chunks(counts: Sequence[Sequence[int]]) -> List[tuple[int, int, int, int]]:
+    """(first sample, end sample, ids, log-probs) of consecutive sample ranges of about _CHUNK_IDS
+    ids: one broadcast each, so that sending one overlaps packing the next (same on every rank)."""
+    out, first, ids, log_probs = [], 0, 0, 0
+    for index, (prompt, response, flags) in enumerate(counts):
+        ids += prompt + response
+        log_probs += response if flags & _HAS_LOG_PROBS else 0
+        if ids >= _CHUNK_IDS or index == len(counts) - 1:
+            out.append((first, index + 1, ids, log_probs))
+            first, ids, log_probs = index + 1, 0, 0
+    return out
+
+
+def _chunk_tensors(samples: Sequence[TrainSample], first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids int32, log_probs fp32) of samples[first:end]; an id that does not fit int32 is an error."""
+    chunk = samples[first:end]
+    id_parts = [part for sample in chunk for part in (sample.prompt_ids, sample.response_ids)]
     try:
-        id_code, ids = 0, _flat(id_parts, torch.int32)
         if not all(_fits_int32(p) for p in id_parts if isinstance(p, torch.Tensor)):
             raise OverflowError  # a tensor cast to int32 would wrap silently
+        ids = _flat(id_parts, torch.int32)
     except OverflowError:
-        id_code, ids = 1, _flat(id_parts, torch.int64)
-    log_probs = _flat(lp_parts, torch.float32)
-    advantages = _flat(adv_parts, torch.float64)
-    header = torch.tensor([len(samples), id_total, lp_total, adv_total, id_code], dtype=torch.int64, device=_CPU)
-    counts_tensor = torch.tensor(counts, dtype=torch.int64, device=_CPU).reshape(len(samples), 3)
-    return [header, counts_tensor, ids, log_probs, advantages]
+        bad = next(first + i for i, s in enumerate(chunk) if not all(
+            _fits_int32(torch.as_tensor(p, dtype=torch.int64)) for p in (s.prompt_ids, s.response_ids)))
+        raise ValueError(f"TrainSample.prompt_ids/response_ids: a token id does not fit int32 (sample {bad})") from None
+    log_probs = _flat([s.old_log_probs for s in chunk if s.old_log_probs is not None], torch.float32)
+    return ids, log_probs
+
+
+def pack_samples(samples: Sequence[TrainSample]) -> List[torch.Tensor]:
+    """[header[4], counts[N, 3], ids[I], log_probs[L], advantages[A]] on the CPU (see the module
+    docstring), in one piece (broadcast_samples sends ids and log-probs chunk by chunk)."""
+    counts, advantages = _describe(samples)
+    parts = [_chunk_tensors(samples, first, end) for first, end, _, _ in _chunks(counts)]
+    ids = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, dtype=torch.int32, device=_CPU)
+    log_probs = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, dtype=torch.float32, device=_CPU)
+    return [_header(counts, advantages), torch.tensor(counts, dtype=torch.int64, device=_CPU).reshape(-1, 3),
+            ids, log_probs, advantages]
+
+
+def _header(counts: Sequence[Sequence[int]], advantages: torch.Tensor) -> torch.Tensor:
+    ids = sum(p + r for p, r, _ in counts)
+    log_probs = sum(r for _, r, flags in counts if flags & _HAS_LOG_PROBS)
+    return torch.tensor([len(counts), ids, log_probs, advantages.numel()], dtype=torch.int64, device=_CPU)
 
 
 def unpack_samples(counts: torch.Tensor, ids: torch.Tensor, log_probs: torch.Tensor,
@@ -142,27 +174,55 @@ def unpack_samples(counts: torch.Tensor, ids: torch.Tensor, log_probs: torch.Ten
     return out
 
 
+def _send(samples: List[TrainSample]) -> None:
+    counts, advantages = _describe(samples)
+    dist.broadcast(_header(counts, advantages), src=0)
+    if not counts:
+        return
+    dist.broadcast(torch.tensor(counts, dtype=torch.int64, device=_CPU), src=0)
+    pending = []  # (tensor, work): each tensor alive until its broadcast is done
+    for first, end, _, _ in _chunks(counts):
+        for tensor in _chunk_tensors(samples, first, end):  # packed while the previous chunk travels
+            if tensor.numel():
+                pending.append((tensor, dist.broadcast(tensor, src=0, async_op=True)))
+    if advantages.numel():
+        dist.broadcast(advantages, src=0)
+    for _, work in pending:
+        work.wait()
+
+
+def _receive() -> List[TrainSample]:
+    header = torch.empty(4, dtype=torch.int64, device=_CPU)
+    dist.broadcast(header, src=0)
+    count, id_total, lp_total, adv_total = header.tolist()
+    if count == 0:
+        return []
+    counts = torch.empty((count, 3), dtype=torch.int64, device=_CPU)
+    dist.broadcast(counts, src=0)
+    ids = torch.empty(id_total, dtype=torch.int32, device=_CPU)
+    log_probs = torch.empty(lp_total, dtype=torch.float32, device=_CPU)
+    advantages = torch.empty(adv_total, dtype=torch.float64, device=_CPU)
+    pending, id_at, lp_at = [], 0, 0
+    for _, _, id_count, lp_count in _chunks(counts.tolist()):
+        for flat, at, size in ((ids, id_at, id_count), (log_probs, lp_at, lp_count)):
+            if size:
+                pending.append(dist.broadcast(flat[at:at + size], src=0, async_op=True))
+        id_at, lp_at = id_at + id_count, lp_at + lp_count
+    if adv_total:
+        dist.broadcast(advantages, src=0)
+    for work in pending:
+        work.wait()
+    return unpack_samples(counts, ids, log_probs, advantages)
+
+
 def broadcast_samples(samples: Optional[List[TrainSample]], dims) -> List[TrainSample]:
     """Collective over the default group. Rank 0 passes the samples, the others None; every rank
     returns the samples (rank 0: its own list; others: tensor views, see the module docstring)."""
     if dims.world_size == 1:
         return samples
-    if dims.rank == 0:
-        if samples is None:
-            raise ValueError("broadcast_samples: rank 0 (the driver) must pass the samples, got None")
-        tensors = pack_samples(samples)
-        for tensor in tensors:
-            if tensor.numel():
-                dist.broadcast(tensor, src=0)
-        return samples
-    header = torch.empty(5, dtype=torch.int64, device=_CPU)
-    dist.broadcast(header, src=0)
-    count, id_total, lp_total, adv_total, id_code = header.tolist()
-    tensors = [torch.empty((count, 3), dtype=torch.int64, device=_CPU),
-               torch.empty(id_total, dtype=_ID_DTYPES[id_code], device=_CPU),
-               torch.empty(lp_total, dtype=torch.float32, device=_CPU),
-               torch.empty(adv_total, dtype=torch.float64, device=_CPU)]
-    for tensor in tensors:
-        if tensor.numel():
-            dist.broadcast(tensor, src=0)
-    return unpack_samples(*tensors)
+    if dims.rank != 0:
+        return _receive()
+    if samples is None:
+        raise ValueError("broadcast_samples: rank 0 (the driver) must pass the samples, got None")
+    _send(samples)
+    return samples

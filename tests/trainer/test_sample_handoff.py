@@ -16,9 +16,9 @@ from tests.helpers.multiproc import run_distributed
 _PACK = dict(row_tokens=32, rows_per_micro_batch=1)
 
 
-def _samples(big_ids: bool = False) -> list[TrainSample]:
+def _samples(copies: int = 1) -> list[TrainSample]:
     """Every kind of sample the driver makes (Python lists of ints / floats, as rollout_phase does),
-    plus tensors (an engine may hand tensors over) and ids beyond int32 when `big_ids`."""
+    plus tensors (an engine may hand tensors over); `copies` repeats the set (more chunks)."""
     gen = torch.Generator().manual_seed(5)
 
     def ids(count: int) -> list[int]:
@@ -39,9 +39,7 @@ def _samples(big_ids: bool = False) -> list[TrainSample]:
         TrainSample(torch.tensor(ids(3), dtype=torch.int32), torch.tensor(ids(2), dtype=torch.int32), 1.5,
                     torch.tensor(floats(2))),                                  # int32 tensors, as an engine may keep them
     ]
-    if big_ids:
-        samples.append(TrainSample([2**40, 3], [2**33 + 1], 1.0, [-0.5]))
-    return samples
+    return samples * copies
 
 
 def _plain(sample: TrainSample) -> dict:
@@ -63,13 +61,15 @@ def _packed(samples: list[TrainSample], dp_size: int) -> list[list[dict]]:
     return [[{f: getattr(mb, f) for f in fields} for mb in rank] for rank in per_rank]
 
 
-def _handoff_case(big_ids: bool) -> dict:
+def _handoff_case(copies: int, chunk_ids: int) -> dict:
+    import maspo_megatron.trainer.sample_handoff as handoff
     from maspo_megatron.config import ParallelConfig
     from maspo_megatron.parallel import init_distributed
     from maspo_megatron.trainer.sample_handoff import broadcast_samples
 
+    handoff._CHUNK_IDS = chunk_ids  # small chunks: several asynchronous broadcasts in flight
     dims = init_distributed(ParallelConfig(), seed=1)
-    given = _samples(big_ids) if dims.rank == 0 else None
+    given = _samples(copies) if dims.rank == 0 else None
     received = broadcast_samples(given, dims)
     # a second hand-off in the same run (no state may leak between steps), smaller
     again = broadcast_samples(given[:2] if given else None, dims)
@@ -78,15 +78,15 @@ def _handoff_case(big_ids: bool) -> dict:
             "packed": _packed(received, dims.dp)[dims.dp_rank]}
 
 
-@pytest.mark.parametrize("world_size,big_ids", [(2, False), (4, False), (2, True)])
-def test_every_rank_gets_the_drivers_samples_exactly(world_size, big_ids):
-    expected = [_plain(s) for s in _samples(big_ids)]
+@pytest.mark.parametrize("world_size,copies,chunk_ids", [(2, 1, 1 << 21), (4, 1, 1 << 21), (2, 3, 40), (4, 2, 1)])
+def test_every_rank_gets_the_drivers_samples_exactly(world_size, copies, chunk_ids):
+    expected = [_plain(s) for s in _samples(copies)]
     # the trainer's precision for log-probs is fp32 (engines report fp32; the packer stores fp32)
     for item in expected:
         if item["log_probs"] is not None:
             item["log_probs"] = torch.tensor(item["log_probs"], dtype=torch.float32).tolist()
-    reference_packing = _packed(_samples(big_ids), world_size)
-    results = run_distributed(_handoff_case, world_size, big_ids, timeout_s=240)
+    reference_packing = _packed(_samples(copies), world_size)
+    results = run_distributed(_handoff_case, world_size, copies, chunk_ids, timeout_s=240)
     for rank, result in enumerate(results):
         got = result["samples"]
         assert len(got) == len(expected), rank
@@ -94,7 +94,7 @@ def test_every_rank_gets_the_drivers_samples_exactly(world_size, big_ids):
             assert have == want, f"rank {rank}, sample {index}: {have} != {want}"
         assert result["again"] == expected[:2], rank
         if rank:
-            assert result["id_dtype"] == (torch.int64 if big_ids else torch.int32)
+            assert result["id_dtype"] == torch.int32
         # the packer builds bit-identical micro-batches from the received samples
         want_batches = reference_packing[rank]
         assert len(result["packed"]) == len(want_batches)
@@ -106,7 +106,7 @@ def test_every_rank_gets_the_drivers_samples_exactly(world_size, big_ids):
 def test_pack_unpack_round_trip_without_processes():
     samples = _samples()
     header, counts, ids, log_probs, advantages = pack_samples(samples)
-    assert header.tolist() == [len(samples), ids.numel(), log_probs.numel(), advantages.numel(), 0]
+    assert header.tolist() == [len(samples), ids.numel(), log_probs.numel(), advantages.numel()]
     # counted by hand from _samples(): prompt + response ids, log-probs, advantages
     assert ids.numel() == 12 + 3 + 10 + 5 + 6 + 9 + 10 + 5
     assert log_probs.numel() == 7 + 6 + 5 + 9 + 2 and advantages.numel() == 6 + 6 + 0
@@ -119,5 +119,13 @@ def test_pack_unpack_round_trip_without_processes():
     (TrainSample([1], [2, 3], 0.5, [-1.0]), r"TrainSample.old_log_probs: 1 values for 2 response tokens \(sample 1\)"),
 ])
 def test_inconsistent_sample_is_a_one_line_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        pack_samples([TrainSample([1], [2], 1.0, None), bad])
+
+
+@pytest.mark.parametrize("bad", [TrainSample([1, 2**31], [3], 1.0, None),
+                                 TrainSample(torch.tensor([1]), torch.tensor([-2**31 - 1, 2]), 1.0, None)])
+def test_token_id_beyond_int32_is_a_one_line_error(bad):
+    message = r"TrainSample.prompt_ids/response_ids: a token id does not fit int32 \(sample 1\)"
     with pytest.raises(ValueError, match=message):
         pack_samples([TrainSample([1], [2], 1.0, None), bad])
