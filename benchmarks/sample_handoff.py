@@ -143,12 +143,15 @@ def _launch(shape: dict, workdir: str) -> list[dict]:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batch (smoke run)")
+    parser.add_argument("--repeats", type=int, default=None, help="passes per method (the best counts; default 3)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(json.loads(args.worker[0]), args.worker[1])
         return []
     shape = dict(QUICK if args.quick else FULL)
+    if args.repeats:
+        shape["repeats"] = args.repeats
     with tempfile.TemporaryDirectory(prefix="maspo_handoff_bench_") as workdir:
         results = _launch(shape, workdir)
     tokens = shape["samples"] * (shape["prompt_tokens"] + shape["response_tokens"])
