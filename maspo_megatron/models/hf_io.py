@@ -257,36 +257,33 @@ class HFCheckpointReader:
         return file
 
     def read_rows_into(self, name: str, dest: torch.Tensor, row_start: int = 0) -> None:
-        """dest[...] = tensor `name`[row_start : row_start + len(dest)]; safetensors files are read
-        straight into `dest` when it is contiguous and of the file's dtype, else through a buffer of
-        the rows only (cast on the copy); other formats copied from the whole tensor."""
-        file = self._safe_entry(name)
-        if file is None:
+        """dest[...] = tensor `name`[row_start : row_start + len(dest)]; safetensors files read only
+        those rows (see `_read_slice`), other formats copied from the whole tensor."""
+        if not self._read_slice(name, dest, lambda file, target: file.read_rows_into(name, target, row_start)):
             source = self.get(name)
             dest.copy_(source[row_start: row_start + dest.shape[0]] if dest.dim() else source)
-            return
-        file_dtype = file.entries[name][1]
-        direct = dest.dtype == file_dtype and dest.is_contiguous() and dest.device.type == "cpu"
-        target = dest if direct else torch.empty(dest.shape, dtype=file_dtype, device="cpu")
-        file.read_rows_into(name, target, row_start)
-        self.bytes_read += target.numel() * target.element_size()
-        if not direct:
-            dest.copy_(target)
 
     def read_columns_into(self, name: str, dest: torch.Tensor, col_start: int) -> None:
         """dest[R, c] = tensor `name`[:, col_start : col_start + c] (2-D); safetensors files read only
-        the slice (row by row, cast through a buffer when dtypes differ), other formats copied."""
+        the slice (row by row), other formats copied from the whole tensor."""
+        if not self._read_slice(name, dest, lambda file, target: file.read_columns_into(name, target, col_start)):
+            dest.copy_(self.get(name)[:, col_start: col_start + dest.shape[1]])
+
+    def _read_slice(self, name: str, dest: torch.Tensor, read) -> bool:
+        """read(file, target) from the safetensors file holding `name`: straight into `dest` when it is
+        a contiguous CPU tensor of the file's dtype, else into a buffer of the slice only, then copied
+        (cast / to the device). False (nothing read) for a .bin file."""
         file = self._safe_entry(name)
         if file is None:
-            dest.copy_(self.get(name)[:, col_start: col_start + dest.shape[1]])
-            return
+            return False
         file_dtype = file.entries[name][1]
         direct = dest.dtype == file_dtype and dest.is_contiguous() and dest.device.type == "cpu"
         target = dest if direct else torch.empty(dest.shape, dtype=file_dtype, device="cpu")
-        file.read_columns_into(name, target, col_start)
+        read(file, target)
         self.bytes_read += target.numel() * target.element_size()
         if not direct:
             dest.copy_(target)
+        return True
 
     def close(self) -> None:
         self._handles.clear()
