@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["policy_loss", "logprob_entropy", "convert", "weight_sync", "rewards", "rollout_client"]
+BENCHMARKS = ["policy_loss", "logprob_entropy", "convert", "weight_sync", "sample_handoff", "rewards", "rollout_client"]
 
 
 def load(name: str):

@@ -66,16 +66,23 @@ def _load_bin(path: Path) -> dict:
 def read_exact_into(path: str | os.PathLike, offset: int, dest: torch.Tensor, truncated: str) -> None:
     """Fills the contiguous `dest` with the bytes of `path` from `offset`, no intermediate buffer;
     a file that ends first raises CheckpointError(truncated)."""
-    nbytes = dest.numel() * dest.element_size()
-    view = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+    read_runs_into(path, [(offset, dest)], truncated)
+
+
+def read_runs_into(path: str | os.PathLike, runs, truncated: str) -> None:
+    """For each (file offset, contiguous tensor) of `runs`: fills the tensor with the file's bytes
+    from that offset, straight into its memory (one open file for all runs, e.g. the rows of a
+    column slice); a file that ends first raises CheckpointError(truncated)."""
     with open(path, "rb", buffering=0) as handle:
-        handle.seek(offset)
-        done = 0
-        while done < nbytes:  # raw reads may return short counts
-            got = handle.readinto(view[done:])
-            if not got:
-                raise CheckpointError(truncated)
-            done += got
+        for offset, dest in runs:
+            view = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+            handle.seek(offset)
+            done = 0
+            while done < len(view):  # raw reads may return short counts
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise CheckpointError(truncated)
+                done += got
 
 
 class SafetensorsFile:
@@ -129,6 +136,21 @@ class SafetensorsFile:
         read_exact_into(self.path, self.data_start + begin + row_start * row_bytes, dest,
                         f"{self.path}: tensor {name} is truncated")
 
+    def read_columns_into(self, name: str, dest: torch.Tensor, col_start: int) -> None:
+        """dest[R, c] = tensor `name`[R, col_start : col_start + c] (a 2-D tensor), read row by row
+        straight into the contiguous `dest`: only the slice's bytes are read."""
+        shape, dtype, begin, _ = self.entries[name]
+        if len(shape) != 2 or dest.dim() != 2 or dest.dtype != dtype or not dest.is_contiguous() \
+                or dest.shape[0] != shape[0] or col_start < 0 or col_start + dest.shape[1] > shape[1]:
+            raise CheckpointError(f"{self.path}: tensor {name} {tuple(shape)} {dtype} cannot fill columns {col_start}.. "
+                                  f"of {tuple(dest.shape)} {dest.dtype}")
+        if dest.numel() == 0:
+            return
+        first = self.data_start + begin + col_start * dtype.itemsize
+        stride = shape[1] * dtype.itemsize
+        read_runs_into(self.path, ((first + row * stride, dest[row]) for row in range(shape[0])),
+                       f"{self.path}: tensor {name} is truncated")
+
 
 class HFCheckpointReader:
     """Tensor-by-tensor access to an HF model dir (sharded or single-file, safetensors or .bin)."""
@@ -143,6 +165,7 @@ class HFCheckpointReader:
             raise CheckpointError(f"{self.dir / missing[0]}: shard listed in the index is missing ({len(missing)} missing)")
         self._handles: dict[str, SafetensorsFile] = {}
         self._bin_cache: tuple[Optional[str], dict] = (None, {})
+        self.bytes_read = 0  # tensor bytes fetched from the files so far (a whole .bin tensor counts in full)
 
     def _weight_map(self) -> dict[str, str]:
         for index_name in (SAFE_INDEX, BIN_INDEX):
@@ -199,7 +222,9 @@ class HFCheckpointReader:
                 file = self._safe_file(path)
                 if name not in file.entries:
                     raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
-                return file.get(name)
+                tensor = file.get(name)
+                self.bytes_read += tensor.numel() * tensor.element_size()
+                return tensor
             state = self._bin_state(path)
         except CheckpointError:
             raise
@@ -207,6 +232,7 @@ class HFCheckpointReader:
             raise CheckpointError(f"{path}: cannot read tensor {name} ({type(exc).__name__}: {exc})") from None
         if name not in state or not isinstance(state[name], torch.Tensor):
             raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
+        self.bytes_read += state[name].numel() * state[name].element_size()
         return state[name]
 
     def locate(self, name: str) -> Optional[tuple[str, int, tuple[int, ...], torch.dtype]]:
@@ -220,20 +246,44 @@ class HFCheckpointReader:
         shape, dtype, begin, _ = file.entries[name]
         return str(path), file.data_start + begin, shape, dtype
 
-    def read_rows_into(self, name: str, dest: torch.Tensor, row_start: int = 0) -> None:
-        """dest[...] = tensor `name`[row_start : row_start + len(dest)]; safetensors files are read
-        straight into `dest` (which must be contiguous), other formats copied (cast if needed)."""
+    def _safe_entry(self, name: str) -> Optional[SafetensorsFile]:
+        """The safetensors file holding `name` (None for .bin files)."""
         path = self.file_of(name)
-        if path.suffix == ".safetensors":
-            file = self._safe_file(path)
-            entry = file.entries.get(name)
-            if entry is None:
-                raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
-            if entry[1] == dest.dtype and dest.is_contiguous():
-                file.read_rows_into(name, dest, row_start)
-                return
-        source = self.get(name)
-        dest.copy_(source[row_start: row_start + dest.shape[0]] if dest.dim() else source)
+        if path.suffix != ".safetensors":
+            return None
+        file = self._safe_file(path)
+        if name not in file.entries:
+            raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
+        return file
+
+    def read_rows_into(self, name: str, dest: torch.Tensor, row_start: int = 0) -> None:
+        """dest[...] = tensor `name`[row_start : row_start + len(dest)]; safetensors files read only
+        those rows (see `_read_slice`), other formats copied from the whole tensor."""
+        if not self._read_slice(name, dest, lambda file, target: file.read_rows_into(name, target, row_start)):
+            source = self.get(name)
+            dest.copy_(source[row_start: row_start + dest.shape[0]] if dest.dim() else source)
+
+    def read_columns_into(self, name: str, dest: torch.Tensor, col_start: int) -> None:
+        """dest[R, c] = tensor `name`[:, col_start : col_start + c] (2-D); safetensors files read only
+        the slice (row by row), other formats copied from the whole tensor."""
+        if not self._read_slice(name, dest, lambda file, target: file.read_columns_into(name, target, col_start)):
+            dest.copy_(self.get(name)[:, col_start: col_start + dest.shape[1]])
+
+    def _read_slice(self, name: str, dest: torch.Tensor, read) -> bool:
+        """read(file, target) from the safetensors file holding `name`: straight into `dest` when it is
+        a contiguous CPU tensor of the file's dtype, else into a buffer of the slice only, then copied
+        (cast / to the device). False (nothing read) for a .bin file."""
+        file = self._safe_entry(name)
+        if file is None:
+            return False
+        file_dtype = file.entries[name][1]
+        direct = dest.dtype == file_dtype and dest.is_contiguous() and dest.device.type == "cpu"
+        target = dest if direct else torch.empty(dest.shape, dtype=file_dtype, device="cpu")
+        read(file, target)
+        self.bytes_read += target.numel() * target.element_size()
+        if not direct:
+            dest.copy_(target)
+        return True
 
     def close(self) -> None:
         self._handles.clear()
