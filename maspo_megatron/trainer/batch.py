@@ -242,9 +242,12 @@ def _build(samples, rows: list[list[int]], lengths: list[int], row_len: int, nor
 
 
 def _place(fields: dict, row: int, offset: int, sample_id: int, sample: TrainSample) -> None:
-    prompt, response = list(sample.prompt_ids), list(sample.response_ids)
-    ids = torch.tensor(prompt + response, dtype=torch.long, device="cpu")
-    length, p, r = ids.numel(), len(prompt), len(response)
+    # Ids arrive as Python lists (the driver) or int tensors (other ranks, trainer/sample_handoff.py):
+    # as_tensor takes either without a Python object per token.
+    ids = torch.cat([torch.as_tensor(sample.prompt_ids, dtype=torch.long, device="cpu"),
+                     torch.as_tensor(sample.response_ids, dtype=torch.long, device="cpu")])
+    length, p = ids.numel(), len(sample.prompt_ids)
+    r = length - p
     span = slice(offset, offset + length)
     fields["tokens"][row, span] = ids
     fields["position_ids"][row, span] = torch.arange(length, device="cpu")

@@ -24,9 +24,9 @@ from maspo_megatron.trainer import checkpoint
 from maspo_megatron.trainer.evaluation import eval_metrics
 from maspo_megatron.trainer.metrics import MetricsLogger
 from maspo_megatron.trainer.rollout_phase import DriverContext, generate_groups, run_rollout, step_seed
+from maspo_megatron.trainer.sample_handoff import broadcast_samples
 from maspo_megatron.trainer.signals import EXIT_CODE_REQUEUE, StopRequest
 from maspo_megatron.trainer.train_step import (
-    broadcast_samples,
     compute_old_log_probs,
     pack_mini_batches,
     ppo_update,

@@ -150,7 +150,7 @@ def run_rollout(ctx: DriverContext, step: int) -> tuple[List[TrainSample], dict]
             if sample.finish_reason == "abort" or len(sample.token_ids) == 0:
                 continue
             train_samples.append(TrainSample(list(item.prompt_ids), list(sample.token_ids), float(advantage),
-                                             sample.log_probs.tolist()))
+                                             sample.log_probs))
         metrics["rollout/advantage_abs_mean"] = sum(abs(a) for a in advantages) / len(advantages)
     metrics["rollout/train_samples"] = len(train_samples)
     return train_samples, metrics

@@ -125,7 +125,7 @@ def _load_hf_into(chunks, wmap, hf_dir: str, dims) -> None:
     reader = HFCheckpointReader(hf_dir)
     try:
         for chunk in chunks:
-            load_hf_weights(chunk, wmap, reader.get, dims.tp_rank, dims.tp)
+            load_hf_weights(chunk, wmap, reader, dims.tp_rank, dims.tp)  # each rank reads only its TP slice
     finally:
         reader.close()
 

@@ -1,12 +1,12 @@
 """The Megatron half of an RL step, on every rank: batch -> old log-probs -> PPO updates.
 
-    samples = broadcast_samples(samples_on_rank0, dims)
+    samples = broadcast_samples(samples_on_rank0, dims)          # trainer/sample_handoff.py
     mini = pack_mini_batches(samples, cfg, dims, policy.attention_backend)  # [mini][micro], on dims.device
     sums = compute_old_log_probs(policy, mini, cfg, dims)          # in place, + drift metrics
     train_metrics = ppo_update(policy, optimizer, scheduler, mini, cfg, dims)
 
 Every rank packs the same global batch deterministically and keeps its data-parallel share
-(balanced by tokens; trainer/batch.py), so only the sample list travels (one broadcast).
+(balanced by tokens; trainer/batch.py), so only the samples travel (flat tensors, one broadcast).
 Each mini-batch is packed on its own: its global normalisers are those of the mini-batch, the
 batch one optimizer step sees. Micro-batches move to the device once, here, on every pipeline
 stage; every pass runs through the one forward step of trainer/forward.py.
@@ -27,13 +27,6 @@ from maspo_megatron.trainer.forward import THD_BACKENDS, run_micro_batches
 # FP8 GEMMs need token counts divisible by 16 (per-tensor recipes) or 128 (block scaling).
 _FP8_TOKEN_MULTIPLE = {"delayed": 16, "tensorwise": 16, "blockwise": 128, "mxfp8": 128}
 _FP8_SAMPLE_MULTIPLE = 16
-
-
-def broadcast_samples(samples: Optional[List[TrainSample]], dims) -> List[TrainSample]:
-    box = [samples if dims.rank == 0 else None]
-    if dims.world_size > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def split_mini_batches(samples: List[TrainSample], mini_batches: int) -> List[List[TrainSample]]:

@@ -17,7 +17,8 @@ import torch
 
 from maspo_megatron.trainer.batch import PackedMicroBatch, TrainSample
 from maspo_megatron.trainer.forward import run_micro_batches
-from maspo_megatron.trainer.train_step import broadcast_samples, pack_mini_batches
+from maspo_megatron.trainer.sample_handoff import broadcast_samples
+from maspo_megatron.trainer.train_step import pack_mini_batches
 
 
 def reference_samples(dataset, tokenizer, count: int, rng: random.Random) -> List[TrainSample]:
