@@ -92,12 +92,12 @@ def bapo_batch(lp, olp, adv, mask, *, rho_target=0.4, low_start=0.6, low_max=0.9
     """The whole batch [B][T]: walk the bound path until A>0 tokens carry rho_target of
     P + N (P = sum_{A>0} min(r, high) A, N = sum_{A<0} max(r, low) |A|), then GRPO (+ cap) with them.
     Returns (per-token [(loss, grad)], (low, high))."""
-    ratios = [[math.exp(_log_ratio(x, y)[0]) for x, y in zip(lr, olr)] for lr, olr in zip(lp, olp)]
+    ratios = [[math.exp(_log_ratio(x, y)[0]) for x, y in zip(lr, olr, strict=True)] for lr, olr in zip(lp, olp, strict=True)]
     low, high = low_start, high_start
     while True:
         p = n = 0.0
-        for rr, ar, mr in zip(ratios, adv, mask):
-            for r, a, m in zip(rr, ar, mr):
+        for rr, ar, mr in zip(ratios, adv, mask, strict=True):
+            for r, a, m in zip(rr, ar, mr, strict=True):
                 if m and a > 0:
                     p += min(r, high) * a
                 elif m and a < 0:
@@ -107,9 +107,9 @@ def bapo_batch(lp, olp, adv, mask, *, rho_target=0.4, low_start=0.6, low_max=0.9
             break
         low, high = min(low + low_step, low_max), min(high + high_step, high_max)
     out = []
-    for lr, olr, ar, mr in zip(lp, olp, adv, mask):
+    for lr, olr, ar, mr in zip(lp, olp, adv, mask, strict=True):
         row = []
-        for x, y, a, m in zip(lr, olr, ar, mr):
+        for x, y, a, m in zip(lr, olr, ar, mr, strict=True):
             if not m:
                 row.append((0.0, 0.0))
                 continue
