@@ -90,18 +90,19 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
     if settings.aggregation == "token-mean-microbatch":
         normalisers["micro_batch_token_count"] = micro_batch_token_count(batch, cp_group, cp_size)
     contribution = aggregate_loss(loss_tok, mask, settings.aggregation, **normalisers)
+    full_mask = batch.loss_mask
+    sums = dict(corrected.sums)
     if settings.entropy_coef:
         contribution = contribution - settings.entropy_coef * aggregate_loss(
             entropy, mask, settings.aggregation, **normalisers)
-    full_mask = batch.loss_mask
-    sums = {"loss_sum": contribution.detach().double(), "entropy_sum": entropy.detach()[full_mask].double().sum(),
-            "log_prob_sum": log_prob.detach()[full_mask].double().sum(),
-            "response_token_count": full_mask.sum().double(), **corrected.sums}
     if settings.kl_coef:
         kl_tok = kl_penalty(log_prob, batch.ref_log_probs, settings.kl_estimator)
         contribution = contribution + settings.kl_coef * aggregate_loss(kl_tok, mask, settings.aggregation,
                                                                         **normalisers)
         sums["kl_sum"] = kl_tok.detach()[full_mask].double().sum()
+    sums.update({"loss_sum": contribution.detach().double(), "entropy_sum": entropy.detach()[full_mask].double().sum(),
+                 "log_prob_sum": log_prob.detach()[full_mask].double().sum(),
+                 "response_token_count": full_mask.sum().double()})
     for key, value in token_metrics.items():
         if value.shape == full_mask.shape:
             sums[f"{settings.loss}/{key}_sum"] = value[full_mask].double().sum()

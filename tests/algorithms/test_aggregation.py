@@ -134,6 +134,13 @@ def test_samples_split_across_context_parallel_ranks(mode):
     assert sum(contributions).item() == pytest.approx(_expected(samples, mode), rel=1e-12)
 
 
+def test_config_offers_exactly_these_modes():
+    from maspo_megatron.config.algorithm import AGGREGATIONS
+
+    assert tuple(AGGREGATIONS) == tuple(AGGREGATION_MODES)
+    assert set(LAYOUT_DEPENDENT_MODES) == {"token-mean-microbatch"}
+
+
 def test_token_mean_microbatch_is_the_official_normaliser():
     """Uneven micro-batches over 2 DP ranks: each micro-batch's own token mean, / number of micro-batches
     in the step (all ranks); NOT the global token mean (a layout-invariant mode would give that)."""
