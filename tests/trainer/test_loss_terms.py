@@ -95,7 +95,7 @@ def test_corrections_and_kl_match_float64_reference(case):
         expected = _reference(batches, logits, kl_coef=0.05)
     value, grads, sums = _ours(batches, logits, cfg, kl_coef=kl)
     assert value == pytest.approx(expected[0], rel=1e-5)
-    assert sum(float(s["loss_sum"]) for s in sums) == pytest.approx(value, rel=1e-9)  # train/loss includes KL
+    assert sum(float(s["loss_sum"]) for s in sums) == pytest.approx(value, rel=1e-6)  # train/loss includes KL
     for got, want in zip(grads, expected[1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
     if case == "is_token+rejection+kl":
