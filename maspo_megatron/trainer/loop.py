@@ -105,6 +105,11 @@ class Trainer:
             supervised_warmup(self.policy, self.optimizer, cfg, self.dims,
                               dataset=self.ctx.dataset if self.ctx else None, tokenizer=self.tokenizer,
                               log=self.metrics.message)
+        self.reference = None  # the frozen KL reference: the policy as RL starts (trainer/reference.py)
+        if cfg.algorithm.kl_coef > 0:
+            from maspo_megatron.trainer.reference import build_reference
+
+            self.reference = build_reference(cfg, self.dims, self.tokenizer, self.policy, self.output_dir, resumed)
         self.syncer.sync(weight_version=self.step)  # engine <- trainer weights (fresh, warmed up or resumed)
 
     # ---- construction ---------------------------------------------------------------------------
@@ -159,6 +164,10 @@ class Trainer:
             self.metrics.phase(step, "train")
             mini_batches = pack_mini_batches(samples, cfg, dims, self.policy.attention_backend)
             drift = compute_old_log_probs(self.policy, mini_batches, cfg, dims)
+            if self.reference is not None:
+                from maspo_megatron.trainer.reference import fill_reference_log_probs
+
+                fill_reference_log_probs(self.reference, mini_batches, cfg, dims)
             train = ppo_update(self.policy, self.optimizer, self.scheduler, mini_batches, cfg, dims)
             if self.is_driver:
                 metrics.update(drift or {})

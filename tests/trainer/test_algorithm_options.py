@@ -57,3 +57,33 @@ def test_two_steps_with_masked_truncation_warning_and_rollout_correction(tmp_pat
             assert math.isclose(record["train/mismatch/is_weight_mean"], 1.0, rel_tol=1e-4)
             assert record["train/mismatch/rejected_frac_mean"] == 0
     assert masked_total > 0 and kept_total > 0  # the case must exercise masking AND train on the rest
+
+
+def _without_timings_and_warnings(records):
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "warn/"))} for r in records]
+
+
+def test_kl_to_the_reference_policy_and_exact_resume(tmp_path):
+    """kl_coef > 0: the reference is the policy as RL starts, so the KL is exactly 0 at step 1 (one
+    on-policy update) and > 0 once the policy moved; 3 steps straight == 1 step + resume to 3
+    (the reference is reloaded from <output_dir>/reference), metrics and final weights identical."""
+    import torch
+    from safetensors.torch import load_file
+
+    overrides = ["algorithm.kl_coef=0.05", "algorithm.kl_estimator=low_var_kl", "algorithm.mini_batches=1",
+                 "trainer.eval_at_end=false", "trainer.total_steps=3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = run_distributed(cases.train, 1, str(straight), overrides, timeout_s=240)[0]
+    assert result["code"] == 0
+    records = result["metrics"]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert records[0]["train/kl"] == 0.0
+    assert records[1]["train/kl"] > 0 and records[2]["train/kl"] > 0
+    assert (straight / "reference" / "metadata.json").is_file()
+    first = run_distributed(cases.train, 1, str(resumed), [*overrides, "trainer.total_steps=1"], timeout_s=240)[0]
+    assert first["code"] == 0
+    second = run_distributed(cases.train, 1, str(resumed), overrides, timeout_s=240)[0]
+    assert second["code"] == 0
+    assert _without_timings_and_warnings(second["metrics"]) == _without_timings_and_warnings(records)
+    a, b = load_file(straight / "hf" / "model.safetensors"), load_file(resumed / "hf" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
