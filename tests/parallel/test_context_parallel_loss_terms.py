@@ -69,7 +69,7 @@ def _cp_case():
             total, rejected = 0.0, 0.0
             for leaf, batch in zip(split_leaves, batches, strict=True):
                 if per_sample:
-                    index = packed_zigzag_indices(batch.cu_seqlens(0), CP, dims.cp_rank)
+                    index = packed_zigzag_indices(batch.segment_bounds(0), CP, dims.cp_rank)
                 else:
                     index = zigzag_indices(batch.tokens.shape[1], CP, dims.cp_rank)
                 shard = leaf.index_select(1, index).chunk(dims.tp, dim=-1)[dims.tp_rank]
