@@ -82,13 +82,13 @@ class EntropyAdvConfig:
 
 @dataclasses.dataclass
 class BapoConfig:
-    rho_target: float = option(0.4, ge=0, le=1, help="wanted share of the loss carried by A>0 tokens")
+    rho_target: float = option(0.5, ge=0, le=1, help="wanted share of the loss carried by A>0 tokens (the paper: 0.5)")
     low_start: float = option(0.6, gt=0, lt=1)
     low_max: float = option(0.9, gt=0, lt=1)
-    low_step: float = option(0.02, ge=0)
+    low_step: float = option(0.05, ge=0, help="the public recipe's step")
     high_start: float = option(1.2, gt=1)
     high_max: float = option(3.0, gt=1)
-    high_step: float = option(0.05, ge=0)
+    high_step: float = option(0.1, ge=0, help="the public recipe's step")
     dual_clip_c: Optional[float] = option(3.0, gt=1, help=_DUAL_CLIP_HELP)
 
     def validate(self) -> None:

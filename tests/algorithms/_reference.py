@@ -87,8 +87,8 @@ def entropy_adv(lp, olp, a, *, entropy, eps=0.2, dual_clip_c=3.0, alpha=0.4, kap
     return grpo(lp, olp, shaped, eps=eps, dual_clip_c=dual_clip_c)
 
 
-def bapo_batch(lp, olp, adv, mask, *, rho_target=0.4, low_start=0.6, low_max=0.9, low_step=0.02, high_start=1.2,
-               high_max=3.0, high_step=0.05, dual_clip_c=3.0):
+def bapo_batch(lp, olp, adv, mask, *, rho_target=0.5, low_start=0.6, low_max=0.9, low_step=0.05, high_start=1.2,
+               high_max=3.0, high_step=0.1, dual_clip_c=3.0):
     """The whole batch [B][T]: walk the bound path until A>0 tokens carry rho_target of
     P + N (P = sum_{A>0} min(r, high) A, N = sum_{A<0} max(r, low) |A|), then GRPO (+ cap) with them.
     Returns (per-token [(loss, grad)], (low, high))."""

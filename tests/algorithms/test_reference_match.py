@@ -34,8 +34,8 @@ CASES = [
     ("dac", dict(eps_low=0.05, eps_high=0.4)),
     ("entropy_adv", {}),
     ("entropy_adv", dict(eps=0.1, alpha=1.5, kappa=1.5, dual_clip_c=None)),
-    ("bapo", {}),  # the share never reaches 0.4 here: the last bounds
-    ("bapo", dict(rho_target=0.305)),  # seed 0 stops half-way along the path, seed 1 at its end
+    ("bapo", {}),  # the share never reaches 0.5 here: the last bounds
+    ("bapo", dict(rho_target=0.31)),  # seed 0 stops half-way along the path, seed 1 at its end
     ("bapo", dict(rho_target=0.25)),  # seed 0 keeps the start bounds, seed 1 stops after a few steps
     ("bapo", dict(rho_target=0.55, low_start=0.7, low_max=0.95, low_step=0.05, high_start=1.1, high_max=2.0,
                   high_step=0.1, dual_clip_c=2.0)),

@@ -58,8 +58,8 @@ def _contributions(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
 
 
 def bapo_contribution_sums(log_prob, old_log_prob, advantages, mask, *, low_start: float = 0.6, low_max: float = 0.9,
-                           low_step: float = 0.02, high_start: float = 1.2, high_max: float = 3.0,
-                           high_step: float = 0.05, **_unused) -> torch.Tensor:
+                           low_step: float = 0.05, high_start: float = 1.2, high_max: float = 3.0,
+                           high_step: float = 0.1, **_unused) -> torch.Tensor:
     """This shard's [K+1, 2] (P_k, N_k) sums in float64, to all-reduce (SUM) across the batch's ranks.
 
     Inputs [B, T]; masked positions may hold anything. Other BAPO keywords are accepted and ignored,
@@ -85,9 +85,9 @@ def bapo_choose(sums: torch.Tensor, rho_target: float) -> torch.Tensor:
 
 
 @register_policy_loss("bapo")
-def bapo_loss(log_prob, old_log_prob, advantages, mask, *, rho_target: float = 0.4, low_start: float = 0.6,
-              low_max: float = 0.9, low_step: float = 0.02, high_start: float = 1.2, high_max: float = 3.0,
-              high_step: float = 0.05, dual_clip_c: Optional[float] = 3.0,
+def bapo_loss(log_prob, old_log_prob, advantages, mask, *, rho_target: float = 0.5, low_start: float = 0.6,
+              low_max: float = 0.9, low_step: float = 0.05, high_start: float = 1.2, high_max: float = 3.0,
+              high_step: float = 0.1, dual_clip_c: Optional[float] = 3.0,
               contribution_sums: Optional[torch.Tensor] = None):
     """BAPO per-token loss. Inputs [B, T]; metrics per token: ratio, clipped, clip_low, clip_high (chosen bounds)."""
     if not 0 <= rho_target <= 1:
