@@ -1,11 +1,13 @@
-"""Pure tensor math of the RL objective: policy losses, aggregation, advantages, statistics.
+"""Pure tensor math of the RL objective: policy losses, aggregation, advantages,
+statistics, the KL penalty and rollout-mismatch corrections (rollout_correction).
 
 No torch.distributed and no Megatron here: callers reduce the global normalisers and the
 statistics sums across ranks (maspo_megatron/parallel) and pass them in.
 """
 from maspo_megatron.algorithms import losses  # noqa: F401  (registers the built-in losses)
 from maspo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS, group_advantages, keep_groups, overlong_penalty
-from maspo_megatron.algorithms.aggregation import AGGREGATION_MODES, aggregate_loss
+from maspo_megatron.algorithms.aggregation import AGGREGATION_MODES, LAYOUT_DEPENDENT_MODES, aggregate_loss
+from maspo_megatron.algorithms.kl import KL_ESTIMATORS, kl_penalty
 from maspo_megatron.algorithms.registry import (
     POLICY_LOSSES,
     loss_hyperparameters,
@@ -17,11 +19,14 @@ from maspo_megatron.algorithms.statistics import P_OLD_BUCKETS, finalize_statist
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATION_MODES",
+    "KL_ESTIMATORS",
+    "LAYOUT_DEPENDENT_MODES",
     "P_OLD_BUCKETS",
     "POLICY_LOSSES",
     "aggregate_loss",
     "finalize_statistics",
     "group_advantages",
+    "kl_penalty",
     "keep_groups",
     "loss_hyperparameters",
     "maspo_statistics",

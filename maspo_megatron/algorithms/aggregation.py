@@ -11,6 +11,16 @@ only when the shard IS the global batch (single process, one micro-batch).
     seq-mean-token-mean:     sum_s (sum_{t in s} loss_t / n_s) / N_samples
     seq-mean-token-sum:      sum_t loss_t / N_samples
     seq-mean-token-sum-norm: sum_t loss_t / (N_samples * norm_length)          (Dr.GRPO)
+
+One mode is layout-DEPENDENT on purpose, for faithful reproductions of the official MASPO code
+(FlyTune/MASPO-RL, verl's `agg_loss` token-mean called per micro-batch, scaled by 1/gradient
+accumulation in `dp_actor.py`, gradients averaged over data-parallel ranks):
+
+    token-mean-microbatch:   (sum_t loss_t / n_micro_batch_tokens) / N_micro_batches
+
+where n_micro_batch_tokens counts the tokens of THIS micro-batch (all its context-parallel shards)
+and N_micro_batches the micro-batches of the optimizer step over all data-parallel ranks. A
+token's weight then depends on how the batch was cut; see LAYOUT_DEPENDENT_MODES.
 """
 from __future__ import annotations
 
@@ -18,7 +28,14 @@ from typing import Optional, Union
 
 import torch
 
-AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm",
+                     "token-mean-microbatch")
+
+# mode -> why its result changes with the layout (micro-batch size, DP size, packing).
+LAYOUT_DEPENDENT_MODES = {
+    "token-mean-microbatch": "the official MASPO/verl normaliser: each micro-batch is divided by its own token "
+                             "count, so a token's weight depends on which micro-batch it landed in",
+}
 
 Count = Union[int, float, torch.Tensor]
 
@@ -75,6 +92,8 @@ def aggregate_loss(
     sample_index: Optional[torch.Tensor] = None,
     sample_token_count: Optional[torch.Tensor] = None,
     norm_length: Optional[int] = None,
+    micro_batch_token_count: Optional[Count] = None,
+    micro_batch_count: Count = 1,
 ) -> torch.Tensor:
     """This shard's contribution (a scalar) to the global-batch loss.
 
@@ -88,6 +107,9 @@ def aggregate_loss(
         sample_token_count[S]: each sample's TOTAL response-token count over all shards
             (seq-mean-token-mean); defaults to the count in this shard.
         norm_length: the constant length of seq-mean-token-sum-norm.
+        micro_batch_token_count: response tokens of this whole micro-batch, all CP shards
+            (token-mean-microbatch); defaults to this shard's count.
+        micro_batch_count: micro-batches in the optimizer step over all DP ranks (token-mean-microbatch).
     Returns:
         fp32 (fp64 for fp64 input) scalar; the sum over all shards is the global-batch loss.
     """
@@ -108,6 +130,12 @@ def aggregate_loss(
         if global_token_count is None and tokens == 0:
             return masked.sum()
         return masked.sum() / _positive("global_token_count", tokens)
+    if mode == "token-mean-microbatch":
+        tokens = int(mask.sum()) if micro_batch_token_count is None else micro_batch_token_count
+        if micro_batch_token_count is None and tokens == 0:
+            return masked.sum()  # an empty (padding) micro-batch adds nothing
+        return masked.sum() / _positive("micro_batch_token_count", tokens) / _positive("micro_batch_count",
+                                                                                    micro_batch_count)
     samples = _local_sample_count(mask, sample_index) if global_sample_count is None else global_sample_count
     if global_sample_count is None and samples == 0:
         return masked.sum()

@@ -30,6 +30,8 @@ class TrainerConfig:
     eval_every: int = option(0, ge=0, help="evaluate every k steps (0: only at the end)")
     eval_n_samples: int = option(4, ge=1, help="samples per validation prompt: Avg@n and Pass@n")
     eval_greedy: bool = option(False, help="greedy decoding for evaluation (then n is forced to 1)")
+    eval_temperature: Optional[float] = option(None, gt=0, help="evaluation temperature (default: rollout.temperature)")
+    eval_top_p: Optional[float] = option(None, gt=0, le=1, help="evaluation top-p (default: rollout.top_p)")
     eval_max_prompts: Optional[int] = option(None, ge=1, help="cap on prompts per validation set (default: all)")
     eval_at_end: bool = option(True, help="evaluate after the last step")
     hf_export_at_end: bool = option(True, help="write a HF checkpoint to <output_dir>/hf after the last step")

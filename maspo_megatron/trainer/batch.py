@@ -44,7 +44,7 @@ class TrainSample:
 
 
 _SEQ_FIELDS = ("tokens", "position_ids", "segment_ids", "target", "loss_mask", "advantages", "old_log_probs",
-               "sample_index")
+               "sample_index", "rollout_log_probs", "ref_log_probs")
 
 
 @dataclasses.dataclass
@@ -54,6 +54,8 @@ class PackedMicroBatch:
     tokens, position_ids (reset per sample), segment_ids (global sample id, -1 on row padding),
     target (next token id, 0 where unused), loss_mask (bool), advantages (fp32),
     old_log_probs (fp32), sample_index (global sample id, 0 where masked),
+    rollout_log_probs (fp32: the engine's, as packed from TrainSample.old_log_probs, never overwritten),
+    ref_log_probs (fp32: the reference policy's; zeros until a reference model fills them),
     sample_token_count[N] (response tokens of each of the N samples of the global batch),
     global_token_count / global_sample_count (ints, whole global batch),
     cu_seqlens[k+1] (int32, on the host, THD only: one row): boundaries of the row's segments
@@ -72,6 +74,8 @@ class PackedMicroBatch:
     sample_token_count: torch.Tensor
     global_token_count: int
     global_sample_count: int
+    rollout_log_probs: torch.Tensor
+    ref_log_probs: torch.Tensor
     cu_seqlens: Optional[torch.Tensor] = None
     max_seqlen: int = 0
 
@@ -227,6 +231,8 @@ def _build(samples, rows: list[list[int]], lengths: list[int], row_len: int, nor
         "advantages": torch.zeros(shape, dtype=torch.float32, device="cpu"),
         "old_log_probs": torch.zeros(shape, dtype=torch.float32, device="cpu"),
         "sample_index": torch.zeros(shape, dtype=torch.long, device="cpu"),
+        "rollout_log_probs": torch.zeros(shape, dtype=torch.float32, device="cpu"),
+        "ref_log_probs": torch.zeros(shape, dtype=torch.float32, device="cpu"),
     }
     for row_index, row in enumerate(rows):
         offset = 0
@@ -266,3 +272,4 @@ def _place(fields: dict, row: int, offset: int, sample_id: int, sample: TrainSam
         if old.numel() != r:
             raise ValueError(f"TrainSample.old_log_probs: {old.numel()} values for {r} response tokens (sample {sample_id})")
         fields["old_log_probs"][row, loss] = old
+        fields["rollout_log_probs"][row, loss] = old

@@ -208,6 +208,29 @@ def save_checkpoint(
     return final
 
 
+def save_model_weights(path: str | Path, model_chunks: Sequence[torch.nn.Module]) -> Path:
+    """Collective: the model weights alone as a dist checkpoint at `path` (replaced atomically).
+
+    Read back with `models.dist_ckpt.load_model_weights` at any layout (same keys as a trainer checkpoint).
+    """
+    final = Path(path)
+    tmp = final.with_name(f".tmp_{final.name}")
+    if _is_rank0():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(_sharded_state_dict(model_chunks, None, is_loading=False, with_rng=False), str(tmp),
+                            validate_access_integrity=True)
+    _barrier()
+    if _is_rank0():
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    _barrier()
+    return final
+
+
 def _is_json_scalar(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) or value is None
 

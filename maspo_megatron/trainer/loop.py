@@ -46,6 +46,26 @@ def check_sizes(cfg: Config) -> None:
         raise ValueError("rollout.n_samples_per_prompt: group advantages need at least 2 samples per prompt")
 
 
+def eval_sampling_overrides(trainer_cfg) -> dict:
+    """SamplingParams overrides of evaluation: its own temperature / top_p when set, top_k=1 when greedy."""
+    overrides = {"top_k": 1} if trainer_cfg.eval_greedy else {}
+    if trainer_cfg.eval_temperature is not None:
+        overrides["temperature"] = trainer_cfg.eval_temperature
+    if trainer_cfg.eval_top_p is not None:
+        overrides["top_p"] = trainer_cfg.eval_top_p
+    return overrides
+
+
+def startup_warnings(cfg: Config, log) -> dict:
+    """Logs one line per configuration that silently changes the algorithm; returns them as metrics."""
+    from maspo_megatron.config.algorithm import RATIO_IS_ONE_WARNING, ratio_is_one_by_construction
+
+    if not ratio_is_one_by_construction(cfg.algorithm):
+        return {}
+    log("warning: " + RATIO_IS_ONE_WARNING.format(loss=cfg.algorithm.loss))
+    return {"warn/ratio_is_one_by_construction": 1}
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         from maspo_megatron.parallel import init_distributed
@@ -97,12 +117,18 @@ class Trainer:
                                      console_every=cfg.trainer.log_every)
         self.metrics.message(f"maspo-train: {self.dims.describe()}; "
                              + (f"resumed from step {self.step}" if resumed else "fresh start"))
+        self.startup_metrics = startup_warnings(cfg, self.metrics.message)
         if not resumed and cfg.trainer.sft_warmup_steps:
             from maspo_megatron.trainer.warmup import supervised_warmup
 
             supervised_warmup(self.policy, self.optimizer, cfg, self.dims,
                               dataset=self.ctx.dataset if self.ctx else None, tokenizer=self.tokenizer,
                               log=self.metrics.message)
+        self.reference = None  # the frozen KL reference: the policy as RL starts (trainer/reference.py)
+        if cfg.algorithm.kl_coef > 0:
+            from maspo_megatron.trainer.reference import build_reference
+
+            self.reference = build_reference(cfg, self.dims, self.tokenizer, self.policy, self.output_dir, resumed)
         self.syncer.sync(weight_version=self.step)  # engine <- trainer weights (fresh, warmed up or resumed)
 
     # ---- construction ---------------------------------------------------------------------------
@@ -159,6 +185,10 @@ class Trainer:
             self.metrics.phase(step, "train")
             mini_batches = pack_mini_batches(samples, cfg, dims, self.policy.attention_backend)
             drift = compute_old_log_probs(self.policy, mini_batches, cfg, dims)
+            if self.reference is not None:
+                from maspo_megatron.trainer.reference import fill_reference_log_probs
+
+                fill_reference_log_probs(self.reference, mini_batches, cfg, dims)
             train = ppo_update(self.policy, self.optimizer, self.scheduler, mini_batches, cfg, dims)
             if self.is_driver:
                 metrics.update(drift or {})
@@ -208,7 +238,7 @@ class Trainer:
         greedy = cfg.trainer.eval_greedy
         n = 1 if greedy else cfg.trainer.eval_n_samples
         sampling = SamplingParams.from_config(cfg.rollout, seed=step_seed(cfg.trainer.seed, self.step, _EVAL_ROUND),
-                                              **({"top_k": 1} if greedy else {}))
+                                              **eval_sampling_overrides(cfg.trainer))
         out = {}
         for name, dataset in self.val_sets.items():
             count = len(dataset) if cfg.trainer.eval_max_prompts is None else min(len(dataset), cfg.trainer.eval_max_prompts)
@@ -233,6 +263,8 @@ class Trainer:
                     return self._stop(saved_at)
                 self.step += 1
                 metrics = self.rl_step()
+                metrics.update(self.startup_metrics)  # on the first step this process logs
+                self.startup_metrics = {}
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     metrics.update(self.evaluate())
                 self.metrics.log(self.step, metrics)

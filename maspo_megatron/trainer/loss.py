@@ -6,9 +6,11 @@
     metrics = finalize_metrics(reduce_sums(losses_reduced, dims))     # dict on global rank 0
 
 Per micro-batch (on the last pipeline stage): fused vocab-parallel log-probs + entropy ->
-`policy_loss` (any registry loss) -> `aggregate_loss` with the GLOBAL normalisers of the
-micro-batch (PackedMicroBatch) -> this shard's contribution c, where the sum of c over every
-micro-batch and every DP x CP rank is exactly the global-batch loss L.
+rollout correction (trainer vs engine; loss_terms.py) -> `policy_loss` (any registry loss) ->
+`aggregate_loss` with the GLOBAL normalisers of the micro-batch (PackedMicroBatch), plus the
+entropy bonus and the KL penalty to `batch.ref_log_probs` -> this shard's contribution c, where
+the sum of c over every micro-batch and every DP x CP rank is exactly the global-batch loss L
+(for `token-mean-microbatch`, the official normaliser, L itself depends on the cut).
 
 Megatron then rescales, and we undo it so that the final gradient is dL/dtheta. The policy is
 built with `calculate_per_token_loss=True` (trainer/setup.py): nothing is divided per
@@ -26,18 +28,11 @@ import math
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
-from maspo_megatron.algorithms import (
-    aggregate_loss,
-    finalize_statistics,
-    loss_hyperparameters,
-    maspo_statistics,
-    policy_loss,
-)
-from maspo_megatron.algorithms.ratio import clamped_log_ratio
+from maspo_megatron.algorithms import aggregate_loss, finalize_statistics, kl_penalty, maspo_statistics, policy_loss
 from maspo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs_entropy
 from maspo_megatron.trainer.batch import PackedMicroBatch
+from maspo_megatron.trainer.loss_terms import extra_loss_inputs, micro_batch_token_count, rollout_correction
 
 
 @dataclasses.dataclass
@@ -49,62 +44,70 @@ class LossSettings:
     aggregation: str = "token-mean"
     norm_length: Optional[int] = None
     entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "low_var_kl"
+    correction: Optional[object] = None  # cfg.algorithm.rollout_correction (RolloutCorrectionConfig)
     temperature: float = 1.0
     maspo_stats_hyper: dict = dataclasses.field(default_factory=dict)
     chunk_size: Optional[int] = None
 
     @classmethod
     def from_config(cls, algorithm_cfg, temperature: float = 1.0) -> LossSettings:
-        if algorithm_cfg.kl_coef > 0:
-            raise ValueError("algorithm.kl_coef: a KL term needs reference log-probs, which the packed "
-                             "micro-batch does not carry yet; set it to 0")
         maspo = dataclasses.asdict(algorithm_cfg.maspo)
         return cls(loss=algorithm_cfg.loss, hyper=algorithm_cfg.loss_hyper(), aggregation=algorithm_cfg.aggregation,
                    norm_length=algorithm_cfg.norm_length, entropy_coef=algorithm_cfg.entropy_coef,
-                   temperature=temperature, maspo_stats_hyper=maspo)
-
-
-def _sequence_log_ratio(log_ratio: torch.Tensor, batch: PackedMicroBatch, cp_group, cp_size: int) -> torch.Tensor:
-    """[R, S] per-token mean log-ratio of the token's WHOLE sample (summed over CP shards), detached."""
-    count = batch.sample_token_count.numel()
-    sums = torch.zeros(count, dtype=torch.float64, device=log_ratio.device)
-    sums.index_add_(0, batch.sample_index[batch.loss_mask], log_ratio.detach()[batch.loss_mask].double())
-    if cp_size > 1:
-        dist.all_reduce(sums, group=cp_group)
-    means = sums / batch.sample_token_count.clamp(min=1).to(sums)
-    return means[batch.sample_index].to(log_ratio.dtype)
+                   kl_coef=algorithm_cfg.kl_coef, kl_estimator=algorithm_cfg.kl_estimator,
+                   correction=algorithm_cfg.rollout_correction, temperature=temperature, maspo_stats_hyper=maspo)
 
 
 def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSettings, tp_group=None,
-                 cp_group=None, cp_size: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 cp_group=None, cp_size: int = 1, *, dp_cp_group=None,
+                 micro_batch_count: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(contribution to the global loss, {metric: SUM}) for one (CP-sharded) micro-batch.
 
     logits[R, S, V/TP] (this rank's vocab shard). The contribution is NOT rescaled for Megatron
     (see `megatron_loss_func`); it is what a single-process reference sums over micro-batches.
+    dp_cp_group: the group whose ranks hold the other parts of this micro-batch's batch (BAPO's
+    bound choice); micro_batch_count: micro-batches of the optimizer step over all DP ranks
+    (token-mean-microbatch).
+    Loss = aggregate(policy loss [x IS weights]) - entropy_coef aggregate(H) + kl_coef aggregate(KL),
+    all over the loss mask minus the tokens rejected by the rollout correction.
     """
-    mask = batch.loss_mask
     log_prob, entropy = vocab_parallel_logprobs_entropy(
         logits, batch.target, tp_group, temperature=settings.temperature, chunk_size=settings.chunk_size)
+    corrected = rollout_correction(batch, settings.correction, cp_group, cp_size)
+    mask, advantages = corrected.mask, corrected.advantages
     hyper = dict(settings.hyper)
-    if "seq_log_ratio" in loss_hyperparameters(settings.loss):
-        hyper["seq_log_ratio"] = _sequence_log_ratio(
-            clamped_log_ratio(log_prob.detach(), batch.old_log_probs), batch, cp_group, cp_size)
-    loss_tok, token_metrics = policy_loss(settings.loss, log_prob, batch.old_log_probs, batch.advantages, mask,
-                                          **hyper)
+    hyper.update(extra_loss_inputs(settings.loss, settings.hyper, log_prob, entropy, advantages, mask, batch,
+                                   cp_group=cp_group, cp_size=cp_size, dp_cp_group=dp_cp_group))
+    loss_tok, token_metrics = policy_loss(settings.loss, log_prob, batch.old_log_probs, advantages, mask, **hyper)
+    if corrected.weights is not None:
+        loss_tok = loss_tok * corrected.weights
     normalisers = dict(global_token_count=max(batch.global_token_count, 1),
                        global_sample_count=max(batch.global_sample_count, 1), sample_index=batch.sample_index,
-                       sample_token_count=batch.sample_token_count, norm_length=settings.norm_length)
+                       sample_token_count=batch.sample_token_count, norm_length=settings.norm_length,
+                       micro_batch_count=micro_batch_count)
+    if settings.aggregation == "token-mean-microbatch":
+        normalisers["micro_batch_token_count"] = micro_batch_token_count(batch, cp_group, cp_size)
     contribution = aggregate_loss(loss_tok, mask, settings.aggregation, **normalisers)
+    full_mask = batch.loss_mask
+    sums = dict(corrected.sums)
     if settings.entropy_coef:
         contribution = contribution - settings.entropy_coef * aggregate_loss(
             entropy, mask, settings.aggregation, **normalisers)
-    sums = {"loss_sum": contribution.detach().double(), "entropy_sum": entropy.detach()[mask].double().sum(),
-            "log_prob_sum": log_prob.detach()[mask].double().sum(), "response_token_count": mask.sum().double()}
+    if settings.kl_coef:
+        kl_tok = kl_penalty(log_prob, batch.ref_log_probs, settings.kl_estimator)
+        contribution = contribution + settings.kl_coef * aggregate_loss(kl_tok, mask, settings.aggregation,
+                                                                        **normalisers)
+        sums["kl_sum"] = kl_tok.detach()[full_mask].double().sum()
+    sums.update({"loss_sum": contribution.detach().double(), "entropy_sum": entropy.detach()[full_mask].double().sum(),
+                 "log_prob_sum": log_prob.detach()[full_mask].double().sum(),
+                 "response_token_count": full_mask.sum().double()})
     for key, value in token_metrics.items():
-        if value.shape == mask.shape:
-            sums[f"{settings.loss}/{key}_sum"] = value[mask].double().sum()
+        if value.shape == full_mask.shape:
+            sums[f"{settings.loss}/{key}_sum"] = value[full_mask].double().sum()
     sums.update({f"stats/{k}": v.double() for k, v in maspo_statistics(
-        log_prob.detach(), batch.old_log_probs, batch.advantages, mask, **settings.maspo_stats_hyper).items()})
+        log_prob.detach(), batch.old_log_probs, batch.advantages, full_mask, **settings.maspo_stats_hyper).items()})
     return contribution, sums
 
 
@@ -114,7 +117,9 @@ def megatron_loss_func(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, 
 
     num_microbatches: micro-batches of this optimizer step on this rank.
     """
-    contribution, sums = compute_loss(output_tensor, batch, settings, dims.tp_group, dims.cp_group, dims.cp)
+    contribution, sums = compute_loss(output_tensor, batch, settings, dims.tp_group, dims.cp_group, dims.cp,
+                                      dp_cp_group=dims.dp_cp_group if dims.dp * dims.cp > 1 else None,
+                                      micro_batch_count=num_microbatches * dims.dp)
     return contribution * float(max(batch.global_token_count, 1)), batch.local_token_count, sums
 
 
@@ -129,6 +134,8 @@ def finalize_metrics(sums: Optional[dict[str, float]]) -> Optional[dict[str, flo
         "train/log_prob_mean": sums["log_prob_sum"] / tokens if tokens else math.nan,
         "train/response_tokens": tokens,
     }
+    if "kl_sum" in sums:
+        out["train/kl"] = sums["kl_sum"] / tokens if tokens else math.nan
     for key, value in sums.items():
         if "/" in key and not key.startswith("stats/"):
             out[f"train/{key.removesuffix('_sum')}_mean"] = value / tokens if tokens else math.nan

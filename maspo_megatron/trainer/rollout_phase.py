@@ -9,6 +9,8 @@ Failure handling, all reported in metrics instead of stopping the run:
   fragment) and kept out of the training batch (rollout/aborted_samples);
 - an empty response: scored as usual (it is simply wrong) and carries no loss tokens
   (rollout/empty_samples);
+- a length-truncated response with `algorithm.mask_truncated`: scored and counted in its group's
+  advantages as usual, then kept out of the training batch (rollout/masked_truncated);
 - dynamic sampling that drops every group: an empty batch; the step trains nothing and says so.
 """
 from __future__ import annotations
@@ -146,11 +148,16 @@ def run_rollout(ctx: DriverContext, step: int) -> tuple[List[TrainSample], dict]
     if groups:
         advantages = _advantages(cfg, groups).tolist()
         flat = [(g.item, s) for g in groups for s in g.samples]
+        masked_truncated = 0
         for (item, sample), advantage in zip(flat, advantages, strict=True):
             if sample.finish_reason == "abort" or len(sample.token_ids) == 0:
+                continue
+            if cfg.algorithm.mask_truncated and sample.finish_reason == "length":
+                masked_truncated += 1
                 continue
             train_samples.append(TrainSample(list(item.prompt_ids), list(sample.token_ids), float(advantage),
                                              sample.log_probs))
         metrics["rollout/advantage_abs_mean"] = sum(abs(a) for a in advantages) / len(advantages)
+        metrics["rollout/masked_truncated"] = masked_truncated
     metrics["rollout/train_samples"] = len(train_samples)
     return train_samples, metrics

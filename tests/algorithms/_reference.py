@@ -55,16 +55,69 @@ def maspo(lp, olp, a, *, sigma_base=1.0, alpha=0.3, sigma_high=10.0, adv_low=0.1
     return loss, grad * window
 
 
-def grpo(lp, olp, a, *, eps=0.2):
+def _cap(loss, grad, a, c):
+    """The dual-clip cap -A c for A < 0 (no gradient where it binds); c None: off."""
+    if c is not None and a < 0 and loss > -a * c:
+        return -a * c, 0.0
+    return loss, grad
+
+
+def grpo(lp, olp, a, *, eps=0.2, dual_clip_c=3.0):
     x, window = _log_ratio(lp, olp)
-    loss, grad = _ppo(math.exp(x), a, 1 - eps, 1 + eps)
+    loss, grad = _cap(*_ppo(math.exp(x), a, 1 - eps, 1 + eps), a, dual_clip_c)
     return loss, grad * window
 
 
-def clip_higher(lp, olp, a, *, eps_low=0.2, eps_high=0.28):
+def clip_higher(lp, olp, a, *, eps_low=0.2, eps_high=0.28, dual_clip_c=3.0):
     x, window = _log_ratio(lp, olp)
-    loss, grad = _ppo(math.exp(x), a, 1 - eps_low, 1 + eps_high)
+    loss, grad = _cap(*_ppo(math.exp(x), a, 1 - eps_low, 1 + eps_high), a, dual_clip_c)
     return loss, grad * window
+
+
+def cispo(lp, olp, a, *, eps_low=1.0, eps_high=0.28):
+    """-sg[clip(r)] A lp: the gradient is -clip(r) A, through lp directly (no clamp window)."""
+    x, _ = _log_ratio(lp, olp)
+    w = min(max(math.exp(x), 1 - eps_low), 1 + eps_high)
+    return -w * a * lp, -w * a
+
+
+def entropy_adv(lp, olp, a, *, entropy, eps=0.2, dual_clip_c=3.0, alpha=0.4, kappa=2.0):
+    """GRPO (+ cap) on A' = A + min(alpha H, |A| / kappa); H is one float (this token's entropy)."""
+    shaped = a + min(alpha * entropy, abs(a) / kappa)
+    return grpo(lp, olp, shaped, eps=eps, dual_clip_c=dual_clip_c)
+
+
+def bapo_batch(lp, olp, adv, mask, *, rho_target=0.5, low_start=0.6, low_max=0.9, low_step=0.05, high_start=1.2,
+               high_max=3.0, high_step=0.1, dual_clip_c=3.0):
+    """The whole batch [B][T]: walk the bound path until A>0 tokens carry rho_target of
+    P + N (P = sum_{A>0} min(r, high) A, N = sum_{A<0} max(r, low) |A|), then GRPO (+ cap) with them.
+    Returns (per-token [(loss, grad)], (low, high))."""
+    ratios = [[math.exp(_log_ratio(x, y)[0]) for x, y in zip(lr, olr, strict=True)] for lr, olr in zip(lp, olp, strict=True)]
+    low, high = low_start, high_start
+    while True:
+        p = n = 0.0
+        for rr, ar, mr in zip(ratios, adv, mask, strict=True):
+            for r, a, m in zip(rr, ar, mr, strict=True):
+                if m and a > 0:
+                    p += min(r, high) * a
+                elif m and a < 0:
+                    n += max(r, low) * -a
+        share = p / (p + n) if p + n > 0 else 1.0
+        if share >= rho_target or (low >= low_max - 1e-12 and high >= high_max - 1e-12):
+            break
+        low, high = min(low + low_step, low_max), min(high + high_step, high_max)
+    out = []
+    for lr, olr, ar, mr in zip(lp, olp, adv, mask, strict=True):
+        row = []
+        for x, y, a, m in zip(lr, olr, ar, mr, strict=True):
+            if not m:
+                row.append((0.0, 0.0))
+                continue
+            logr, window = _log_ratio(x, y)
+            loss, grad = _cap(*_ppo(math.exp(logr), a, low, high), a, dual_clip_c)
+            row.append((loss, grad * window))
+        out.append(row)
+    return out, (low, high)
 
 
 def dual_clip(lp, olp, a, *, eps=0.2, c=3.0):
@@ -119,6 +172,7 @@ ELEMENTWISE = {
     "dual_clip": dual_clip,
     "dac": dac,
     "sapo": sapo,
+    "cispo": cispo,
 }
 
 
@@ -126,6 +180,16 @@ def reference(name, lp, olp, adv, mask, **hyper):
     """Nested lists [B][T] of (loss, d loss / d own log-prob) for inputs given as nested lists."""
     if name == "gspo":
         return [gspo_row(lr, olr, ar, mr, **hyper) for lr, olr, ar, mr in zip(lp, olp, adv, mask, strict=True)]
+    if name == "bapo":
+        return bapo_batch(lp, olp, adv, mask, **hyper)[0]
+    if name == "entropy_adv":
+        hyper = dict(hyper)
+        entropy = hyper.pop("entropy")
+        return [
+            [entropy_adv(lpv, olpv, av, entropy=hv, **hyper) if mv else (0.0, 0.0)
+             for lpv, olpv, av, mv, hv in zip(lr, olr, ar, mr, hr, strict=True)]
+            for lr, olr, ar, mr, hr in zip(lp, olp, adv, mask, entropy, strict=True)
+        ]
     fn = ELEMENTWISE[name]
     return [
         [fn(lpv, olpv, av, **hyper) if mv else (0.0, 0.0) for lpv, olpv, av, mv in zip(lr, olr, ar, mr, strict=True)]

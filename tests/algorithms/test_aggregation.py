@@ -1,13 +1,16 @@
 """Aggregation: the contributions of micro-batches, data-parallel shards, packed rows and
-context-parallel halves of samples add up to the whole-batch loss, for every mode."""
+context-parallel halves of samples add up to the whole-batch loss, for every layout-invariant
+mode; the layout-dependent official normaliser on its own definition."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from maspo_megatron.algorithms import AGGREGATION_MODES, aggregate_loss
+from maspo_megatron.algorithms import AGGREGATION_MODES, LAYOUT_DEPENDENT_MODES, aggregate_loss
 
 NORM_LENGTH = 32
+# token-mean-microbatch is excluded from the invariance tests: its result depends on the cut by design.
+LAYOUT_INVARIANT = [mode for mode in AGGREGATION_MODES if mode not in LAYOUT_DEPENDENT_MODES]
 
 
 def _samples(seed: int, count: int = 7, max_len: int = 13):
@@ -21,7 +24,7 @@ def _expected(samples, mode):
     """Whole-batch loss straight from the definitions, in plain Python."""
     tokens = sum(len(s) for s in samples)
     total = sum(sum(s) for s in samples)
-    if mode == "token-mean":
+    if mode in ("token-mean", "token-mean-microbatch"):  # the whole batch as ONE micro-batch
         return total / tokens
     if mode == "seq-mean-token-mean":
         return sum(sum(s) / len(s) for s in samples) / len(samples)
@@ -59,7 +62,7 @@ def test_whole_batch_matches_definition(mode):
     assert local.item() == pytest.approx(_expected(samples, mode), rel=1e-12)
 
 
-@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+@pytest.mark.parametrize("mode", LAYOUT_INVARIANT)
 @pytest.mark.parametrize("cuts", [[7], [1, 6], [3, 2, 2], [1] * 7])
 def test_micro_batches_and_shards_sum_to_whole(mode, cuts):
     samples = _samples(1)
@@ -96,7 +99,7 @@ def _pack(samples, width=16):
     return loss, mask, sample_index
 
 
-@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+@pytest.mark.parametrize("mode", LAYOUT_INVARIANT)
 def test_packed_rows_equal_one_sample_per_row(mode):
     samples = _samples(2, count=9, max_len=7)
     loss, mask, sample_index = _pack(samples)
@@ -111,7 +114,7 @@ def test_packed_rows_equal_one_sample_per_row(mode):
     assert local.item() == pytest.approx(_expected(samples, mode), rel=1e-12)
 
 
-@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+@pytest.mark.parametrize("mode", LAYOUT_INVARIANT)
 def test_samples_split_across_context_parallel_ranks(mode):
     """Each sample's tokens are cut between 2 CP ranks (load-balanced zig-zag style chunks 0,3 | 1,2);
     each rank passes the samples' TOTAL token counts: the two contributions add up to the whole."""
@@ -129,6 +132,34 @@ def test_samples_split_across_context_parallel_ranks(mode):
         for cols in rank_cols
     ]
     assert sum(contributions).item() == pytest.approx(_expected(samples, mode), rel=1e-12)
+
+
+def test_config_offers_exactly_these_modes():
+    from maspo_megatron.config.algorithm import AGGREGATIONS
+
+    assert tuple(AGGREGATIONS) == tuple(AGGREGATION_MODES)
+    assert set(LAYOUT_DEPENDENT_MODES) == {"token-mean-microbatch"}
+
+
+def test_token_mean_microbatch_is_the_official_normaliser():
+    """Uneven micro-batches over 2 DP ranks: each micro-batch's own token mean, / number of micro-batches
+    in the step (all ranks); NOT the global token mean (a layout-invariant mode would give that)."""
+    samples = _samples(5, count=6, max_len=13)
+    loss, mask = _rows(samples)
+    cuts = [[0], [1, 2], [3, 4, 5]]  # rank 0: micro-batches 0, 1; rank 1: micro-batch 2 (uneven sizes)
+    contributions = [
+        aggregate_loss(loss[rows], mask[rows], "token-mean-microbatch", micro_batch_count=len(cuts)) for rows in cuts
+    ]
+    expected = sum(sum(sum(samples[i]) for i in rows) / sum(len(samples[i]) for i in rows) for rows in cuts) / 3
+    assert sum(contributions).item() == pytest.approx(expected, rel=1e-12)
+    token_mean = sum(sum(s) for s in samples) / sum(len(s) for s in samples)
+    assert abs(expected - token_mean) > 1e-3 * abs(token_mean)  # the cut matters
+    # a micro-batch split over CP ranks passes its whole token count: the halves add up
+    cols = [torch.arange(0, 8), torch.arange(8, 16)]
+    rows = cuts[2]
+    halves = [aggregate_loss(loss[rows][:, c], mask[rows][:, c], "token-mean-microbatch",
+                             micro_batch_token_count=int(mask[rows].sum()), micro_batch_count=3) for c in cols]
+    torch.testing.assert_close(sum(halves), contributions[2], rtol=1e-12, atol=0)
 
 
 def test_gradient_weights_per_token():
@@ -159,6 +190,7 @@ def test_tensor_normalisers_and_dtype():
         (dict(mode="mean"), "unknown mode 'mean'"),
         (dict(mode="seq-mean-token-sum-norm", global_sample_count=2), "norm_length"),
         (dict(mode="token-mean", global_token_count=0), "global_token_count"),
+        (dict(mode="token-mean-microbatch", micro_batch_count=0), "micro_batch_count"),
         (dict(mode="seq-mean-token-sum", global_sample_count=-1), "global_sample_count"),
         (dict(mode="seq-mean-token-mean", sample_index=torch.tensor([[0, 3]]), sample_token_count=torch.tensor([1, 1])),
          "sample_token_count"),

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from maspo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, maspo_statistics, policy_loss
+from tests.algorithms._runtime import runtime_inputs
 
 
 def _batch(device, dtype):
@@ -24,7 +25,7 @@ def test_cuda_matches_cpu(name, dtype):
     for device in ("cpu", "cuda"):
         log_prob, old, adv, mask = _batch(device, dtype)
         log_prob.requires_grad_()
-        loss, _ = policy_loss(name, log_prob, old, adv, mask)
+        loss, _ = policy_loss(name, log_prob, old, adv, mask, **runtime_inputs(name, log_prob))
         assert loss.dtype == torch.float32 and loss.device.type == device
         total = aggregate_loss(loss, mask, "token-mean", global_token_count=int(mask.sum()))
         total.backward()

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from maspo_megatron.algorithms import POLICY_LOSSES, policy_loss
+from tests.algorithms._runtime import runtime_inputs
 
 # derandomize: the same examples on every CI run; the machine is shared, so no timing health checks
 SETTINGS = settings(
@@ -64,7 +65,7 @@ def test_no_nan_for_extreme_inputs(data, name, bf16):
     dtype = torch.bfloat16 if bf16 else torch.float32
     lp, old, adv, mask = _batch(data, log_probs, dtype)
     lp.requires_grad_()
-    loss, metrics = policy_loss(name, lp, old, adv, mask)
+    loss, metrics = policy_loss(name, lp, old, adv, mask, **runtime_inputs(name, lp))
     assert loss.dtype == torch.float32
     assert torch.isfinite(loss).all()
     loss.sum().backward()
@@ -83,8 +84,8 @@ def test_masked_tokens_contribute_nothing(data, name):
     garbage_lp[~mask], garbage_old[~mask], garbage_adv[~mask] = math.nan, -math.inf, math.inf
     clean_lp = lp.clone().requires_grad_()
     dirty_lp = garbage_lp.requires_grad_()
-    clean, _ = policy_loss(name, clean_lp, old, adv, mask)
-    dirty, _ = policy_loss(name, dirty_lp, garbage_old, garbage_adv, mask)
+    clean, _ = policy_loss(name, clean_lp, old, adv, mask, **runtime_inputs(name, lp))
+    dirty, _ = policy_loss(name, dirty_lp, garbage_old, garbage_adv, mask, **runtime_inputs(name, lp))
     assert (dirty[~mask] == 0).all() and (clean[~mask] == 0).all()
     torch.testing.assert_close(dirty, clean, rtol=0, atol=0)
     dirty.sum().backward()
@@ -97,8 +98,8 @@ def test_masked_tokens_contribute_nothing(data, name):
 @given(data=st.data(), name=st.sampled_from(sorted(POLICY_LOSSES)))
 def test_bf16_inputs_give_fp32_results_of_the_upcast_values(data, name):
     lp, old, adv, mask = _batch(data, moderate_log_probs, torch.bfloat16)
-    loss, metrics = policy_loss(name, lp, old, adv, mask)
-    ref, _ = policy_loss(name, lp.float(), old.float(), adv.float(), mask)
+    loss, metrics = policy_loss(name, lp, old, adv, mask, **runtime_inputs(name, lp))
+    ref, _ = policy_loss(name, lp.float(), old.float(), adv.float(), mask, **runtime_inputs(name, lp))
     assert loss.dtype == torch.float32
     assert all(value.dtype == torch.float32 for value in metrics.values())
     torch.testing.assert_close(loss, ref, rtol=0, atol=0)

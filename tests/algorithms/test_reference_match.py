@@ -11,6 +11,7 @@ import torch
 from maspo_megatron.algorithms import POLICY_LOSSES, loss_hyperparameters, policy_loss
 from maspo_megatron.config.algorithm import AlgorithmConfig
 from tests.algorithms import _reference as ref
+from tests.algorithms._runtime import RUNTIME_KEYS, runtime_inputs
 
 CASES = [
     ("maspo", {}),
@@ -20,8 +21,9 @@ CASES = [
     ("maspo", dict(gate=False, clip_eps=0.1, dual_clip_c=2.0)),
     ("grpo", {}),
     ("grpo", dict(eps=0.1)),
+    ("grpo", dict(dual_clip_c=None)),
     ("clip_higher", {}),
-    ("clip_higher", dict(eps_low=0.1, eps_high=0.4)),
+    ("clip_higher", dict(eps_low=0.1, eps_high=0.4, dual_clip_c=1.5)),
     ("dual_clip", {}),
     ("dual_clip", dict(eps=0.1, c=1.5)),
     ("gspo", {}),
@@ -30,6 +32,15 @@ CASES = [
     ("sapo", dict(tau_pos=2.0, tau_neg=0.5)),
     ("dac", {}),
     ("dac", dict(eps_low=0.05, eps_high=0.4)),
+    ("entropy_adv", {}),
+    ("entropy_adv", dict(eps=0.1, alpha=1.5, kappa=1.5, dual_clip_c=None)),
+    ("bapo", {}),  # the share never reaches 0.5 here: the last bounds
+    ("bapo", dict(rho_target=0.31)),  # seed 0 stops half-way along the path, seed 1 at its end
+    ("bapo", dict(rho_target=0.25)),  # seed 0 keeps the start bounds, seed 1 stops after a few steps
+    ("bapo", dict(rho_target=0.55, low_start=0.7, low_max=0.95, low_step=0.05, high_start=1.1, high_max=2.0,
+                  high_step=0.1, dual_clip_c=2.0)),
+    ("cispo", {}),
+    ("cispo", dict(eps_low=0.2, eps_high=0.1)),
 ]
 
 
@@ -52,7 +63,8 @@ def test_every_registered_loss_is_covered_and_defaults_match_config():
     cfg = AlgorithmConfig()
     for name in POLICY_LOSSES:
         defaults = loss_hyperparameters(name)
-        defaults.pop("seq_log_ratio", None)  # runtime input of gspo, not a config field
+        for key in RUNTIME_KEYS:  # runtime tensor inputs (gspo, entropy_adv, bapo), not config fields
+            defaults.pop(key, None)
         assert defaults == dataclasses.asdict(getattr(cfg, name)), name
 
 
@@ -69,12 +81,13 @@ def test_matches_reference_value_and_gradient(name, hyper, seed):
     else:
         log_prob, old_log_prob, advantages, mask, weights = random_batch(seed)
     log_prob.requires_grad_()
-    loss_tok, metrics = policy_loss(name, log_prob, old_log_prob, advantages, mask, **hyper)
+    runtime = runtime_inputs(name, log_prob)
+    loss_tok, metrics = policy_loss(name, log_prob, old_log_prob, advantages, mask, **hyper, **runtime)
     (loss_tok * weights).sum().backward()
 
     expected = ref.reference(
         name, log_prob.detach().double().tolist(), old_log_prob.double().tolist(),
-        advantages.double().tolist(), mask.tolist(), **hyper,
+        advantages.double().tolist(), mask.tolist(), **hyper, **{k: v.double().tolist() for k, v in runtime.items()},
     )
     expected_value = torch.tensor([[v for v, _ in row] for row in expected], dtype=torch.float64)
     expected_grad = torch.tensor([[g for _, g in row] for row in expected], dtype=torch.float64) * weights.double()
@@ -85,7 +98,7 @@ def test_matches_reference_value_and_gradient(name, hyper, seed):
     if name == "maspo" and hyper.get("gate", True):
         assert metrics["gated_pos"].any() and metrics["gated_neg"].any()
         assert (metrics["gate_weight"][mask] < 0.95).any()
-    if name != "sapo" and (name != "maspo" or not hyper.get("gate", True) or "dual_clip_c" in hyper):
+    if name not in ("sapo", "cispo") and (name != "maspo" or not hyper.get("gate", True) or "dual_clip_c" in hyper):
         clipped = metrics["clipped"].bool()
         assert clipped.any() and (mask & ~clipped & (advantages != 0)).any()
         assert (log_prob.grad[clipped] == 0).all()

@@ -6,6 +6,7 @@ import torch
 
 from maspo_megatron.algorithms import POLICY_LOSSES, policy_loss, register_policy_loss
 from maspo_megatron.config.algorithm import LOSS_NAMES, AlgorithmConfig
+from tests.algorithms._runtime import runtime_inputs
 
 
 def _inputs(shape=(2, 3)):
@@ -19,7 +20,8 @@ def test_registry_holds_exactly_the_config_names():
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_config_hyperparameters_are_accepted(name):
     cfg = AlgorithmConfig(loss=name)
-    loss, _ = policy_loss(cfg.loss, *_inputs(), **cfg.loss_hyper())
+    inputs = _inputs()
+    loss, _ = policy_loss(cfg.loss, *inputs, **cfg.loss_hyper(), **runtime_inputs(name, inputs[0]))
     assert loss.shape == (2, 3)
 
 

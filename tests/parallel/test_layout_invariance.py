@@ -14,9 +14,14 @@ import math
 import pytest
 import torch
 
+from maspo_megatron.algorithms import AGGREGATION_MODES
 from tests.helpers.multiproc import run_distributed
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# Excluded by name: "token-mean-microbatch" is the official MASPO normaliser, each micro-batch divided
+# by its OWN token count, so its loss changes with the micro-batch cut by design (checked against the
+# official formulas in tests/algorithms/test_official_maspo.py instead).
+EXCLUDED_AGGREGATIONS = {"token-mean-microbatch": "layout-dependent by design (the official normaliser)"}
+AGGREGATIONS = tuple(mode for mode in AGGREGATION_MODES if mode not in EXCLUDED_AGGREGATIONS)
 ROW_TOKENS = 32
 NORM_LENGTH = 16
 SEED = 1234

@@ -1,13 +1,17 @@
 """Clipped-surrogate baselines: GRPO, clip-higher (DAPO), dual-clip PPO, DAC (DCPO).
 
 All share `loss_tok = max(-r A, -clip(r, low, high) A)`; they differ in the bounds:
-    grpo:        [1 - eps, 1 + eps]
-    clip_higher: [1 - eps_low, 1 + eps_high]
+    grpo:        [1 - eps, 1 + eps], and for A < 0 the loss is capped at -A dual_clip_c
+    clip_higher: [1 - eps_low, 1 + eps_high], capped likewise
     dual_clip:   [1 - eps, 1 + eps], and for A < 0 the loss is capped at -A c
+grpo and clip_higher apply the dual-clip cap by default with c = 3, as verl's vanilla PPO/GRPO
+loss always does (`clip_ratio_c = 3.0`); `dual_clip_c=None` turns it off.
     dac:         q = p_old = exp(old_logp);
                  [0.5 + 0.5 sqrt(max(1 - 4 eps_low / q, 0)), 0.5 + 0.5 sqrt(1 + 4 eps_high / q)]
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -15,24 +19,36 @@ from maspo_megatron.algorithms.ratio import clamped_log_ratio, clipped_surrogate
 from maspo_megatron.algorithms.registry import register_policy_loss
 
 
-def _ppo(log_prob, old_log_prob, advantages, low, high):
+def ppo_clip(log_prob, old_log_prob, advantages, low, high):
+    """(ratio, loss_tok, clipped), each [B, T]: the clipped surrogate on the clamped ratio."""
     ratio = torch.exp(clamped_log_ratio(log_prob, old_log_prob))
     loss, clipped = clipped_surrogate(ratio, advantages, low, high)
     return ratio, loss, clipped
 
 
+def optional_dual_clip(name: str, loss, clipped, advantages, ratio, c: Optional[float]):
+    """The dual-clip cap when c is given: (loss[B, T], metrics {ratio, clipped, dual_clipped})."""
+    if c is None:
+        return loss, {"ratio": ratio, "clipped": clipped.to(ratio.dtype)}
+    if not c > 1:
+        raise ValueError(f"policy_loss {name!r}: dual_clip_c must be > 1 or None, got {c!r}")
+    loss, capped = dual_clip_bound(loss, advantages, c)
+    return loss, {"ratio": ratio, "clipped": (clipped | capped).to(ratio.dtype), "dual_clipped": capped.to(ratio.dtype)}
+
+
 @register_policy_loss("grpo")
-def grpo_loss(log_prob, old_log_prob, advantages, mask, *, eps: float = 0.2):
-    """GRPO/PPO clip. Inputs [B, T]; metrics per token: ratio, clipped."""
-    ratio, loss, clipped = _ppo(log_prob, old_log_prob, advantages, 1 - eps, 1 + eps)
-    return loss, {"ratio": ratio, "clipped": clipped.to(ratio.dtype)}
+def grpo_loss(log_prob, old_log_prob, advantages, mask, *, eps: float = 0.2, dual_clip_c: Optional[float] = 3.0):
+    """GRPO/PPO clip (+ dual clip). Inputs [B, T]; metrics per token: ratio, clipped[, dual_clipped]."""
+    ratio, loss, clipped = ppo_clip(log_prob, old_log_prob, advantages, 1 - eps, 1 + eps)
+    return optional_dual_clip("grpo", loss, clipped, advantages, ratio, dual_clip_c)
 
 
 @register_policy_loss("clip_higher")
-def clip_higher_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float = 0.2, eps_high: float = 0.28):
-    """DAPO's decoupled clip. Inputs [B, T]; metrics per token: ratio, clipped."""
-    ratio, loss, clipped = _ppo(log_prob, old_log_prob, advantages, 1 - eps_low, 1 + eps_high)
-    return loss, {"ratio": ratio, "clipped": clipped.to(ratio.dtype)}
+def clip_higher_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float = 0.2, eps_high: float = 0.28,
+                     dual_clip_c: Optional[float] = 3.0):
+    """DAPO's decoupled clip (+ dual clip). Inputs [B, T]; metrics per token: ratio, clipped[, dual_clipped]."""
+    ratio, loss, clipped = ppo_clip(log_prob, old_log_prob, advantages, 1 - eps_low, 1 + eps_high)
+    return optional_dual_clip("clip_higher", loss, clipped, advantages, ratio, dual_clip_c)
 
 
 @register_policy_loss("dual_clip")
@@ -40,7 +56,7 @@ def dual_clip_loss(log_prob, old_log_prob, advantages, mask, *, eps: float = 0.2
     """Dual-clip PPO. Inputs [B, T]; metrics per token: ratio, clipped (either clip), dual_clipped."""
     if not c > 1:
         raise ValueError(f"policy_loss 'dual_clip': c must be > 1, got {c!r}")
-    ratio, loss, clipped = _ppo(log_prob, old_log_prob, advantages, 1 - eps, 1 + eps)
+    ratio, loss, clipped = ppo_clip(log_prob, old_log_prob, advantages, 1 - eps, 1 + eps)
     loss, capped = dual_clip_bound(loss, advantages, c)
     return loss, {
         "ratio": ratio,
@@ -69,5 +85,5 @@ def dac_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float = 0.16,
     so its mean over tokens would say nothing; `dac_bounds` gives them when needed.
     """
     low, high = dac_bounds(old_log_prob, eps_low, eps_high)
-    ratio, loss, clipped = _ppo(log_prob, old_log_prob, advantages, low, high)
+    ratio, loss, clipped = ppo_clip(log_prob, old_log_prob, advantages, low, high)
     return loss, {"ratio": ratio, "clipped": clipped.to(ratio.dtype)}

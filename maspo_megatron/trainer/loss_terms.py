@@ -1,0 +1,109 @@
+"""What the policy loss needs beyond log-probs, for one (CP-sharded) packed micro-batch.
+
+- per-sample sums over a sample's WHOLE response (packed rows, CP shards all-reduced);
+- the extra inputs some losses take: GSPO's sequence log-ratio, Entropy-Advantage's entropy,
+  BAPO's contribution sums (all-reduced over DP x CP: every rank picks the same bounds);
+- the trainer-vs-engine rollout correction (algorithms/rollout_correction.py) from
+  `batch.old_log_probs` (pi_old, the trainer's) and `batch.rollout_log_probs` (the engine's);
+All tensors stay on the logits' device; the only collectives are over the CP group (per-sample
+sums) and the DP x CP group (BAPO), each one small all-reduce per micro-batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from maspo_megatron.algorithms import loss_hyperparameters
+from maspo_megatron.algorithms import rollout_correction as rc
+from maspo_megatron.algorithms.losses.bapo import bapo_contribution_sums
+from maspo_megatron.algorithms.ratio import clamped_log_ratio
+from maspo_megatron.trainer.batch import PackedMicroBatch
+
+
+def sample_sums(values: torch.Tensor, batch: PackedMicroBatch, cp_group, cp_size: int) -> torch.Tensor:
+    """[R, S]: for each token, the sum of values[R, S] over its WHOLE sample (all CP shards), detached."""
+    count = batch.sample_token_count.numel()
+    sums = torch.zeros(count, dtype=torch.float64, device=values.device)
+    sums.index_add_(0, batch.sample_index[batch.loss_mask], values.detach()[batch.loss_mask].double())
+    if cp_size > 1:
+        dist.all_reduce(sums, group=cp_group)
+    return sums[batch.sample_index].to(values.dtype)
+
+
+def sample_token_counts(batch: PackedMicroBatch, dtype: torch.dtype) -> torch.Tensor:
+    """[R, S]: each token's whole-sample response length (1 where masked)."""
+    counts = batch.sample_token_count.to(device=batch.loss_mask.device, dtype=dtype)[batch.sample_index]
+    return torch.where(batch.loss_mask, counts, torch.ones_like(counts)).clamp(min=1)
+
+
+def micro_batch_token_count(batch: PackedMicroBatch, cp_group, cp_size: int) -> torch.Tensor:
+    """Response tokens of the whole micro-batch (all CP shards), at least 1: the official normaliser's
+    denominator, as a 0-dim tensor on the batch's device (no host sync)."""
+    count = batch.local_token_count.to(torch.float64).reshape(1)
+    if cp_size > 1:
+        dist.all_reduce(count, group=cp_group)
+    return count.clamp(min=1).reshape(())
+
+
+def extra_loss_inputs(loss: str, hyper: dict, log_prob: torch.Tensor, entropy: torch.Tensor,
+                      advantages: torch.Tensor, mask: torch.Tensor, batch: PackedMicroBatch, *, cp_group=None,
+                      cp_size: int = 1, dp_cp_group=None) -> dict:
+    """The tensor hyperparameters the registered loss `loss` accepts (seq_log_ratio, entropy, contribution_sums).
+
+    log_prob, entropy, advantages, mask: [R, S] of this shard (advantages/mask after the rollout correction).
+    """
+    accepted = loss_hyperparameters(loss)
+    extra = {}
+    if "seq_log_ratio" in accepted:
+        log_ratio = clamped_log_ratio(log_prob.detach(), batch.old_log_probs)
+        sums = sample_sums(log_ratio, batch, cp_group, cp_size)
+        extra["seq_log_ratio"] = sums / sample_token_counts(batch, sums.dtype)
+    if "entropy" in accepted:
+        extra["entropy"] = entropy.detach()
+    if "contribution_sums" in accepted:
+        sums = bapo_contribution_sums(log_prob, batch.old_log_probs, advantages, mask, **hyper)
+        if dp_cp_group is not None:
+            dist.all_reduce(sums, group=dp_cp_group)
+        extra["contribution_sums"] = sums
+    return extra
+
+
+@dataclasses.dataclass
+class Correction:
+    """The rollout correction of one micro-batch: loss mask, advantages, IS weights and SUMS to report."""
+
+    mask: torch.Tensor                     # [R, S] bool: loss_mask minus rejected tokens
+    advantages: torch.Tensor               # [R, S]: batch.advantages, or scaled (advantage_tis_cap)
+    weights: Optional[torch.Tensor]        # [R, S] detached IS weights on the per-token loss, or None
+    sums: dict                             # {metric key: fp64 scalar SUM}
+
+
+def rollout_correction(batch: PackedMicroBatch, correction_cfg, cp_group, cp_size: int) -> Correction:
+    """Applies cfg.algorithm.rollout_correction (None or disabled: the batch unchanged, no metrics)."""
+    mask, advantages = batch.loss_mask, batch.advantages
+    if correction_cfg is None or not correction_cfg.enabled:
+        return Correction(mask, advantages, None, {})
+    log_ratio = rc.rollout_log_ratio(batch.old_log_probs, batch.rollout_log_probs, mask)
+    sums = {f"mismatch/{key}_sum": value for key, value in rc.mismatch_sums(log_ratio, mask).items()}
+    seq = None
+    if correction_cfg.is_level == "sequence" or correction_cfg.rs_level in ("sequence", "geometric"):
+        seq = sample_sums(log_ratio, batch, cp_group, cp_size)
+    weights = None
+    if correction_cfg.is_level is not None:
+        weights = rc.importance_weights(log_ratio, mask, correction_cfg.is_level, correction_cfg.is_threshold,
+                                        seq_log_ratio_sum=seq)
+        sums["mismatch/is_weight_sum"] = weights[mask].double().sum()
+    if correction_cfg.advantage_tis_cap is not None:
+        scale = rc.importance_weights(log_ratio, mask, "token", correction_cfg.advantage_tis_cap)
+        advantages = advantages * scale
+        sums["mismatch/advantage_tis_weight_sum"] = scale[mask].double().sum()
+    if correction_cfg.rs_level is not None:
+        counts = sample_token_counts(batch, log_ratio.dtype) if seq is not None else None
+        keep = rc.rejection_keep(log_ratio, mask, correction_cfg.rs_level, correction_cfg.rejection_lower,
+                                 correction_cfg.rs_upper, seq_log_ratio_sum=seq, seq_token_count=counts)
+        sums["mismatch/rejected_frac_sum"] = (mask & ~keep).double().sum()
+        mask = keep
+    return Correction(mask, advantages, weights, sums)
