@@ -5,9 +5,11 @@
 
 What differs between passes is only `loss_fn`. Everything the model needs from a batch is
 decided here, once: the inputs of the attention backend the policy was built with (THD
-`packed_seq_params` for "te"/"packed", the dense block mask for "dense" on CPU), the padded
-vocabulary columns pushed out of the softmax, and the UNSHARDED row length handed to Megatron's
-schedule (it divides by cp itself). Batches arrive already on the policy's device (packed and
+`packed_seq_params` for "te"/"packed", the dense block mask for "dense" on CPU) and the
+UNSHARDED row length handed to Megatron's schedule (it divides by cp itself). The logits a
+`loss_fn` gets still hold Megatron's padded vocabulary columns: it passes
+`vocab_size=policy.meta.vocab_size` to `vocab_parallel_logprobs_entropy`, whose kernels never
+read them (no masked [T, V/TP] copy of the logits, forward or backward). Batches arrive already on the policy's device (packed and
 moved once, trainer/train_step.pack_mini_batches), so in-place writes of one pass (old
 log-probs) land in the tensors the next pass reads.
 """
@@ -16,26 +18,10 @@ from __future__ import annotations
 from functools import partial
 from typing import Callable, List
 
-import torch
-
 from maspo_megatron.parallel.pipeline import check_pipeline_comm
 from maspo_megatron.trainer.batch import PackedMicroBatch
 
-# A logit no token can win against: padded vocabulary rows get it so that the trainer's softmax
-# covers exactly the tokenizer's vocabulary, like the rollout engine's.
-_PADDED_LOGIT = -1e4
-
 THD_BACKENDS = ("te", "packed")
-
-
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
-    """logits[..., V/TP] with the columns of ids >= vocab_size (Megatron's vocab padding) pushed out."""
-    local = logits.shape[-1]
-    start = tp_rank * local
-    if start + local <= vocab_size:
-        return logits
-    ids = torch.arange(start, start + local, device=logits.device)
-    return logits.masked_fill(ids >= vocab_size, _PADDED_LOGIT)
 
 
 def model_inputs(batch: PackedMicroBatch, attention_backend: str, half_precision: bool = False) -> dict:
@@ -55,18 +41,14 @@ def model_inputs(batch: PackedMicroBatch, attention_backend: str, half_precision
     raise ValueError(f"attention backend {attention_backend!r} is not one of {[*THD_BACKENDS, 'dense']}")
 
 
-def make_forward_step(policy, loss_fn: Callable, tp_rank: int) -> Callable:
+def make_forward_step(policy, loss_fn: Callable) -> Callable:
     """forward_step_func(data_iterator, model) for Megatron's get_forward_backward_func."""
-    vocab_size = policy.meta.vocab_size
     backend = policy.attention_backend
     half_precision = bool(policy.config.bf16 or policy.config.fp16)
 
-    def masked_loss(batch: PackedMicroBatch, output_tensor: torch.Tensor):
-        return loss_fn(batch, mask_padded_vocab(output_tensor, vocab_size, tp_rank))
-
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        return model(**model_inputs(batch, backend, half_precision)), partial(masked_loss, batch)
+        return model(**model_inputs(batch, backend, half_precision)), partial(loss_fn, batch)
 
     return forward_step
 
@@ -78,6 +60,6 @@ def run_micro_batches(policy, batches: List[PackedMicroBatch], loss_fn: Callable
     check_pipeline_comm(policy.config)
     iterators = [iter(batches) for _ in policy.chunks] if len(policy.chunks) > 1 else iter(batches)
     return get_forward_backward_func()(
-        forward_step_func=make_forward_step(policy, loss_fn, dims.tp_rank), data_iterator=iterators,
+        forward_step_func=make_forward_step(policy, loss_fn), data_iterator=iterators,
         model=policy.chunks, num_microbatches=len(batches), seq_length=batches[0].tokens.shape[1] * dims.cp,
         micro_batch_size=batches[0].tokens.shape[0], forward_only=forward_only)

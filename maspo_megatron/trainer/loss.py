@@ -50,14 +50,16 @@ class LossSettings:
     temperature: float = 1.0
     maspo_stats_hyper: dict = dataclasses.field(default_factory=dict)
     chunk_size: Optional[int] = None
+    vocab_size: Optional[int] = None  # the tokenizer's; logit columns past it are Megatron's padding
 
     @classmethod
-    def from_config(cls, algorithm_cfg, temperature: float = 1.0) -> LossSettings:
+    def from_config(cls, algorithm_cfg, temperature: float = 1.0, vocab_size: Optional[int] = None) -> LossSettings:
         maspo = dataclasses.asdict(algorithm_cfg.maspo)
         return cls(loss=algorithm_cfg.loss, hyper=algorithm_cfg.loss_hyper(), aggregation=algorithm_cfg.aggregation,
                    norm_length=algorithm_cfg.norm_length, entropy_coef=algorithm_cfg.entropy_coef,
                    kl_coef=algorithm_cfg.kl_coef, kl_estimator=algorithm_cfg.kl_estimator,
-                   correction=algorithm_cfg.rollout_correction, temperature=temperature, maspo_stats_hyper=maspo)
+                   correction=algorithm_cfg.rollout_correction, temperature=temperature, maspo_stats_hyper=maspo,
+                   vocab_size=vocab_size)
 
 
 def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSettings, tp_group=None,
@@ -74,7 +76,8 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
     all over the loss mask minus the tokens rejected by the rollout correction.
     """
     log_prob, entropy = vocab_parallel_logprobs_entropy(
-        logits, batch.target, tp_group, temperature=settings.temperature, chunk_size=settings.chunk_size)
+        logits, batch.target, tp_group, temperature=settings.temperature, chunk_size=settings.chunk_size,
+        vocab_size=settings.vocab_size)
     corrected = rollout_correction(batch, settings.correction, cp_group, cp_size)
     mask, advantages = corrected.mask, corrected.advantages
     hyper = dict(settings.hyper)

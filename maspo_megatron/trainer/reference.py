@@ -54,12 +54,14 @@ def build_reference(cfg, dims, tokenizer, policy, output_dir: str | Path, resume
     return reference
 
 
-def _reference_logprob_loss(batch: PackedMicroBatch, logits: torch.Tensor, *, temperature: float, tp_group):
+def _reference_logprob_loss(batch: PackedMicroBatch, logits: torch.Tensor, *, temperature: float, tp_group,
+                            vocab_size: int):
     """Forward-only 'loss': writes the reference's log-probs into batch.ref_log_probs (response tokens)."""
     from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
 
     with torch.no_grad():
-        log_prob, _ = vocab_parallel_logprobs_entropy(logits, batch.target, tp_group, temperature=temperature)
+        log_prob, _ = vocab_parallel_logprobs_entropy(logits, batch.target, tp_group, temperature=temperature,
+                                                      vocab_size=vocab_size)
     mask = batch.loss_mask
     batch.ref_log_probs[mask] = log_prob[mask]
     return torch.zeros((), device=logits.device), batch.local_token_count, {}
@@ -67,7 +69,8 @@ def _reference_logprob_loss(batch: PackedMicroBatch, logits: torch.Tensor, *, te
 
 def fill_reference_log_probs(reference, mini_batches: List[List[PackedMicroBatch]], cfg, dims) -> None:
     """Collective. batch.ref_log_probs of every micro-batch (on the last pipeline stage) from the reference."""
-    loss_fn = partial(_reference_logprob_loss, temperature=cfg.rollout.temperature, tp_group=dims.tp_group)
+    loss_fn = partial(_reference_logprob_loss, temperature=cfg.rollout.temperature, tp_group=dims.tp_group,
+                      vocab_size=reference.meta.vocab_size)
     with torch.no_grad():
         for batches in mini_batches:
             run_micro_batches(reference, batches, loss_fn, dims, forward_only=True)

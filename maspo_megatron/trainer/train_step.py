@@ -83,27 +83,23 @@ def pack_mini_batches(samples: List[TrainSample], cfg, dims, attention_backend: 
 
 
 # ---- old log-probs ------------------------------------------------------------------------------
-def _logprob_loss(batch: PackedMicroBatch, logits: torch.Tensor, *, cfg, dims):
+def _logprob_loss(batch: PackedMicroBatch, logits: torch.Tensor, *, cfg, dims, vocab_size: int):
     """Forward-only 'loss': writes the trainer's log-probs into the batch and measures engine drift.
 
-    On entry batch.old_log_probs hold the ENGINE's log-probs (from the rollout). Afterwards they
-    hold the trainer's (old_logprob_source=trainer) or stay the engine's (=engine); with TIS the
-    advantages are scaled by min(exp(trainer - engine), tis_cap) (truncated importance sampling).
+    On entry batch.old_log_probs hold the ENGINE's log-probs (from the rollout; batch.rollout_log_probs
+    keeps them). Afterwards they hold the trainer's (old_logprob_source=trainer) or stay the
+    engine's (=engine). Corrections for the mismatch act in the loss (trainer/loss_terms.py).
     """
     from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
 
     with torch.no_grad():
         trainer_lp, _ = vocab_parallel_logprobs_entropy(logits, batch.target, dims.tp_group,
-                                                        temperature=cfg.rollout.temperature)
+                                                        temperature=cfg.rollout.temperature, vocab_size=vocab_size)
     mask = batch.loss_mask
-    engine_lp = batch.old_log_probs
+    engine_lp = batch.rollout_log_probs
     diff = (trainer_lp - engine_lp)[mask].double()
     sums = {"drift_abs_sum": diff.abs().sum(), "drift_sum": diff.sum(), "drift_max": diff.abs().max() if diff.numel()
             else torch.zeros((), dtype=torch.float64, device=diff.device), "drift_tokens": mask.sum().double()}
-    if cfg.algorithm.tis_cap is not None:
-        weight = torch.exp(trainer_lp - engine_lp).clamp(max=cfg.algorithm.tis_cap)
-        sums["tis_weight_sum"] = weight[mask].double().sum()
-        batch.advantages[mask] = batch.advantages[mask] * weight[mask]
     if cfg.algorithm.old_logprob_source == "trainer":
         batch.old_log_probs[mask] = trainer_lp[mask]
     sums = {k: v.reshape(()) for k, v in sums.items()}
@@ -114,7 +110,7 @@ def compute_old_log_probs(policy, mini_batches: List[List[PackedMicroBatch]], cf
     """Collective. Fills old log-probs in place (last PP stage); returns drift metrics on rank 0."""
     from maspo_megatron.parallel.metrics import reduce_sums
 
-    loss_fn = partial(_logprob_loss, cfg=cfg, dims=dims)
+    loss_fn = partial(_logprob_loss, cfg=cfg, dims=dims, vocab_size=policy.meta.vocab_size)
     reduced = []
     with torch.no_grad():
         for batches in mini_batches:
@@ -131,8 +127,6 @@ def compute_old_log_probs(policy, mini_batches: List[List[PackedMicroBatch]], cf
     out = {"rollout/logprob_diff_abs_mean": sums.get("drift_abs_sum", 0.0) / tokens,
            "rollout/logprob_diff_mean": sums.get("drift_sum", 0.0) / tokens,
            "rollout/logprob_diff_abs_max": float(maxima.item())}
-    if "tis_weight_sum" in sums:
-        out["rollout/tis_weight_mean"] = sums["tis_weight_sum"] / tokens
     return out
 
 
@@ -147,7 +141,8 @@ def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicro
     from maspo_megatron.trainer.loss import LossSettings, finalize_metrics, megatron_loss_func
     from maspo_megatron.trainer.optim import all_grads_finite, current_lr
 
-    settings = LossSettings.from_config(cfg.algorithm, temperature=cfg.rollout.temperature)
+    settings = LossSettings.from_config(cfg.algorithm, temperature=cfg.rollout.temperature,
+                                        vocab_size=policy.meta.vocab_size)
     summed: dict = {}  # reduce_sums outputs added over every optimizer step of this RL step
     updates_with_metrics = 0
     grad_norms: List[float] = []

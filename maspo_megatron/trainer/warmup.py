@@ -37,12 +37,12 @@ def reference_samples(dataset, tokenizer, count: int, rng: random.Random) -> Lis
     return samples
 
 
-def _nll_loss(batch: PackedMicroBatch, logits: torch.Tensor, *, dims):
+def _nll_loss(batch: PackedMicroBatch, logits: torch.Tensor, *, dims, vocab_size: int):
     """Sum of -log p over response tokens; Megatron divides by the global token count
     (calculate_per_token_loss), so the gradient is that of the token-mean NLL."""
     from maspo_megatron.parallel import vocab_parallel_logprobs_entropy
 
-    log_prob, _ = vocab_parallel_logprobs_entropy(logits, batch.target, dims.tp_group)
+    log_prob, _ = vocab_parallel_logprobs_entropy(logits, batch.target, dims.tp_group, vocab_size=vocab_size)
     mask = batch.loss_mask
     nll = -(log_prob * mask).sum()
     tokens = batch.local_token_count
@@ -71,7 +71,8 @@ def supervised_warmup(policy, optimizer, cfg, dims, *, dataset=None, tokenizer=N
         optimizer.zero_grad()
         for chunk in policy.chunks:
             chunk.zero_grad_buffer()
-        sums = reduce_sums(run_micro_batches(policy, batches, partial(_nll_loss, dims=dims), dims, forward_only=False),
+        sums = reduce_sums(run_micro_batches(policy, batches, partial(_nll_loss, dims=dims, vocab_size=policy.meta.vocab_size),
+                                             dims, forward_only=False),
                            dims)
         if all_grads_finite(policy.chunks):
             optimizer.step()

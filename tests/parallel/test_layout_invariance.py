@@ -54,11 +54,13 @@ def _samples():
 
 def _settings(mode):
     from maspo_megatron.config import AlgorithmConfig
+    from maspo_megatron.data import build_tiny_tokenizer
     from maspo_megatron.trainer.loss import LossSettings
 
     algorithm = AlgorithmConfig(aggregation=mode, norm_length=NORM_LENGTH)
     algorithm.maspo.alpha = 0.5
-    return LossSettings.from_config(algorithm)
+    # the padded vocabulary columns (103 -> 128) stay out of the softmax, as in the trainer
+    return LossSettings.from_config(algorithm, vocab_size=len(build_tiny_tokenizer()))
 
 
 def _pack(samples, dims, micro_batches):

@@ -41,7 +41,8 @@ def _log_probs_by_sample(policy, cfg, dims, samples):
 
     def record(batch, logits):
         assert logits.device == dims.device and batch.tokens.device == dims.device
-        log_prob, _ = vocab_parallel_logprobs_entropy(logits, batch.target, dims.tp_group)
+        log_prob, _ = vocab_parallel_logprobs_entropy(logits, batch.target, dims.tp_group,
+                                                      vocab_size=policy.meta.vocab_size)
         seen.append((batch.sample_index[batch.loss_mask].cpu(), log_prob[batch.loss_mask].double().cpu()))
         return torch.zeros((), device=logits.device), batch.local_token_count, {}
 
