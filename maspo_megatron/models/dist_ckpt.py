@@ -101,9 +101,12 @@ class _LazyTorchDistStrategy(SaveShardedStrategy):
         # torch.save's zip CRC32 costs more than the copy itself; torch.load does not need it
         previous_crc = torch.serialization.get_crc32_options()
         torch.serialization.set_crc32_options(False)
-        # thread_count=1 on CPU: DCP's serial loader resolves each item right before writing it
-        # (filesystem._SerialCpuLoader), so a chunk's placeholder is written before the next is made
-        writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=False)
+        # DCP's serial loader resolves each item right before writing it (filesystem._SerialCpuLoader),
+        # so a chunk's placeholder is written before the next is made. thread_count=1 alone is not
+        # enough: where CUDA is available DCP picks its overlapping loader, which resolves ~10 MB of
+        # items ahead; per_thread_copy_ahead=0 keeps the serial one (a converter run on a GPU node
+        # failed there, while the same conversion passed on CPU).
+        writer = dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=False, per_thread_copy_ahead=0)
         if self._splice is not None:
             writer.fs = SpliceFileSystem(self._splice)
         try:

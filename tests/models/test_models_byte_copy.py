@@ -154,3 +154,14 @@ def test_across_file_systems(tmp_path, monkeypatch):
         shutil.rmtree(shm)
     assert sent["n"] > 0
     _same_hf_dirs(tmp_path / "hf", tmp_path / "back")
+
+
+def test_conversion_where_dcp_sees_cuda(tmp_path, monkeypatch):
+    """Where CUDA is available, DCP's writer picks a loader that resolves ~10 MB of items ahead of
+    writing them; the placeholder splice needs each chunk written before the next is made. The
+    converter asks for the serial loader (the conversion tests failed on a GPU node without it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # all that DCP's choice looks at
+    save_hf_model("qwen2", tmp_path / "hf")
+    hf_to_megatron(tmp_path / "hf", tmp_path / "meg", tp=2, pp=1, progress=False)
+    megatron_to_hf(tmp_path / "meg", tmp_path / "back", progress=False)
+    _same_hf_dirs(tmp_path / "hf", tmp_path / "back")
