@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pickle
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +28,8 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
+
+from benchmarks._workers import launch_workers  # noqa: E402
 
 WORLD = 2
 FULL = dict(samples=2048, prompt_tokens=1024, response_tokens=7168, repeats=3)
@@ -116,30 +115,6 @@ def _time_variant(samples, dims, shape: dict) -> dict:
     return best
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(shape: dict, workdir: str) -> list[dict]:
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])))
-        out = os.path.join(workdir, f"rank{rank}.json")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(shape), out], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w")))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        bad = codes.index(next(c for c in codes if c))
-        tail = Path(workdir, f"rank{bad}.json.log").read_text()[-3000:]
-        raise RuntimeError(f"sample_handoff benchmark: rank {bad} exited with {codes[bad]}:\n{tail}")
-    return [json.loads(Path(workdir, f"rank{r}.json").read_text()) for r in range(WORLD)]
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small batch (smoke run)")
@@ -153,7 +128,7 @@ def main(argv=None) -> list[dict]:
     if args.repeats:
         shape["repeats"] = args.repeats
     with tempfile.TemporaryDirectory(prefix="maspo_handoff_bench_") as workdir:
-        results = _launch(shape, workdir)
+        results = launch_workers(__file__, "sample_handoff", WORLD, shape, workdir)
     tokens = shape["samples"] * (shape["prompt_tokens"] + shape["response_tokens"])
     rows = []
     for variant, label in (("lists", "driver holds lists (today's rollout_phase)"),

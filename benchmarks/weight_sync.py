@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,6 +34,8 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
+
+from benchmarks._workers import launch_workers  # noqa: E402
 
 WORLD = 4  # TP2 x PP2
 FULL = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4,
@@ -215,30 +215,6 @@ def _worker(shape: dict, out_path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(shape: dict, workdir: str) -> list[dict]:
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")])))
-        out = os.path.join(workdir, f"rank{rank}.json")
-        procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(shape), out], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=open(out + ".log", "w")))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        bad = codes.index(next(c for c in codes if c))
-        tail = Path(workdir, f"rank{bad}.json.log").read_text()[-3000:]
-        raise RuntimeError(f"weight_sync benchmark: rank {bad} exited with {codes[bad]}:\n{tail}")
-    return [json.loads(Path(workdir, f"rank{r}.json").read_text()) for r in range(WORLD)]
-
-
 CASES = (("gather_gloo", "TP gather alone, gloo (loopback TCP)"),
          ("gather", "TP gather alone, /dev/shm staging"),
          ("general", "general path (full tensors, fresh memory; FP8 uses it)"),
@@ -296,7 +272,7 @@ def main(argv=None) -> list[dict]:
     if args.bucket_mib:
         shape["bucket_bytes"] = int(args.bucket_mib * 2**20)
     with tempfile.TemporaryDirectory(prefix="maspo_ws_bench_") as workdir:
-        rows = _rows(_launch(shape, workdir), shape)
+        rows = _rows(launch_workers(__file__, "weight_sync", WORLD, shape, workdir), shape)
     for row in rows:
         print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     return rows

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.helpers.multiproc import run_distributed
+from tests.parallel._logprob_reference import rel_err
 
 T, H, V = 20, 16, 600  # V/TP = 600 or 300; blocks of 128 columns: 5 or 3 blocks, the last one ragged
 BLOCK = 128
@@ -37,8 +38,6 @@ def _reference(hidden, weight, target, temperature, w_lp, w_ent):
     return log_prob.detach(), entropy.detach(), hidden.grad, weight.grad
 
 
-def _rel_err(value, ref):
-    return float((value.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _fused_case(kernel):
@@ -65,17 +64,17 @@ def _fused_case(kernel):
         grad_hidden = hidden.grad.clone()
         if tp > 1:  # each rank's grad_hidden is its vocab shard's part (ColumnParallelLinear semantics)
             dist.all_reduce(grad_hidden, group=group)
-        errors[temperature] = {"log_prob": _rel_err(log_prob.detach(), ref_lp),
-                               "entropy": _rel_err(entropy.detach(), ref_ent),
-                               "grad_hidden": _rel_err(grad_hidden, ref_dh),
-                               "grad_weight": _rel_err(weight.grad, ref_dw.chunk(tp, dim=0)[rank])}
+        errors[temperature] = {"log_prob": rel_err(log_prob.detach(), ref_lp),
+                               "entropy": rel_err(entropy.detach(), ref_ent),
+                               "grad_hidden": rel_err(grad_hidden, ref_dh),
+                               "grad_weight": rel_err(weight.grad, ref_dw.chunk(tp, dim=0)[rank])}
     # only log_prob used: the entropy-free gradient path
     hidden = hidden64.float().requires_grad_()
     weight = weight64.chunk(tp, dim=0)[rank].float().requires_grad_()
     log_prob, _ = fused_output_logprobs_entropy(hidden, weight, target, group, vocab_chunk_size=BLOCK, kernel=kernel)
     (log_prob * w_lp.float()).sum().backward()
     _, _, _, ref_dw = _reference(hidden64, weight64, target, 1.0, w_lp, torch.zeros_like(w_ent))
-    errors["log_prob_only"] = {"grad_weight": _rel_err(weight.grad, ref_dw.chunk(tp, dim=0)[rank])}
+    errors["log_prob_only"] = {"grad_weight": rel_err(weight.grad, ref_dw.chunk(tp, dim=0)[rank])}
     # Megatron's vocab padding: ids >= 250 are not part of the softmax (TP2: rank 1 holds padding only)
     vocab_size = 250
     padded_target = target % vocab_size
@@ -89,9 +88,9 @@ def _fused_case(kernel):
     grad_hidden = hidden.grad.clone()
     if tp > 1:
         dist.all_reduce(grad_hidden, group=group)
-    errors["padded"] = {"log_prob": _rel_err(log_prob.detach(), ref_lp), "entropy": _rel_err(entropy.detach(), ref_ent),
-                        "grad_hidden": _rel_err(grad_hidden, ref_dh),
-                        "grad_weight": _rel_err(weight.grad, ref_dw) if ref_dw.abs().sum() > 0 else 0.0,
+    errors["padded"] = {"log_prob": rel_err(log_prob.detach(), ref_lp), "entropy": rel_err(entropy.detach(), ref_ent),
+                        "grad_hidden": rel_err(grad_hidden, ref_dh),
+                        "grad_weight": rel_err(weight.grad, ref_dw) if ref_dw.abs().sum() > 0 else 0.0,
                         "padding_grad_weight_abs": float(weight.grad[ref_dw.abs().sum(1) == 0].abs().sum())}
     if tp > 1:
         dist.barrier()
@@ -153,8 +152,8 @@ def test_compiled_triton_blocks_match_fp64_on_cuda():
                                                           vocab_chunk_size=1024, kernel="triton")
         ((log_prob * w_lp.cuda().float()).sum() + (entropy * w_ent.cuda().float()).sum()).backward()
         value_tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the logits blocks are rounded to bf16
-        assert _rel_err(log_prob.detach().cpu(), ref_lp) < value_tol, dtype
-        assert _rel_err(entropy.detach().cpu(), ref_ent) < value_tol, dtype
-        assert _rel_err(hidden.grad.cpu(), ref_dh) < grad_tol, dtype
-        assert _rel_err(weight.grad.cpu(), ref_dw) < grad_tol, dtype
+        assert rel_err(log_prob.detach().cpu(), ref_lp) < value_tol, dtype
+        assert rel_err(entropy.detach().cpu(), ref_ent) < value_tol, dtype
+        assert rel_err(hidden.grad.cpu(), ref_dh) < grad_tol, dtype
+        assert rel_err(weight.grad.cpu(), ref_dw) < grad_tol, dtype
         assert hidden.grad.dtype == dtype and weight.grad.dtype == dtype

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.helpers.multiproc import run_distributed
+from tests.parallel._logprob_reference import reference, rel_err
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not importable")
 
@@ -19,23 +20,6 @@ T, V = 24, 1000  # V/TP = 1000 or 500: neither a multiple of the interpreter's 2
 INTERPRET = {"TRITON_INTERPRET": "1"}
 
 
-def _reference(logits64, target, temperature, w_lp, w_ent):
-    """fp64 log_prob[T], entropy[T] and d(sum w_lp log_prob + sum w_ent entropy)/dlogits[T, V]."""
-    logits = logits64.clone().requires_grad_()
-    log_probs = torch.log_softmax(logits / temperature, dim=-1)
-    log_prob = log_probs.gather(1, target[:, None]).squeeze(1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    loss = 0.0
-    if w_lp is not None:
-        loss = loss + (log_prob * w_lp).sum()
-    if w_ent is not None:
-        loss = loss + (entropy * w_ent).sum()
-    loss.backward()
-    return log_prob.detach(), entropy.detach(), logits.grad
-
-
-def _rel_err(value, ref):
-    return float((value.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _inputs(seed=11):
@@ -87,29 +71,29 @@ def _interpreted_case():
     for temperature in (1.0, 0.6):
         for use_lp, use_ent in ((True, True), (True, False), (False, True)):
             lp_w, ent_w = (w_lp if use_lp else None), (w_ent if use_ent else None)
-            ref_lp, ref_ent, ref_grad = _reference(full, target, temperature, lp_w, ent_w)
+            ref_lp, ref_ent, ref_grad = reference(full, target, temperature, lp_w, ent_w)
             ref_grad = ref_grad.chunk(tp, dim=1)[rank]
             log_prob, entropy, grad = _run(full.chunk(tp, dim=1)[rank].float(), target, group, temperature, lp_w, ent_w)
             errors[("fp32", temperature, use_lp, use_ent)] = {
-                "log_prob": _rel_err(log_prob, ref_lp), "entropy": _rel_err(entropy, ref_ent),
-                "grad": _rel_err(grad, ref_grad),
+                "log_prob": rel_err(log_prob, ref_lp), "entropy": rel_err(entropy, ref_ent),
+                "grad": rel_err(grad, ref_grad),
                 "grad_max_abs": float((grad.double() - ref_grad).abs().max() / ref_grad.abs().max())}
     # A row stride wider than the shard (a column slice of a wider tensor): the kernels index by stride.
     wide = torch.cat([full.chunk(tp, dim=1)[rank].float(), torch.full((T, 7), 1e4)], dim=1)
-    ref_lp, ref_ent, ref_grad = _reference(full, target, 0.6, w_lp, w_ent)
+    ref_lp, ref_ent, ref_grad = reference(full, target, 0.6, w_lp, w_ent)
     log_prob, entropy, grad = _run(wide[:, :V // tp], target, group, 0.6, w_lp, w_ent)
-    errors["row_stride"] = {"log_prob": _rel_err(log_prob, ref_lp), "entropy": _rel_err(entropy, ref_ent),
-                            "grad": _rel_err(grad, ref_grad.chunk(tp, dim=1)[rank])}
+    errors["row_stride"] = {"log_prob": rel_err(log_prob, ref_lp), "entropy": rel_err(entropy, ref_ent),
+                            "grad": rel_err(grad, ref_grad.chunk(tp, dim=1)[rank])}
     # bf16 / fp16 logits: fp32 arithmetic from the rounded inputs, the gradient in the input dtype.
     for dtype in (torch.bfloat16, torch.float16):
         rounded = full.to(dtype).double()
-        ref_lp, ref_ent, ref_grad = _reference(rounded, target, 0.6, w_lp, w_ent)
+        ref_lp, ref_ent, ref_grad = reference(rounded, target, 0.6, w_lp, w_ent)
         shard = rounded.chunk(tp, dim=1)[rank].to(dtype)
         log_prob, entropy, grad = _run(shard, target, group, 0.6, w_lp, w_ent)
         torch_grad = _run(shard, target, group, 0.6, w_lp, w_ent, kernel="torch")[2]
-        errors[str(dtype)] = {"log_prob": _rel_err(log_prob, ref_lp), "entropy": _rel_err(entropy, ref_ent),
-                              "grad": _rel_err(grad, ref_grad.chunk(tp, dim=1)[rank]),
-                              "grad_vs_torch_kernel": _rel_err(grad, torch_grad.double()),
+        errors[str(dtype)] = {"log_prob": rel_err(log_prob, ref_lp), "entropy": rel_err(entropy, ref_ent),
+                              "grad": rel_err(grad, ref_grad.chunk(tp, dim=1)[rank]),
+                              "grad_vs_torch_kernel": rel_err(grad, torch_grad.double()),
                               "grad_dtype": str(grad.dtype)}
     if tp > 1:
         dist.barrier()
@@ -157,7 +141,7 @@ def _padding_case(kernel):
     errors = {}
     for vocab_size in (430, 760):  # TP2: rank 1 holds padding only / a partly padded shard
         target = torch.randint(0, vocab_size, (T,), generator=torch.Generator().manual_seed(vocab_size))
-        ref_lp, ref_ent, ref_grad = _reference(full[:, :vocab_size], target, 0.6, w_lp, w_ent)
+        ref_lp, ref_ent, ref_grad = reference(full[:, :vocab_size], target, 0.6, w_lp, w_ent)
         ref_grad = torch.cat([ref_grad, torch.zeros(T, V - vocab_size, dtype=torch.float64)], dim=1)
         logits = full.chunk(tp, dim=1)[rank].float().requires_grad_()
         log_prob, entropy = vocab_parallel_logprobs_entropy(logits, target, group, temperature=0.6, kernel=kernel,
@@ -165,9 +149,9 @@ def _padding_case(kernel):
         ((log_prob * w_lp.float()).sum() + (entropy * w_ent.float()).sum()).backward()
         local_ref = ref_grad.chunk(tp, dim=1)[rank]
         padding = local_ref.abs().sum(0) == 0
-        errors[vocab_size] = {"log_prob": _rel_err(log_prob.detach(), ref_lp),
-                              "entropy": _rel_err(entropy.detach(), ref_ent),
-                              "grad": _rel_err(logits.grad, local_ref) if not padding.all() else 0.0,
+        errors[vocab_size] = {"log_prob": rel_err(log_prob.detach(), ref_lp),
+                              "entropy": rel_err(entropy.detach(), ref_ent),
+                              "grad": rel_err(logits.grad, local_ref) if not padding.all() else 0.0,
                               "padding_grad_abs": float(logits.grad[:, padding].abs().sum()),
                               "padding_columns": int(padding.sum())}
     if tp > 1:
@@ -220,10 +204,10 @@ def _cuda_errors(rows, vocab, dtype, temperature, checked_rows):
     w_lp[checked_rows], w_ent[checked_rows] = 1.0, -0.5
     log_prob, entropy, grad = _run(logits, target, None, temperature, w_lp, w_ent)
     sub = logits[checked_rows].double()
-    ref_lp, ref_ent, ref_grad = _reference(sub, target[checked_rows], temperature, w_lp[checked_rows],
+    ref_lp, ref_ent, ref_grad = reference(sub, target[checked_rows], temperature, w_lp[checked_rows],
                                            w_ent[checked_rows])
-    return {"log_prob": _rel_err(log_prob[checked_rows], ref_lp), "entropy": _rel_err(entropy[checked_rows], ref_ent),
-            "grad": _rel_err(grad[checked_rows], ref_grad), "grad_dtype": grad.dtype}
+    return {"log_prob": rel_err(log_prob[checked_rows], ref_lp), "entropy": rel_err(entropy[checked_rows], ref_ent),
+            "grad": rel_err(grad[checked_rows], ref_grad), "grad_dtype": grad.dtype}
 
 
 @pytest.mark.gpu

@@ -7,26 +7,11 @@ TP-replicated outputs, as with Megatron's vocab_parallel_cross_entropy.
 import torch
 
 from tests.helpers.multiproc import run_distributed
+from tests.parallel._logprob_reference import reference, rel_err
 
 T, V = 37, 1000  # V divisible by 1, 2 and 4
 
 
-def _reference(logits64, target, temperature, w_lp, w_ent):
-    logits = logits64.clone().requires_grad_()
-    log_probs = torch.log_softmax(logits / temperature, dim=-1)
-    log_prob = log_probs.gather(1, target[:, None]).squeeze(1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
-    loss = 0.0
-    if w_lp is not None:
-        loss = loss + (log_prob * w_lp).sum()
-    if w_ent is not None:
-        loss = loss + (entropy * w_ent).sum()
-    loss.backward()
-    return log_prob.detach(), entropy.detach(), logits.grad
-
-
-def _rel_err(value, ref):
-    return float((value.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _vocab_case():
@@ -52,7 +37,7 @@ def _vocab_case():
         for temperature in (1.0, 0.6):
             for chunk_size in (None, 5):
                 for use_lp, use_ent in ((True, True), (True, False), (False, True)):
-                    ref_lp, ref_ent, ref_grad = _reference(full, target, temperature,
+                    ref_lp, ref_ent, ref_grad = reference(full, target, temperature,
                                                            w_lp if use_lp else None, w_ent if use_ent else None)
                     logits = shard.float().clone().requires_grad_()
                     before = logits.detach().clone()
@@ -68,9 +53,9 @@ def _vocab_case():
                     assert torch.equal(logits.detach(), before), "input modified"
                     key = (tp, temperature, chunk_size, use_lp, use_ent)
                     errors = {
-                        "log_prob": _rel_err(log_prob, ref_lp),
-                        "entropy": _rel_err(entropy, ref_ent),
-                        "grad": _rel_err(logits.grad, ref_grad.chunk(tp, dim=1)[tp_rank]),
+                        "log_prob": rel_err(log_prob, ref_lp),
+                        "entropy": rel_err(entropy, ref_ent),
+                        "grad": rel_err(logits.grad, ref_grad.chunk(tp, dim=1)[tp_rank]),
                         "grad_max_abs": float((logits.grad.double() - ref_grad.chunk(tp, dim=1)[tp_rank]).abs().max()
                                               / ref_grad.abs().max()),
                     }
@@ -78,10 +63,10 @@ def _vocab_case():
     # bf16 logits: values computed in fp32 from the bf16 inputs, gradient returned in bf16.
     shard = full.chunk(4, dim=1)[rank].to(torch.bfloat16).requires_grad_()
     log_prob, entropy = vocab_parallel_logprobs_entropy(shard, target, dist.group.WORLD)
-    ref_lp, ref_ent, ref_grad = _reference(full.to(torch.bfloat16).double(), target, 1.0, w_lp, None)
+    ref_lp, ref_ent, ref_grad = reference(full.to(torch.bfloat16).double(), target, 1.0, w_lp, None)
     log_prob.mul(w_lp.float()).sum().backward()
-    bf16 = {"log_prob": _rel_err(log_prob, ref_lp), "grad_dtype": str(shard.grad.dtype),
-            "grad": _rel_err(shard.grad, ref_grad.chunk(4, dim=1)[rank])}
+    bf16 = {"log_prob": rel_err(log_prob, ref_lp), "grad_dtype": str(shard.grad.dtype),
+            "grad": rel_err(shard.grad, ref_grad.chunk(4, dim=1)[rank])}
     dist.barrier()
     return {"fp32": worst, "bf16": bf16}
 
