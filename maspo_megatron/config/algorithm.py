@@ -164,6 +164,8 @@ class AlgorithmConfig:
     rollout_correction: RolloutCorrectionConfig = option(factory=RolloutCorrectionConfig)
     kl_coef: float = option(0.0, ge=0, help="weight of the KL penalty to the reference policy (a loss term)")
     kl_estimator: str = option("low_var_kl", choices=KL_ESTIMATORS, help="per-token KL estimator (verl's names)")
+    kl_reference_offload: bool = option(False, help="keep the KL reference's weights in host memory between "
+                                                    "reference passes (one host-to-device copy per RL step)")
     entropy_coef: float = option(0.0, ge=0)
     mask_truncated: bool = option(False, help="drop length-truncated responses from the loss (they still count "
                                               "in their group's advantages)")

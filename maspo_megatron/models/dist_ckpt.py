@@ -163,7 +163,7 @@ def load_model_weights(model_chunks: list, ckpt_dir: str | Path) -> None:
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise CheckpointError(f"{ckpt_dir}: not a Megatron dist checkpoint (no metadata.json)")
-    chunks = [_unwrap_model(c) for c in model_chunks]
+    chunks = [unwrap_ddp(c) for c in model_chunks]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     request = {key: chunk.sharded_state_dict() for key, chunk in zip(keys, chunks, strict=True)}
     loaded = dist_checkpointing.load(request, str(ckpt_dir))
@@ -171,7 +171,7 @@ def load_model_weights(model_chunks: list, ckpt_dir: str | Path) -> None:
         chunk.load_state_dict(loaded[key], strict=True)
 
 
-def _unwrap_model(chunk):
+def unwrap_ddp(chunk):
     """DDP wrapper -> the module that owns `sharded_state_dict` (GPTModel or Float16Module)."""
     from megatron.core.distributed import DistributedDataParallel
 

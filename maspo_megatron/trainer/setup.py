@@ -60,8 +60,11 @@ def resolve_hf_config(cfg: Config, tokenizer) -> Any:
     return transformers.AutoConfig.from_pretrained(source)
 
 
-def build_policy(cfg: Config, dims, tokenizer) -> Policy:
+def build_policy(cfg: Config, dims, tokenizer, *, frozen: bool = False) -> Policy:
     """Megatron GPTModel chunks for this rank's pipeline stage(s), wrapped in Megatron DDP.
+
+    frozen=True: a forward-only copy (the KL reference): no weights loaded (the caller sets them),
+    no DDP (no gradient buffer: it would cost 2-4 bytes per parameter), no gradients.
 
     `calculate_per_token_loss` is on (the loss normalises by the global token count itself, see
     trainer/loss.py) and `finalize_model_grads` reduces gradients over DP x CP after each
@@ -100,10 +103,16 @@ def build_policy(cfg: Config, dims, tokenizer) -> Policy:
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             vp_stage=stage).to(dims.device))
     wmap = WeightMap(FAMILIES[meta.family], meta)
-    if cfg.model.init_from_hf:
+    if cfg.model.init_from_hf and not frozen:
         _load_hf_into(chunks, wmap, cfg.model.init_from_hf, dims)
     if cfg.model.dtype != "fp32":
         chunks = [Float16Module(config, chunk) for chunk in chunks]
+    if frozen:
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        return Policy(chunks=chunks, config=config, meta=meta, wmap=wmap, hf_config=hf_config,
+                      attention_backend=backend)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=cfg.parallel.distributed_optimizer)
     chunks = [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=index > 0)
