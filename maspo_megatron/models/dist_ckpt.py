@@ -31,6 +31,7 @@ from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from maspo_megatron.models.byte_copy import SpliceFileSystem, SpliceTarget
+from maspo_megatron.models.dist_ckpt_guard import verify_checkpoint_is_data
 from maspo_megatron.models.dist_ckpt_read import DistCheckpointReader, row_map  # noqa: F401  (re-exported)
 from maspo_megatron.models.hf_io import CheckpointError
 
@@ -157,12 +158,14 @@ def extra_state_object(key: str, layer: int, num_layers: int) -> ShardedObject:
 def load_model_weights(model_chunks: list, ckpt_dir: str | Path) -> None:
     """Collective: loads model weights only (any saved TP/PP) from a converted or trainer checkpoint.
 
-    Works on the parallel layout the chunks were built with; vocab tensors saved with other padding
+    Refuses (CheckpointError) a checkpoint holding pickled callables (`dist_ckpt_guard`). Works on
+    the parallel layout the chunks were built with; vocab tensors saved with other padding
     load their overlap (Megatron marks them allow_shape_mismatch) and the rest stays zero.
     """
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").is_file():
         raise CheckpointError(f"{ckpt_dir}: not a Megatron dist checkpoint (no metadata.json)")
+    verify_checkpoint_is_data(ckpt_dir)  # Megatron's load below unpickles without an allow-list
     chunks = [unwrap_ddp(c) for c in model_chunks]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     request = {key: chunk.sharded_state_dict() for key, chunk in zip(keys, chunks, strict=True)}

@@ -45,6 +45,19 @@ _ALLOWED_GLOBALS = {
 _ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global outside the allow-list; `qualname` is it ('builtins.eval')."""
+
+    def __init__(self, qualname: str):
+        super().__init__(f"global '{qualname}' is not allowed")
+        self.qualname = qualname
+
+
+def refusal_message(where: str | Path, qualname: str) -> str:
+    """The one-line error for a checkpoint file that names a global outside the allow-list."""
+    return f"{where}: refuses to unpickle {qualname} (a checkpoint must hold data only)"
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """Allows DCP metadata classes, torch dtypes/layouts/formats and plain containers; nothing else."""
 
@@ -53,7 +66,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
             allowed = True
         if not allowed:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+            raise RefusedGlobal(f"{module}.{name}")
         return super().find_class(module, name)
 
 
@@ -71,8 +84,10 @@ class _SafeFileSystemReader(dcp.FileSystemReader):
                 metadata = _MetadataUnpickler(handle).load()
         except FileNotFoundError:
             raise CheckpointError(f"{path}: missing (not a torch_dist checkpoint?)") from None
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"{path}: refusing to unpickle: {exc}") from None
+        except RefusedGlobal as exc:
+            raise CheckpointError(refusal_message(path, exc.qualname)) from None
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a readable DCP metadata pickle ({type(exc).__name__}: {exc})") from None
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{path}: not a torch.distributed.checkpoint Metadata")
         from torch.distributed.checkpoint.metadata import StorageMeta
@@ -83,6 +98,11 @@ class _SafeFileSystemReader(dcp.FileSystemReader):
         return metadata
 
 
+def read_metadata(ckpt_dir: str | Path) -> Metadata:
+    """The DCP `.metadata` of a torch_dist checkpoint dir, unpickled through the allow-list."""
+    return _SafeFileSystemReader(str(ckpt_dir)).read_metadata()
+
+
 class DistCheckpointReader:
     """Slices of tensors from a torch_dist checkpoint dir (needs torch.distributed initialised)."""
 
@@ -90,7 +110,7 @@ class DistCheckpointReader:
         self.dir = Path(ckpt_dir)
         if not (self.dir / "metadata.json").is_file():
             raise CheckpointError(f"{self.dir / 'metadata.json'}: missing (not a Megatron dist checkpoint)")
-        self.metadata = _SafeFileSystemReader(str(self.dir)).read_metadata()
+        self.metadata = read_metadata(self.dir)
         self.tensors: dict[str, TensorStorageMetadata] = {
             k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }

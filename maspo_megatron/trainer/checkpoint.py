@@ -31,6 +31,8 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from maspo_megatron.models.dist_ckpt_guard import verify_checkpoint_is_data
+
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"  # written by rank 0 after the dist checkpoint: marks completeness
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -301,10 +303,12 @@ def load_checkpoint(
 
     The parallel layout may differ from the one that saved (model and optimizer are resharded);
     RNG states are restored only when TP and PP sizes match (they are per (PP, TP) position).
+    A checkpoint holding pickled callables is refused first (CheckpointError, `models.dist_ckpt_guard`).
     """
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE} / metadata.json)")
+    verify_checkpoint_is_data(path)  # Megatron's load below unpickles without an allow-list
     saved_layout = read_trainer_state(path)["layout"]
     now = _layout()
     with_rng = saved_layout["tp"] == now["tp"] and saved_layout["pp"] == now["pp"]

@@ -106,11 +106,11 @@ class Trainer:
         try:
             self.syncer = WeightSyncer(cfg.rollout.weight_sync, self.policy.chunks, self.policy.wmap, self.dims,
                                        engine=engine, engine_kind=cfg.rollout.engine)
-        except BaseException:  # e.g. verify_weights refused at start-up: launched servers must not outlive us
+            resumed = self._maybe_resume()
+        except BaseException:  # verify_weights or a refused checkpoint: launched servers must not outlive us
             if engine is not None:
                 engine.shutdown()
             raise
-        resumed = self._maybe_resume()
         self.metrics = MetricsLogger(self.output_dir, cfg.trainer.total_steps, enabled=self.is_driver,
                                      tensorboard=cfg.trainer.tensorboard, wandb_project=cfg.trainer.wandb_project,
                                      run_config=to_dict(cfg), resume_step=self.step,
