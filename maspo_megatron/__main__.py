@@ -1,4 +1,10 @@
-"""`python -m maspo_megatron plan`: estimated memory per GPU of a config on a cluster shape.
+"""`python -m maspo_megatron {train,plan,convert-to-megatron,convert-to-hf} ...`: the one command line.
+
+    python -m maspo_megatron train --config FILE [dotted.key=value ...]    # = python -m maspo_megatron.train
+    python -m maspo_megatron convert-to-megatron --hf-dir HF --out-dir MEG --tp 2 --pp 2
+    python -m maspo_megatron convert-to-hf --megatron-dir MEG --out-dir HF2
+
+`plan`: estimated memory per GPU of a config on a cluster shape.
 
     python -m maspo_megatron plan --config examples/qwen2.5_7b.yaml --nodes 1 --gpus-per-node 8 [--gpu-mem-gib 80]
         [--rollout-nodes R] [--hf-config PATH] [dotted.key=value ...]
@@ -90,15 +96,54 @@ def plan_main(argv) -> int:
     return 0
 
 
-COMMANDS = {"plan": plan_main}
+def _train(argv) -> int:
+    from maspo_megatron.train import main as train_main
+
+    return train_main(argv, prog="python -m maspo_megatron train")
+
+
+def _convert_to_megatron(argv) -> int:
+    from maspo_megatron.models.convert_cli import to_megatron_main
+
+    return to_megatron_main(argv, prog="python -m maspo_megatron convert-to-megatron")
+
+
+def _convert_to_hf(argv) -> int:
+    from maspo_megatron.models.convert_cli import to_hf_main
+
+    return to_hf_main(argv, prog="python -m maspo_megatron convert-to-hf")
+
+
+# name -> (run(argv) -> exit code, one line of help); the converters' help lines without importing them
+COMMANDS = {
+    "train": (_train, "RL training (MASPO) on Megatron-Core; also `python -m maspo_megatron.train`, `maspo-train`"),
+    "plan": (plan_main, "estimated memory per GPU of a config on a cluster shape (exit 1 when it does not fit)"),
+    "convert-to-megatron": (_convert_to_megatron, "Hugging Face checkpoint -> Megatron dist checkpoint (torch_dist)"),
+    "convert-to-hf": (_convert_to_hf, "Megatron dist checkpoint (any TP/PP) -> Hugging Face safetensors"),
+}
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"usage: python -m maspo_megatron {{{','.join(COMMANDS)}}} [args ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`python -m maspo_megatron COMMAND --help` for a command's options."]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m maspo_megatron {{{','.join(COMMANDS)}}} ... (got {argv[:1] or 'nothing'})", file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv:
+        print(usage(), file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]](argv[1:])
+    if argv[0] not in COMMANDS:
+        print(f"python -m maspo_megatron: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)}; --help)",
+              file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]][0](argv[1:])
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from maspo_megatron.config import ConfigError, load_config
 EXIT_BAD_CONFIG = 2
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="maspo-train", description=__doc__.splitlines()[0])
+def parse_args(argv=None, prog: str = "maspo-train"):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=False, help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.maspo.alpha=0.5")
     return parser.parse_args(argv)
@@ -37,8 +37,8 @@ def _free_local_port() -> int:
         return sock.getsockname()[1]
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog: str = "maspo-train") -> int:
+    args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
