@@ -33,10 +33,14 @@ SUMMARY_KEYS = (
 )
 
 
+def _scalar(value: Any) -> Any:
+    """0-dim tensors / numpy scalars -> Python numbers; anything else unchanged."""
+    return value.item() if hasattr(value, "item") and callable(value.item) else value
+
+
 def _jsonable(value: Any) -> Any:
     """floats stay floats (NaN/inf as strings so that every line is strict JSON), tensors -> float."""
-    if hasattr(value, "item") and callable(value.item):
-        value = value.item()
+    value = _scalar(value)
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
@@ -136,8 +140,8 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
-        if self._wandb is not None:
-            self._wandb.log(record, step=step)
+        if self._wandb is not None:  # numbers as numbers (NaN too; W&B plots it as a gap), the step as W&B's own
+            self._wandb.log({k: _scalar(v) for k, v in metrics.items()}, step=step)
         if step % self.console_every == 0 or step == self.total_steps or metrics.get("train/skipped_steps"):
             prefix = "\r" if self.stream.isatty() else ""
             self.stream.write(prefix + format_summary(step, self.total_steps, metrics) + "\n")
