@@ -92,6 +92,7 @@ class StandinServer(GenerationMixin, WeightsMixin):
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._runner: Optional[web.AppRunner] = None
+        self._scheduler_task: Optional[asyncio.Task] = None
 
     @property
     def url(self) -> str:
@@ -119,6 +120,7 @@ class StandinServer(GenerationMixin, WeightsMixin):
         app.router.add_get("/model_info", self.model_info)
         app.router.add_get("/server_info", self.server_info)
         app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
         check_routes_exist(app)
         return app
 
@@ -146,6 +148,19 @@ class StandinServer(GenerationMixin, WeightsMixin):
         self._wakeup = asyncio.Event()
         if self.model is not None:
             self._scheduler_task = asyncio.ensure_future(self._scheduler())
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        """Cancels the scheduler and waits for it to end (a task left pending when its loop goes away
+        is reported as "Task was destroyed but it is pending!"); requests still queued are aborted."""
+        task, self._scheduler_task = self._scheduler_task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        self._abort_all("server shut down")
 
     @staticmethod
     async def _json(request: web.Request, implemented: Optional[set] = None, struct: str = "") -> dict:
@@ -254,6 +269,8 @@ class StandinServer(GenerationMixin, WeightsMixin):
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
+        if not self._thread.is_alive():
+            self._loop.close()
         self._loop = None
 
 
