@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,9 @@ def format_summary(step: int, total_steps: int, metrics: Dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
 class MetricsLogger:
     """Writes one record per step to every enabled sink. `enabled=False` (non-driver ranks): no-op."""
 
@@ -106,7 +110,16 @@ class MetricsLogger:
                     "trainer.wandb_project: W&B logging needs the wandb package (pip install 'maspo_megatron[wandb]')"
                 ) from None
             self._wandb = wandb.init(project=wandb_project, config=run_config or {}, dir=str(self.output_dir),
-                                     resume="allow")
+                                     id=self._wandb_run_id(resume_step), resume="allow")
+
+    def _wandb_run_id(self, resume_step: int) -> str:
+        """The W&B run a resumed run continues (its id kept in <output_dir>/wandb_run_id); a new one on a fresh start."""
+        path = self.output_dir / WANDB_RUN_ID_FILE
+        run_id = path.read_text().strip() if resume_step > 0 and path.is_file() else ""
+        if not run_id:
+            run_id = secrets.token_hex(6)  # W&B run ids: lower-case letters and digits
+            path.write_text(run_id + "\n")
+        return run_id
 
     def _truncate_after(self, step: int) -> None:
         if not self.jsonl_path.exists():
