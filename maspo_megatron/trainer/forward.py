@@ -1,17 +1,18 @@
-"""ONE forward step for every pass over the policy: old log-probs, PPO update, SFT warm-up, evaluation.
+"""ONE forward step for every pass over a policy: old log-probs, PPO update, SFT warm-up, KL reference.
 
     losses = run_micro_batches(policy, batches, loss_fn, dims, forward_only=False)
     # loss_fn(batch, logits[R, S, V/TP]) -> (loss, num_tokens, {metric: SUM})  (Megatron's loss_func)
 
 What differs between passes is only `loss_fn`. Everything the model needs from a batch is
 decided here, once: the inputs of the attention backend the policy was built with (THD
-`packed_seq_params` for "te"/"packed", the dense block mask for "dense" on CPU) and the
-UNSHARDED row length handed to Megatron's schedule (it divides by cp itself). The logits a
-`loss_fn` gets still hold Megatron's padded vocabulary columns: it passes
-`vocab_size=policy.meta.vocab_size` to `vocab_parallel_logprobs_entropy`, whose kernels never
-read them (no masked [T, V/TP] copy of the logits, forward or backward). Batches arrive already on the policy's device (packed and
-moved once, trainer/train_step.pack_mini_batches), so in-place writes of one pass (old
-log-probs) land in the tensors the next pass reads.
+`packed_seq_params` for "te"/"packed", the dense block mask for "dense" on CPU), bf16/fp16
+logits without Float16Module's fp32 copy, and the UNSHARDED row length handed to Megatron's
+schedule (it divides by cp itself). The logits a `loss_fn` gets still hold Megatron's padded
+vocabulary columns: it passes `vocab_size=policy.meta.vocab_size` to
+`vocab_parallel_logprobs_entropy`, whose kernels never read them (no masked [T, V/TP] copy of the
+logits, forward or backward). Batches arrive already on the policy's device (packed and moved
+once, trainer/train_step.pack_mini_batches), so in-place writes of one pass (old log-probs,
+reference log-probs) land in the tensors the next pass reads.
 """
 from __future__ import annotations
 
