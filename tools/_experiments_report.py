@@ -175,6 +175,13 @@ def build_report(sweep: Sweep, root: Path, report_path: Path, figures: Path, ext
                                                       "warmup": warm, "status": status}, indent=1, sort_keys=True,
                                                      default=str))
     lines = _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, status, rel, k, reference)
+    if sweep.learning_rates:  # the evidence sweep: preconditions and paired CIs before the tables
+        from _experiments_evidence import evidence_section
+
+        evidence, numbers = evidence_section(sweep, runs_by_method, warm, figures, rel)
+        at = lines.index("## Setting") if "## Setting" in lines else len(lines)
+        lines[at:at] = evidence
+        (figures / "evidence.json").write_text(json.dumps(numbers, indent=1, default=str))
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text("\n".join(lines) + "\n")
 
