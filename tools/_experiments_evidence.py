@@ -48,6 +48,15 @@ def heldout_curve(run: RunData, warm: Optional[dict]) -> Tuple[List[int], List[f
     return steps, [points[s] for s in steps]
 
 
+def _number(record: dict, key: str, missing: float = math.nan) -> float:
+    """record[key] as a float; metrics.jsonl writes a NaN statistic (nothing gated in a step) as "nan"."""
+    value = record.get(key, missing)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def pooled_gate_statistics(runs: List[RunData]) -> Dict[str, float]:
     """Token-weighted pooling over all steps of all runs: PPO clip fraction at 0.2, gate weight on
     gated tokens, and the token fraction of each low-p_old bucket."""
@@ -55,18 +64,19 @@ def pooled_gate_statistics(runs: List[RunData]) -> Dict[str, float]:
     bucket_tokens = {b: 0.0 for b in LOW_P_BUCKETS}
     for run in runs:
         for record in run.records:
-            count = record.get("maspo/token_count")
-            if not isinstance(count, (int, float)) or not count > 0:
+            count = _number(record, "maspo/token_count")
+            if not count > 0:  # also False for NaN
                 continue
             tokens += count
-            clipped += record.get("maspo/ppo_clip_frac", 0.0) * count
-            gated_count = count * (record.get("maspo/gated_pos_frac", 0.0) + record.get("maspo/gated_neg_frac", 0.0))
-            weight = record.get("maspo/gate_weight_mean_gated", math.nan)
+            clipped += _number(record, "maspo/ppo_clip_frac", 0.0) * count
+            gated_count = count * (_number(record, "maspo/gated_pos_frac", 0.0)
+                                   + _number(record, "maspo/gated_neg_frac", 0.0))
+            weight = _number(record, "maspo/gate_weight_mean_gated")
             if gated_count > 0 and math.isfinite(weight):
                 gated += gated_count
                 gated_weight += weight * gated_count
             for bucket in LOW_P_BUCKETS:
-                bucket_tokens[bucket] += record.get(f"maspo/{bucket}/token_frac", 0.0) * count
+                bucket_tokens[bucket] += _number(record, f"maspo/{bucket}/token_frac", 0.0) * count
     nan = math.nan
     return {"ppo_clip_frac": clipped / tokens if tokens else nan,
             "gate_weight_mean_gated": gated_weight / gated if gated else nan,

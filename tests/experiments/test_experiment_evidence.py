@@ -60,12 +60,20 @@ def test_pooled_gate_statistics_weights_steps_by_tokens():
     b = {"step": 2, "maspo/token_count": 300.0, "maspo/ppo_clip_frac": 0.02, "maspo/gated_pos_frac": 0.1,
          "maspo/gated_neg_frac": 0.0, "maspo/gate_weight_mean_gated": 0.5, "maspo/p_lt_0.01/token_frac": 0.1,
          "maspo/p_0.01_0.1/token_frac": 0.0}
-    stats = pooled_gate_statistics([_run(1, [a]), _run(2, [b, {"step": 3}])])
+    # a step where nothing was gated: the trainer logs its NaN gate weight as the string "nan"
+    c = {"step": 4, "maspo/token_count": 0.0, "maspo/gate_weight_mean_gated": "nan"}
+    d = {"step": 5, "maspo/token_count": 100.0, "maspo/ppo_clip_frac": 0.0, "maspo/gated_pos_frac": 0.0,
+         "maspo/gated_neg_frac": 0.0, "maspo/gate_weight_mean_gated": "nan", "maspo/p_lt_0.01/token_frac": 0.0,
+         "maspo/p_0.01_0.1/token_frac": 0.0}
+    stats = pooled_gate_statistics([_run(1, [a, c]), _run(2, [b, {"step": 3}])])
     assert stats["ppo_clip_frac"] == pytest.approx((10 + 6) / 400)
     assert stats["gate_weight_mean_gated"] == pytest.approx((0.9 * 40 + 0.5 * 30) / 70)
     assert stats["p_lt_0.01/token_frac"] == pytest.approx(30 / 400)
     assert stats["p_0.01_0.1/token_frac"] == pytest.approx(50 / 400)
     assert math.isnan(pooled_gate_statistics([])["ppo_clip_frac"])
+    with_empty = pooled_gate_statistics([_run(1, [a, d])])
+    assert with_empty["gate_weight_mean_gated"] == pytest.approx(0.9)
+    assert with_empty["ppo_clip_frac"] == pytest.approx(10 / 200)
 
 
 def _records(clip, weight):
