@@ -34,6 +34,8 @@ class Method:
     label: str
     overrides: List[str]
     ablation: bool = False
+    base: Optional[str] = None   # with a learning-rate grid: the method this one is a copy of
+    lr: Optional[float] = None   # ... and its trainer.lr
 
 
 @dataclasses.dataclass
@@ -48,6 +50,7 @@ class Sweep:
     threshold_reward: float
     threshold_window: int
     methods: Dict[str, Method]
+    learning_rates: List[float] = dataclasses.field(default_factory=list)
 
     def method_names(self) -> List[str]:
         return list(self.methods)
@@ -140,6 +143,12 @@ def load_sweep(path: str | Path) -> Sweep:
         methods[name] = Method(name=name, label=str(spec.get("label", name)),
                                overrides=_str_list(spec.get("overrides", []), f"methods.{name}.overrides", path),
                                ablation=bool(spec.get("ablation", False)))
+    rates = data.get("learning_rates", [])
+    if not isinstance(rates, list) or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0
+                                              for r in rates) or len(set(rates)) != len(rates):
+        raise SweepError(f"{path}: learning_rates: expected a list of distinct positive numbers, got {rates!r}")
+    if rates:
+        methods = expand_learning_rates(methods, [float(r) for r in rates])
     sweep = Sweep(
         path=path, base=base, seeds=seeds,
         seed_overrides=_str_list(data.get("seed_overrides", []), "seed_overrides", path),
@@ -149,10 +158,23 @@ def load_sweep(path: str | Path) -> Sweep:
         threshold_reward=float(_require(threshold, "reward", (int, float), path)),
         threshold_window=int(_require(threshold, "window", int, path)),
         methods=methods,
+        learning_rates=[float(r) for r in rates],
     )
     if sweep.heldout_prompts < 1 or sweep.threshold_window < 1:
         raise SweepError(f"{path}: heldout.num_prompts and threshold.window must be >= 1")
     return sweep
+
+
+def expand_learning_rates(methods: Dict[str, Method], rates: List[float]) -> Dict[str, Method]:
+    """Each method once per learning rate: `<name>_lr<i>` with `trainer.lr=<rate>` after its own overrides."""
+    out = {}
+    for method in methods.values():
+        for i, rate in enumerate(rates):
+            name = f"{method.name}_lr{i}"
+            out[name] = Method(name=name, label=f"{method.label}, lr {rate:g}",
+                               overrides=method.overrides + [f"trainer.lr={rate!r}"], ablation=method.ablation,
+                               base=method.name, lr=rate)
+    return out
 
 
 def seed_overrides(sweep: Sweep, seed: int) -> List[str]:

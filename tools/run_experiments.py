@@ -1,12 +1,12 @@
-"""Runs the MASPO reproduction sweep on the CPU synthetic task and writes docs/experiments.md.
+"""Runs the MASPO reproduction sweep on the CPU synthetic task and writes its report (docs/experiments/full_experiment.md).
 
     .venv/bin/python tools/run_experiments.py [--sweep examples/experiments/sweep.yaml]
-        [--out outputs/experiments] [--jobs 2] [--methods NAME ...] [--seeds S ...]
-        [--set dotted.key=value ...] [--report docs/experiments.md] [--report-only | --no-report]
+        [--out outputs/experiments] [--workers N] [--methods NAME ...] [--seeds S ...]
+        [--set dotted.key=value ...] [--report docs/experiments/full_experiment.md] [--report-only | --no-report]
 
 Phases: (1) the task's problems split into train.jsonl and heldout.jsonl (disjoint); (2) one supervised warm-up per seed
 (tools/_experiments_warmup.py); (3) every method x seed as its own `maspo_megatron.train`
-process starting from its seed's warm-up (`--jobs` at a time, OMP_NUM_THREADS=1 each); (4) the
+process starting from its seed's warm-up (`--workers` at a time, OMP_NUM_THREADS=1 each); (4) the
 report (tools/_experiments_report.py): plots, tables, raw CSV/JSON next to it.
 Resumable: a job whose marker file exists (warmup_eval.json / final_eval.json) and whose
 arguments (job.json) are those of the current sweep is not rerun; any other job's directory is
@@ -151,13 +151,15 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default=str(REPO / "examples" / "experiments" / "sweep.yaml"))
     parser.add_argument("--out", default=str(REPO / "outputs" / "experiments"), help="run directories")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one core each)")
+    parser.add_argument("--workers", "--jobs", type=int, default=os.cpu_count() or 1, dest="jobs",
+                        help="runs at once, one core each (default: every core of this machine)")
     parser.add_argument("--methods", nargs="*", default=None, help="subset of the sweep's methods")
     parser.add_argument("--seeds", nargs="*", type=int, default=None, help="subset of the sweep's seeds")
     parser.add_argument("--set", nargs="*", default=[], dest="extra", metavar="KEY=VALUE",
                         help="dotted overrides for every job (e.g. trainer.total_steps=2)")
     parser.add_argument("--timeout-s", type=float, default=None, help="kill a job running longer than this")
-    parser.add_argument("--report", default=str(REPO / "docs" / "experiments.md"))
+    parser.add_argument("--report", default=str(REPO / "docs" / "experiments" / "full_experiment.md"),
+                        help="the generated report (docs/experiments.md is written by hand from it and the mechanism check)")
     parser.add_argument("--figures-dir", default=None, help="plots and raw data (default: <report dir>/experiments)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--report-only", action="store_true", help="no runs: rebuild the report from finished ones")
@@ -170,11 +172,14 @@ def main(argv=None) -> int:
     root = Path(args.out).resolve()
     try:
         if args.jobs < 1:
-            raise SweepError(f"--jobs: {args.jobs} must be >= 1")
+            raise SweepError(f"--workers: {args.jobs} must be >= 1")
         sweep = load_sweep(args.sweep)
+        bases = {m.base for m in sweep.methods.values() if m.base}
         for name in args.methods or []:
-            if name not in sweep.methods:
+            if name not in sweep.methods and name not in bases:
                 raise SweepError(f"--methods: {name!r} is not in {args.sweep} (known: {', '.join(sweep.methods)})")
+        if args.methods:  # a method of a learning-rate grid names all its copies
+            args.methods = [n for n, m in sweep.methods.items() if n in args.methods or m.base in args.methods]
         for seed in args.seeds or []:
             if seed not in sweep.seeds:
                 raise SweepError(f"--seeds: {seed} is not in {args.sweep} (seeds: {sweep.seeds})")

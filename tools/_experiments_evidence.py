@@ -1,0 +1,177 @@
+"""The evidence section of a sweep with a learning-rate grid (issue 18): preconditions first, then
+paired differences against GRPO with 95 % t intervals, and the held-out Avg@k figure.
+
+    lines, summary = evidence_section(sweep, runs_by_method, warm, figures, rel)
+
+Per run, the held-out curve is the warm-up's Avg@k at step 0, every `trainer.eval_every` record of
+metrics.jsonl and final_eval.json at the last step; AUC is its trapezoid mean (tools/_evidence_stats.py).
+Gate statistics are pooled over every step of every seed of a method at one learning rate, each
+step weighted by its token count (the trainer already pools a step's optimizer steps).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from _evidence_stats import (
+    LOW_P_BUCKETS,
+    all_hold,
+    ci_verdict,
+    describe_ci,
+    paired_difference,
+    preconditions,
+    preconditions_markdown,
+    trapezoid_auc,
+)
+from _experiments_plan import HELDOUT_NAME, Sweep
+from _experiments_stats import RunData, eval_key
+
+REFERENCE = "grpo"
+COMPARED = ("maspo", "pg_unclipped", "maspo_alpha0")
+
+
+def heldout_curve(run: RunData, warm: Optional[dict]) -> Tuple[List[int], List[float]]:
+    """(steps, held-out Avg@k): warm-up at 0, periodic evaluations, the final evaluation at the last step."""
+    points: Dict[int, float] = {}
+    _, start = eval_key(warm, HELDOUT_NAME, "avg")
+    if math.isfinite(start):
+        points[0] = start
+    for record in run.records:
+        _, value = eval_key(record, HELDOUT_NAME, "avg")
+        if math.isfinite(value):
+            points[int(record["step"])] = value
+    _, final = eval_key(run.final_eval, HELDOUT_NAME, "avg")
+    if math.isfinite(final) and run.records:
+        points[int(run.records[-1]["step"])] = final
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def _number(record: dict, key: str, missing: float = math.nan) -> float:
+    """record[key] as a float; metrics.jsonl writes a NaN statistic (nothing gated in a step) as "nan"."""
+    value = record.get(key, missing)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def pooled_gate_statistics(runs: List[RunData]) -> Dict[str, float]:
+    """Token-weighted pooling over all steps of all runs: PPO clip fraction at 0.2, gate weight on
+    gated tokens, and the token fraction of each low-p_old bucket."""
+    tokens = clipped = gated = gated_weight = 0.0
+    bucket_tokens = {b: 0.0 for b in LOW_P_BUCKETS}
+    for run in runs:
+        for record in run.records:
+            count = _number(record, "maspo/token_count")
+            if not count > 0:  # also False for NaN
+                continue
+            tokens += count
+            clipped += _number(record, "maspo/ppo_clip_frac", 0.0) * count
+            gated_count = count * (_number(record, "maspo/gated_pos_frac", 0.0)
+                                   + _number(record, "maspo/gated_neg_frac", 0.0))
+            weight = _number(record, "maspo/gate_weight_mean_gated")
+            if gated_count > 0 and math.isfinite(weight):
+                gated += gated_count
+                gated_weight += weight * gated_count
+            for bucket in LOW_P_BUCKETS:
+                bucket_tokens[bucket] += _number(record, f"maspo/{bucket}/token_frac", 0.0) * count
+    nan = math.nan
+    return {"ppo_clip_frac": clipped / tokens if tokens else nan,
+            "gate_weight_mean_gated": gated_weight / gated if gated else nan,
+            **{f"{b}/token_frac": bucket_tokens[b] / tokens if tokens else nan for b in LOW_P_BUCKETS}}
+
+
+def _by_base(sweep: Sweep, runs_by_method: Dict[str, List[RunData]]) -> Dict[str, Dict[float, List[RunData]]]:
+    out: Dict[str, Dict[float, List[RunData]]] = {}
+    for name, method in sweep.methods.items():
+        if method.base is not None:
+            out.setdefault(method.base, {})[method.lr] = runs_by_method.get(name, [])
+    return out
+
+
+def _plot(path: Path, per_run: Dict[str, Dict[float, Dict[int, tuple]]], rates: List[float], labels) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rates), figsize=(4.5 * len(rates), 3.6), squeeze=False)
+    for col, rate in enumerate(rates):
+        ax = axes[0][col]
+        for base, by_lr in per_run.items():
+            curves = by_lr.get(rate, {})
+            steps = sorted({s for steps, _ in curves.values() for s in steps})
+            means, lows, highs = [], [], []
+            for step in steps:
+                values = {seed: dict(zip(*c, strict=True)).get(step, math.nan) for seed, c in curves.items()}
+                diff = paired_difference(values, {seed: 0.0 for seed in values})
+                means.append(diff["mean"])
+                lows.append(diff["low"])
+                highs.append(diff["high"])
+            if steps:
+                ax.plot(steps, means, marker="o", label=f"{labels.get(base, base)} (n={len(curves)})")
+                ax.fill_between(steps, lows, highs, alpha=0.15)
+        ax.set_title(f"lr {rate:g}")
+        ax.set_xlabel("RL step")
+    axes[0][0].set_ylabel(f"held-out Avg@k ({HELDOUT_NAME})")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evidence_section(sweep: Sweep, runs_by_method: Dict[str, List[RunData]], warm: Dict[int, dict],
+                     figures: Path, rel: str) -> Tuple[List[str], dict]:
+    """Markdown lines (preconditions, paired differences, verdicts) and the numbers behind them."""
+    grid = _by_base(sweep, runs_by_method)
+    labels = {m.base: m.label.rsplit(", lr", 1)[0] for m in sweep.methods.values() if m.base}
+    rates = sweep.learning_rates
+    per_run = {base: {lr: {run.seed: heldout_curve(run, warm.get(run.seed)) for run in runs}
+                      for lr, runs in by_lr.items()} for base, by_lr in grid.items()}
+    metric = {base: {lr: {seed: {"auc": trapezoid_auc(*curve), "final": curve[1][-1] if curve[1] else math.nan}
+                          for seed, curve in by_seed.items()} for lr, by_seed in by_lr.items()}
+              for base, by_lr in per_run.items()}
+    _plot(figures / "heldout_vs_step.png", per_run, rates, labels)
+    out = ["## Evidence: preconditions, then paired differences against GRPO", ""]
+    checks = {}
+    for rate in rates:
+        ref = pooled_gate_statistics(grid.get(REFERENCE, {}).get(rate, []))
+        maspo = pooled_gate_statistics(grid.get("maspo", {}).get(rate, []))
+        checks[rate] = preconditions(ref["ppo_clip_frac"], maspo["gate_weight_mean_gated"],
+                                     {b: maspo[f"{b}/token_frac"] for b in LOW_P_BUCKETS})
+        state = "hold" if all_hold(checks[rate]) else "DO NOT hold: any verdict at this lr is inconclusive"
+        out += [f"Preconditions at lr {rate:g} ({state}):", "", preconditions_markdown(checks[rate]), ""]
+
+    def column(base, rate, key):
+        return {seed: v[key] for seed, v in metric.get(base, {}).get(rate, {}).items()}
+
+    best = {base: max(by_lr, key=lambda r, b=base: _mean(column(b, r, "auc"))) for base, by_lr in metric.items()
+            if by_lr}
+    out += ["Paired differences (method − GRPO, same seed), mean [95 % t interval]:", "",
+            "| comparison | lr | Δ AUC of held-out Avg | Δ final held-out Avg | verdict |", "|---|---|---|---|---|"]
+    summary = {"preconditions": {str(r): c for r, c in checks.items()}, "best_lr": best, "metric": metric,
+               "paired": {}}
+    for base in COMPARED:
+        if base not in metric or REFERENCE not in metric:
+            continue
+        rows = [(f"{r:g}", r, r) for r in rates] + [(f"best: {best[base]:g} vs {best[REFERENCE]:g}", best[base],
+                                                      best[REFERENCE])]
+        for name, rate_a, rate_b in rows:
+            auc = paired_difference(column(base, rate_a, "auc"), column(REFERENCE, rate_b, "auc"))
+            final = paired_difference(column(base, rate_a, "final"), column(REFERENCE, rate_b, "final"))
+            hold = all_hold(checks[rate_a]) and all_hold(checks[rate_b])
+            verdict = ci_verdict(auc) if hold else "inconclusive (preconditions fail)"
+            summary["paired"][f"{base} - {REFERENCE} @ {name}"] = {"auc": auc, "final": final, "verdict": verdict}
+            out.append(f"| {labels.get(base, base)} − GRPO | {name} | {describe_ci(auc)} | {describe_ci(final)} | "
+                       f"{verdict} |")
+    out += ["", "The best lr of a method is the one with the highest mean AUC over its seeds (chosen on the same "
+            "runs it is compared on: an optimistic choice, the same for every method).", "",
+            f"![held-out Avg vs step]({rel}/heldout_vs_step.png)", ""]
+    return out, summary
+
+
+def _mean(values: Dict[int, float]) -> float:
+    finite = [v for v in values.values() if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else -math.inf
