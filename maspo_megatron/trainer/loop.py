@@ -258,6 +258,7 @@ class Trainer:
         cfg = self.cfg.trainer
         saved_at = self.step if self.step else None
         try:
+            evaluated, evaluated_at = {}, None
             while self.step < cfg.total_steps:
                 if self.stop.should_stop():
                     return self._stop(saved_at)
@@ -266,7 +267,8 @@ class Trainer:
                 metrics.update(self.startup_metrics)  # on the first step this process logs
                 self.startup_metrics = {}
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
-                    metrics.update(self.evaluate())
+                    evaluated, evaluated_at = self.evaluate(), self.step
+                    metrics.update(evaluated)
                 self.metrics.log(self.step, metrics)
                 if cfg.save_every and self.step % cfg.save_every == 0:
                     self.save()
@@ -277,8 +279,9 @@ class Trainer:
                 return self._stop(saved_at)
             if saved_at != self.step:
                 self.save()
-            if cfg.eval_at_end and not (cfg.eval_every and self.step % cfg.eval_every == 0):
-                final = self.evaluate()
+            if cfg.eval_at_end:
+                # a scheduled evaluation of the last step already ran at these weights: report it, not again
+                final = evaluated if evaluated_at == self.step else self.evaluate()
                 if final:
                     self.metrics.message("final evaluation: " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
                     self._append_final_eval(final)

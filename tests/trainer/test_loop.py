@@ -1,6 +1,7 @@
 """The RL loop end to end on CPU: real Megatron (gloo), local engine, math-verify, weight sync."""
 from __future__ import annotations
 
+import json
 import math
 
 from tests.helpers.multiproc import run_distributed
@@ -29,6 +30,9 @@ def _check_two_steps(out, records, nan_first_step=False, eval_every_step=False):
         for record in records:
             assert 0.0 <= record["eval/synthetic/avg@2"] <= record["eval/synthetic/pass@2"] <= 1.0
             assert record["eval/synthetic/mean_length"] > 0
+        # the last step's scheduled evaluation is the final one: reported, not run again
+        final = json.loads((out / "final_eval.json").read_text())
+        assert final["step"] == 2 and final["eval/synthetic/avg@2"] == records[-1]["eval/synthetic/avg@2"]
     else:
         assert (out / "final_eval.json").is_file()
 
