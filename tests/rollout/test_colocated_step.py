@@ -74,3 +74,40 @@ def test_colocated_step_hands_memory_over_in_order_and_exits_cleanly(tmp_path):
         assert {e for e in step[1:step.index(("resume", ()))]} == {("load_weights", ("cuda_graph", "kv_cache"))}
         step = step[step.index(("resume", ())) + 1:]
     assert paths.count("/destroy_weights_update_group") == 1 and groups == {}  # the syncer closed first
+
+
+def test_the_trainer_launches_its_colocated_servers_before_the_policy_and_stops_them(tmp_path):
+    """No rollout.sglang.urls: the trainer's own fleet (rollout/sglang/fleet.py, started before the
+    policy allocates) launches the node's server, the driver's engine trains against it, and close()
+    stops it (exit 0, the server's log written by the launcher, nothing left listening)."""
+    import json
+    import re
+
+    import requests
+
+    from tests.helpers.sglang_standin.process import PACKAGE_DIR
+
+    output_dir = str(tmp_path / "run")
+    model_dir = _tiny_policy_dir(tmp_path / "policy", output_dir)
+    log_dir = tmp_path / "sglang_logs"
+    args = tiny_overrides(output_dir, "trainer.total_steps=2", "trainer.sft_warmup_steps=0", "trainer.eval_at_end=false",
+                          "trainer.prompts_per_step=2", "rollout.n_samples_per_prompt=2", "rollout.max_new_tokens=4",
+                          f"model.hf_config={model_dir}", "rollout.engine=sglang",
+                          f"rollout.sglang.launch_command=[{sys.executable}, {PACKAGE_DIR}]",
+                          "rollout.sglang.enable_memory_saver=true", f"rollout.sglang.log_dir={log_dir}",
+                          "rollout.weight_sync.transport=distributed")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO),
+               MASTER_PORT=str(_free_port()))
+    result = subprocess.run([sys.executable, "-m", "maspo_megatron.train", "--config", EXAMPLE, *args], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["rollout/num_samples"] == 4 for r in records)
+    # the launcher's log of the server it started names the port; nothing answers there any more
+    launched = (log_dir / "server_0.log").read_text()
+    port = re.search(r"'port': (\d+)", launched).group(1)
+    try:
+        requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    except requests.RequestException:
+        return
+    raise AssertionError(f"the server on port {port} still answers after the trainer exited")
