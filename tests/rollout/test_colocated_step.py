@@ -39,6 +39,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _train_two_steps(output_dir: str, model_dir: str, *rollout_overrides: str) -> subprocess.CompletedProcess:
+    """`python -m maspo_megatron.train` for two small steps of the tiny policy against SGLang stand-ins
+    (colocated, memory saver on, distributed transport); asserts exit 0."""
+    args = tiny_overrides(output_dir, "trainer.total_steps=2", "trainer.sft_warmup_steps=0", "trainer.eval_at_end=false",
+                          "trainer.prompts_per_step=2", "rollout.n_samples_per_prompt=2", "rollout.max_new_tokens=4",
+                          f"model.hf_config={model_dir}", "rollout.engine=sglang", "rollout.sglang.enable_memory_saver=true",
+                          "rollout.weight_sync.transport=distributed", *rollout_overrides)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO),
+               MASTER_PORT=str(_free_port()))
+    result = subprocess.run([sys.executable, "-m", "maspo_megatron.train", "--config", EXAMPLE, *args], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
 def test_colocated_step_hands_memory_over_in_order_and_exits_cleanly(tmp_path):
     from tests.helpers.sglang_standin import StandinServer
 
@@ -46,16 +61,7 @@ def test_colocated_step_hands_memory_over_in_order_and_exits_cleanly(tmp_path):
     model_dir = _tiny_policy_dir(tmp_path / "policy", output_dir)
     server = StandinServer(model_dir, enable_memory_saver=True).start()
     try:
-        args = tiny_overrides(output_dir, "trainer.total_steps=2", "trainer.sft_warmup_steps=0", "trainer.eval_at_end=false",
-                              "trainer.prompts_per_step=2", "rollout.n_samples_per_prompt=2", "rollout.max_new_tokens=4",
-                              f"model.hf_config={model_dir}", "rollout.engine=sglang", f"rollout.sglang.urls=[{server.url}]",
-                              "rollout.sglang.colocated=true", "rollout.sglang.enable_memory_saver=true",
-                              "rollout.weight_sync.transport=distributed")
-        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO),
-                   MASTER_PORT=str(_free_port()))
-        result = subprocess.run([sys.executable, "-m", "maspo_megatron.train", "--config", EXAMPLE, *args], cwd=REPO,
-                                env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        _train_two_steps(output_dir, model_dir, f"rollout.sglang.urls=[{server.url}]", "rollout.sglang.colocated=true")
         events = server.call(lambda: list(server.memory_events))
         paths = server.call(lambda: [path for _, path, _ in server.requests_seen])
         groups = server.call(lambda: dict(server.groups))
@@ -90,17 +96,8 @@ def test_the_trainer_launches_its_colocated_servers_before_the_policy_and_stops_
     output_dir = str(tmp_path / "run")
     model_dir = _tiny_policy_dir(tmp_path / "policy", output_dir)
     log_dir = tmp_path / "sglang_logs"
-    args = tiny_overrides(output_dir, "trainer.total_steps=2", "trainer.sft_warmup_steps=0", "trainer.eval_at_end=false",
-                          "trainer.prompts_per_step=2", "rollout.n_samples_per_prompt=2", "rollout.max_new_tokens=4",
-                          f"model.hf_config={model_dir}", "rollout.engine=sglang",
-                          f"rollout.sglang.launch_command=[{sys.executable}, {PACKAGE_DIR}]",
-                          "rollout.sglang.enable_memory_saver=true", f"rollout.sglang.log_dir={log_dir}",
-                          "rollout.weight_sync.transport=distributed")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO),
-               MASTER_PORT=str(_free_port()))
-    result = subprocess.run([sys.executable, "-m", "maspo_megatron.train", "--config", EXAMPLE, *args], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _train_two_steps(output_dir, model_dir, f"rollout.sglang.launch_command=[{sys.executable}, {PACKAGE_DIR}]",
+                     f"rollout.sglang.log_dir={log_dir}")
     records = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["rollout/num_samples"] == 4 for r in records)
     # the launcher's log of the server it started names the port; nothing answers there any more
