@@ -71,22 +71,32 @@ def test_preconditions_thresholds():
     assert [c["ok"] for c in preconditions(0.2, 0.99, good)] == [True, False, True, True]
 
 
-@register_policy_loss("test_reference_pg", replace=True)
 def _reference_pg(log_prob, old_log_prob, advantages, mask):
     """Importance-weighted policy gradient written out by hand: -A exp(logp - old_logp)."""
     return -advantages * torch.exp(log_prob - old_log_prob), {}
 
 
-@register_policy_loss("test_broken_drops_negatives", replace=True)
 def _broken(log_prob, old_log_prob, advantages, mask):
     """A deliberately broken MASPO-like loss: tokens with A < 0 get no gradient."""
     return -advantages.clamp(min=0) * torch.exp(log_prob - old_log_prob), {}
 
 
+@pytest.fixture
+def test_losses():
+    """The two hand-written losses in the registry for one test only (other tests list the registry)."""
+    from maspo_megatron.algorithms import POLICY_LOSSES
+
+    for name, fn in (("test_reference_pg", _reference_pg), ("test_broken_drops_negatives", _broken)):
+        register_policy_loss(name, replace=True)(fn)
+    yield
+    for name in ("test_reference_pg", "test_broken_drops_negatives"):
+        POLICY_LOSSES.pop(name, None)
+
+
 SMALL = dataclasses.replace(BanditConfig(), steps=8)
 
 
-def test_unclipped_pg_arm_is_plain_policy_gradient():
+def test_unclipped_pg_arm_is_plain_policy_gradient(test_losses):
     """MASPO with sigma_base = sigma_high = 1e6 (the 'unclipped PG' arm) follows the hand-written loss."""
     pg = run_arm(SMALL, Arm("pg", "maspo", {"sigma_base": 1e6, "sigma_high": 1e6}), 3, 0.3)
     ref = run_arm(SMALL, Arm("ref", "test_reference_pg"), 3, 0.3)
@@ -105,7 +115,7 @@ def test_pairing_same_seed_same_start_and_identical_arms_identical():
     assert diff["n"] == 3 and diff["mean"] == 0.0 and diff["half_width"] == 0.0
 
 
-def test_broken_loss_is_detected_as_different():
+def test_broken_loss_is_detected_as_different(test_losses):
     arms = [Arm("grpo", "test_broken_drops_negatives"), Arm("maspo", "maspo")]
     result = analyse(run_all(SMALL, arms, [1, 2, 3, 4, 5, 6], [0.3]), [0.3])
     diff = result["paired"]["same_lr"]["maspo - grpo"]["0.3"]["auc"]
