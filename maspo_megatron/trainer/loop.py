@@ -177,7 +177,6 @@ class Trainer:
             timings.update(self.ctx_timings())
             self.counters["samples_generated"] += int(metrics.get("rollout/num_samples", 0))
             self.counters["prompts_served"] = self.ctx.sampler.served if hasattr(self.ctx.sampler, "served") else 0
-        if self.is_driver:
             memory_handover(self.ctx.engine, "before_train")  # colocated: SGLang frees the GPUs; samples wait
         samples = broadcast_samples(samples, dims)
         train_started = time.perf_counter()
@@ -213,9 +212,9 @@ class Trainer:
 
     def _hand_gpus_back(self) -> None:
         """Every rank returns its cached CUDA blocks before the colocated servers map their weights again."""
-        import torch
+        if self.dims.device.type == "cuda":
+            import torch
 
-        if torch.cuda.is_available():
             torch.cuda.empty_cache()
         if dist.is_initialized():
             dist.barrier()
