@@ -3,7 +3,7 @@
 A synthetic Llama-7B-shaped checkpoint (bf16, a few layers, >= 3 GB; --quick: ~70 MB) is written
 as HF safetensors shards, then, each in a fresh process so peak RSS is its own:
   baseline   plain safetensors: load every shard into one dict, then save it again (same shard cap)
-  hf->meg    tools' HF -> Megatron torch_dist conversion (maspo_megatron.models.convert)
+  hf->meg    tools' HF -> Megatron torch_dist conversion (maspo_megatron.checkpoint.convert)
   meg->hf    Megatron torch_dist -> HF safetensors conversion
 Cases alternate, --repeat times each (default 3); the fastest run of each case counts (kernel
 write speed on a shared VM swings 2-5x between identical runs), and every run's seconds are
@@ -68,8 +68,8 @@ def _write_synthetic(hf_dir: Path, shape: dict) -> None:
     import torch
     import transformers
 
+    from maspo_megatron.checkpoint.hf_writer import ShardedSafetensorsWriter
     from maspo_megatron.models import WeightMap
-    from maspo_megatron.models.hf_io import ShardedSafetensorsWriter
 
     hf_dir.mkdir(parents=True)
     config = transformers.LlamaConfig(**{k: v for k, v in shape.items() if k != "shard_bytes"},
@@ -97,7 +97,7 @@ def _worker(mode: str, src: str, dst: str, shard_bytes: int) -> dict:
     from safetensors.torch import load_file, save_file
 
     import maspo_megatron.models.config_builder  # noqa: F401  (Megatron's transformer modules: one-time import cost)
-    from maspo_megatron.models.convert import hf_to_megatron, megatron_to_hf
+    from maspo_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
 
     base_rss = _rss_bytes()
     start = time.perf_counter()

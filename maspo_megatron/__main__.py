@@ -103,13 +103,13 @@ def _train(argv) -> int:
 
 
 def _convert_to_megatron(argv) -> int:
-    from maspo_megatron.models.convert_cli import to_megatron_main
+    from maspo_megatron.checkpoint.convert_cli import to_megatron_main
 
     return to_megatron_main(argv, prog="python -m maspo_megatron convert-to-megatron")
 
 
 def _convert_to_hf(argv) -> int:
-    from maspo_megatron.models.convert_cli import to_hf_main
+    from maspo_megatron.checkpoint.convert_cli import to_hf_main
 
     return to_hf_main(argv, prog="python -m maspo_megatron convert-to-hf")
 

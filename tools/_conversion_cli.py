@@ -1,5 +1,5 @@
 """Lets `python tools/convert_*.py` run from a checkout without installing the package (puts the repo
-root on sys.path). The command lines themselves: maspo_megatron/models/convert_cli.py."""
+root on sys.path). The command lines themselves: maspo_megatron/checkpoint/convert_cli.py."""
 from __future__ import annotations
 
 import os

@@ -21,8 +21,6 @@ _LAZY = {
     "thd_packed_seq_params": "maspo_megatron.models.packed_attention",
     "tiny_hf_config": "maspo_megatron.models.tiny",
     "validate_fp8": "maspo_megatron.models.fp8",
-    "load_hf_weights": "maspo_megatron.models.hf_loader",
-    "export_hf_weights": "maspo_megatron.models.hf_loader",
 }
 
 

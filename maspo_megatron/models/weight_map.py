@@ -172,3 +172,12 @@ class WeightMap:
         if rule.layout == "gate_up":
             return [(full[0] // 2, *full[1:])] * 2
         return [full]
+
+
+def stage_layer_offset(model: torch.nn.Module) -> int:
+    """Global index of this chunk's first transformer layer (0 when it has none)."""
+    decoder = getattr(model, "decoder", None)
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) == 0:
+        return 0
+    return int(layers[0].layer_number) - 1

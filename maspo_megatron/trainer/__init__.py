@@ -5,8 +5,8 @@
 
 Modules: loop (the step and the loop), rollout_phase (driver: samples, rewards, advantages),
 train_step (packing, old log-probs, PPO updates), warmup (supervised warm-up), setup (policy,
-tokenizer, engine), optim (optimizer, LR schedule, non-finite guard), checkpoint (dist
-checkpoints, latest pointer, resume), metrics (console, jsonl, TensorBoard, W&B), evaluation
+tokenizer, engine), optim (optimizer, LR schedule, non-finite guard), metrics (console, jsonl, TensorBoard, W&B), evaluation
 (Avg@n, Pass@n), signals (SIGUSR1/SIGTERM -> checkpoint, exit 75); loss and batch (the Megatron
-loss function and packed micro-batches).
+loss function and packed micro-batches). Checkpoints (save, `latest`, resume):
+`maspo_megatron.checkpoint.trainer_state`.
 """

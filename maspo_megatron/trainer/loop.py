@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from maspo_megatron.checkpoint import trainer_state
 from maspo_megatron.config import Config, to_dict
 from maspo_megatron.rollout.types import memory_handover
-from maspo_megatron.trainer import checkpoint
 from maspo_megatron.trainer.evaluation import eval_metrics
 from maspo_megatron.trainer.metrics import MetricsLogger
 from maspo_megatron.trainer.rollout_phase import DriverContext, generate_groups, run_rollout, step_seed
@@ -149,10 +149,10 @@ class Trainer:
     def _maybe_resume(self) -> bool:
         if not self.cfg.trainer.resume:
             return False
-        latest = checkpoint.find_latest(checkpoint.checkpoint_root(self.output_dir))
+        latest = trainer_state.find_latest(trainer_state.checkpoint_root(self.output_dir))
         if latest is None:
             return False
-        driver = checkpoint.load_checkpoint(latest, self.policy.chunks, self.optimizer, self.scheduler)
+        driver = trainer_state.load_checkpoint(latest, self.policy.chunks, self.optimizer, self.scheduler)
         self.step = int(driver["step"])
         self.counters.update(driver.get("counters", {}))
         if self.ctx is not None:
@@ -250,7 +250,7 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def save(self) -> None:
-        checkpoint.save_checkpoint(self.output_dir, self.step, self.policy.chunks, self.optimizer, self.scheduler,
+        trainer_state.save_checkpoint(self.output_dir, self.step, self.policy.chunks, self.optimizer, self.scheduler,
                                    self._driver_state(), keep_last=self.cfg.trainer.keep_last)
 
     def run(self) -> int:
@@ -322,12 +322,12 @@ class Trainer:
         self._export_via_converter(out_dir)
 
     def _export_via_converter(self, out_dir: Path) -> None:
-        from maspo_megatron.models.convert import HF_CONFIG_SUBDIR, megatron_to_hf
+        from maspo_megatron.checkpoint.convert import HF_CONFIG_SUBDIR, megatron_to_hf
 
-        latest = checkpoint.find_latest(checkpoint.checkpoint_root(self.output_dir))
-        if latest is None or checkpoint.read_trainer_state(latest)["step"] != self.step:
+        latest = trainer_state.find_latest(trainer_state.checkpoint_root(self.output_dir))
+        if latest is None or trainer_state.read_trainer_state(latest)["step"] != self.step:
             self.save()
-            latest = checkpoint.find_latest(checkpoint.checkpoint_root(self.output_dir))
+            latest = trainer_state.find_latest(trainer_state.checkpoint_root(self.output_dir))
         if self.is_driver:
             self.policy.hf_config.save_pretrained(latest / HF_CONFIG_SUBDIR)
             megatron_to_hf(latest, out_dir, progress=False)

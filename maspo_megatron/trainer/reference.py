@@ -28,8 +28,8 @@ REFERENCE_SUBDIR = "reference"
 
 def build_reference(cfg, dims, tokenizer, policy, output_dir: str | Path, resumed: bool):
     """Collective. The reference Policy: a copy of `policy` on a fresh start, the saved one on resume."""
-    from maspo_megatron.models.dist_ckpt import load_model_weights, unwrap_ddp
-    from maspo_megatron.trainer.checkpoint import capture_rng_state, restore_rng_state, save_model_weights
+    from maspo_megatron.checkpoint.dist_load import load_model_weights, unwrap_ddp
+    from maspo_megatron.checkpoint.trainer_state import capture_rng_state, restore_rng_state, save_model_weights
     from maspo_megatron.trainer.setup import build_policy
 
     path = Path(output_dir) / REFERENCE_SUBDIR

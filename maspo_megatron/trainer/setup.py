@@ -119,7 +119,7 @@ def build_policy(cfg: Config, dims, tokenizer, *, frozen: bool = False) -> Polic
               for index, chunk in enumerate(chunks)]
     config.finalize_model_grads_func = finalize_model_grads
     if cfg.model.load:
-        from maspo_megatron.models.dist_ckpt import load_model_weights
+        from maspo_megatron.checkpoint.dist_load import load_model_weights
 
         load_model_weights(chunks, cfg.model.load)
     for chunk in chunks:
@@ -128,8 +128,8 @@ def build_policy(cfg: Config, dims, tokenizer, *, frozen: bool = False) -> Polic
 
 
 def _load_hf_into(chunks, wmap, hf_dir: str, dims) -> None:
-    from maspo_megatron.models.hf_io import HFCheckpointReader
-    from maspo_megatron.models.hf_loader import load_hf_weights
+    from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
+    from maspo_megatron.checkpoint.hf_weights import load_hf_weights
 
     reader = HFCheckpointReader(hf_dir)
     try:

@@ -10,9 +10,9 @@ pytestmark = pytest.mark.gpu
 
 
 def _te_parity_case(hf_dir: str, ckpt: str, ids: torch.Tensor) -> dict:
+    from maspo_megatron.checkpoint.dist_load import load_model_weights
     from maspo_megatron.config import ModelConfig, ParallelConfig
     from maspo_megatron.models.config_builder import build_model_config
-    from maspo_megatron.models.dist_ckpt import load_model_weights
     from maspo_megatron.models.fp8 import transformer_engine_usable
     from maspo_megatron.models.provider import gpt_model_provider
     from maspo_megatron.parallel.state import init_distributed
@@ -32,7 +32,7 @@ def _te_parity_case(hf_dir: str, ckpt: str, ids: torch.Tensor) -> dict:
 
 
 def test_te_spec_loads_converted_checkpoint_and_matches_transformers(tmp_path):
-    from maspo_megatron.models.convert import hf_to_megatron
+    from maspo_megatron.checkpoint.convert import hf_to_megatron
     from maspo_megatron.models.fp8 import transformer_engine_usable
     from tests.models._hf_models import hf_logits, save_hf_model
 

@@ -9,7 +9,7 @@ def convert_case(hf_dir: str, meg_dir: str, back_dir: str, driver_dir: str, tp: 
 
     import torch.distributed as dist
 
-    from maspo_megatron.models.convert import hf_to_megatron, megatron_to_hf
+    from maspo_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
 
     # Each phase rendezvouses on its own port: re-creating a group on the port whose store rank 0
     # has just closed races (a peer can reach the closing store and fail with "got 0 bytes").

@@ -37,11 +37,11 @@ def reference_state(tied: bool, **heads) -> dict:
 def build_policy(tied: bool, tp: int = 2, pp: int = 2, **heads):
     """(dims, chunks, wmap) with the policy's weights loaded from the reference HF model;
     heads: `heads` / `kv_heads` of `hf_config` (TP4 needs 4 query groups)."""
+    from maspo_megatron.checkpoint.hf_weights import load_hf_weights
     from maspo_megatron.config.model import ModelConfig
     from maspo_megatron.config.parallel import ParallelConfig
     from maspo_megatron.models import WeightMap
     from maspo_megatron.models.config_builder import build_model_config
-    from maspo_megatron.models.hf_loader import load_hf_weights
     from maspo_megatron.models.provider import gpt_model_provider
     from maspo_megatron.parallel import init_distributed
 
@@ -60,7 +60,7 @@ def export_reference(dims, chunks, wmap) -> dict:
     """The models package's own HF export (C's export_hf_weights with an all-gather), on rank 0."""
     import torch.distributed as dist
 
-    from maspo_megatron.models.hf_loader import export_hf_weights
+    from maspo_megatron.checkpoint.hf_weights import export_hf_weights
 
     def gather(shard, name):
         parts = [torch.empty_like(shard) for _ in range(dims.tp)]

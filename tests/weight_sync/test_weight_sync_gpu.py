@@ -46,10 +46,10 @@ def _trainer_case(url: str, transport: str, fp8: bool) -> dict:
     """World size 1 on the GPU: policy = HF model seed 1 (the server starts from seed 2), sync, compare."""
     import dataclasses
 
+    from maspo_megatron.checkpoint.hf_weights import load_hf_weights
     from maspo_megatron.config import ModelConfig, ParallelConfig, SGLangConfig, WeightSyncConfig
     from maspo_megatron.models import WeightMap
     from maspo_megatron.models.config_builder import build_model_config
-    from maspo_megatron.models.hf_loader import load_hf_weights
     from maspo_megatron.models.provider import gpt_model_provider
     from maspo_megatron.parallel import init_distributed
     from maspo_megatron.rollout import SamplingParams

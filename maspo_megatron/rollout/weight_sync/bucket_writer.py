@@ -33,7 +33,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from maspo_megatron.models.hf_loader import stage_layer_offset
+from maspo_megatron.models.weight_map import stage_layer_offset
 from maspo_megatron.rollout.weight_sync.bucketing import NamedTensor
 from maspo_megatron.rollout.weight_sync.flattened_bucket import ALIGN_BYTES
 from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source, mapped_parameters, takes_part, unwrap

@@ -13,8 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from maspo_megatron.models.hf_loader import stage_layer_offset
-from maspo_megatron.models.weight_map import WeightMap
+from maspo_megatron.models.weight_map import WeightMap, stage_layer_offset
 from maspo_megatron.rollout.weight_sync.bucketing import HFItem
 from maspo_megatron.rollout.weight_sync.tp_gather import TPGatherer
 

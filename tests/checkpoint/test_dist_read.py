@@ -8,12 +8,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from maspo_megatron.checkpoint.convert import _check_hf_tensors, ensure_process_group, hf_to_megatron
+from maspo_megatron.checkpoint.convert_tensors import build_full
+from maspo_megatron.checkpoint.dist_read import DistCheckpointReader, _read_direct
+from maspo_megatron.checkpoint.dist_save import meta_sharded_tensor, save_lazy
+from maspo_megatron.checkpoint.errors import CheckpointError
+from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
+from maspo_megatron.checkpoint.hf_writer import ShardedSafetensorsWriter
 from maspo_megatron.models import WeightMap
-from maspo_megatron.models.convert import _check_hf_tensors, ensure_process_group, hf_to_megatron
-from maspo_megatron.models.convert_tensors import build_full
-from maspo_megatron.models.dist_ckpt import DistCheckpointReader, meta_sharded_tensor, save_lazy
-from maspo_megatron.models.dist_ckpt_read import _read_direct
-from maspo_megatron.models.hf_io import CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter
 from tests.models._hf_models import VARIANTS, save_hf_model
 
 

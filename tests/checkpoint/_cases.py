@@ -1,4 +1,4 @@
-"""Multi-process cases for tests/models (imported by file path in each rank; see tests/helpers/multiproc.py)."""
+"""Multi-process cases for tests/checkpoint (imported by file path in each rank; see tests/helpers/multiproc.py)."""
 from __future__ import annotations
 
 import torch
@@ -43,9 +43,9 @@ def parity_case(cases: list[dict], layouts: list[tuple[int, int]]) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from maspo_megatron.checkpoint.dist_load import load_model_weights
     from maspo_megatron.config import ModelConfig, ParallelConfig
     from maspo_megatron.models.config_builder import build_model_config
-    from maspo_megatron.models.dist_ckpt import load_model_weights
     from maspo_megatron.models.provider import gpt_model_provider
     from maspo_megatron.parallel.state import init_distributed
 
@@ -81,9 +81,9 @@ def _direct_hf_round(case: dict, config, meta, tp: int, pp: int, out: dict) -> N
     under ('export', name, tp, pp)."""
     from megatron.core import parallel_state as ps
 
+    from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
+    from maspo_megatron.checkpoint.hf_weights import export_hf_weights, load_hf_weights
     from maspo_megatron.models import WeightMap
-    from maspo_megatron.models.hf_io import HFCheckpointReader
-    from maspo_megatron.models.hf_loader import export_hf_weights, load_hf_weights
     from maspo_megatron.models.provider import gpt_model_provider
 
     model = gpt_model_provider(config, meta, pre_process=ps.is_pipeline_first_stage(),

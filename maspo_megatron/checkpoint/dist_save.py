@@ -11,7 +11,7 @@ With a `SpliceTarget`, a producer may hand DCP a view of a never-touched placeho
 data: the output stream then copies the chunk's bytes from its source files in the kernel
 (`byte_copy`), so the bytes never enter this process.
 
-Reading (`DistCheckpointReader`, `row_map`) lives in `dist_ckpt_read`; re-exported here.
+Reading: `dist_read.py` (slices, for the converter) and `dist_load.py` (model/trainer state).
 """
 from __future__ import annotations
 
@@ -30,10 +30,8 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from maspo_megatron.models.byte_copy import SpliceFileSystem, SpliceTarget
-from maspo_megatron.models.dist_ckpt_guard import verify_checkpoint_is_data
-from maspo_megatron.models.dist_ckpt_read import DistCheckpointReader, row_map  # noqa: F401  (re-exported)
-from maspo_megatron.models.hf_io import CheckpointError
+from maspo_megatron.checkpoint.byte_copy import SpliceFileSystem, SpliceTarget
+from maspo_megatron.checkpoint.errors import CheckpointError
 
 ChunkProducer = Callable[[], torch.Tensor]
 
@@ -153,29 +151,3 @@ def save_lazy(
 def extra_state_object(key: str, layer: int, num_layers: int) -> ShardedObject:
     """The (empty) `_extra_state` a Megatron linear layer keeps per layer (FP8 meta under TE)."""
     return ShardedObject(key, None, (num_layers,), (layer,), replica_id=0)
-
-
-def load_model_weights(model_chunks: list, ckpt_dir: str | Path) -> None:
-    """Collective: loads model weights only (any saved TP/PP) from a converted or trainer checkpoint.
-
-    Refuses (CheckpointError) a checkpoint holding pickled callables (`dist_ckpt_guard`). Works on
-    the parallel layout the chunks were built with; vocab tensors saved with other padding
-    load their overlap (Megatron marks them allow_shape_mismatch) and the rest stays zero.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "metadata.json").is_file():
-        raise CheckpointError(f"{ckpt_dir}: not a Megatron dist checkpoint (no metadata.json)")
-    verify_checkpoint_is_data(ckpt_dir)  # Megatron's load below unpickles without an allow-list
-    chunks = [unwrap_ddp(c) for c in model_chunks]
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    request = {key: chunk.sharded_state_dict() for key, chunk in zip(keys, chunks, strict=True)}
-    loaded = dist_checkpointing.load(request, str(ckpt_dir))
-    for key, chunk in zip(keys, chunks, strict=True):
-        chunk.load_state_dict(loaded[key], strict=True)
-
-
-def unwrap_ddp(chunk):
-    """DDP wrapper -> the module that owns `sharded_state_dict` (GPTModel or Float16Module)."""
-    from megatron.core.distributed import DistributedDataParallel
-
-    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from maspo_megatron.models.byte_copy import SegmentCopier
-from maspo_megatron.models.convert import hf_to_megatron, megatron_to_hf
-from maspo_megatron.models.hf_io import CheckpointError
+from maspo_megatron.checkpoint.byte_copy import SegmentCopier
+from maspo_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
+from maspo_megatron.checkpoint.errors import CheckpointError
 from tests.models._hf_models import build_hf_model, save_hf_model
 
 

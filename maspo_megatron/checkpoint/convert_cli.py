@@ -5,7 +5,7 @@
     python -m maspo_megatron convert-to-hf --megatron-dir MEG --out-dir HF2 [--dtype bf16] [--max-shard-size 5GB]
 
 Expected failures (bad files, configs, shapes) print one line `error: ...` and exit 2; Ctrl-C exits
-130 (no output written). Conversion itself: `models/convert.py`.
+130 (no output written). Conversion itself: `checkpoint/convert.py`.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def to_megatron_main(argv: Optional[list] = None, prog: Optional[str] = None) ->
     def body() -> None:
         if args.tp < 1 or args.pp < 1:
             raise ValueError(f"--tp/--pp: must be >= 1 (got tp={args.tp}, pp={args.pp})")
-        from maspo_megatron.models.convert import hf_to_megatron
+        from maspo_megatron.checkpoint.convert import hf_to_megatron
 
         out = hf_to_megatron(args.hf_dir, args.out_dir, tp=args.tp, pp=args.pp, dtype=args.dtype,
                              vocab_divisible_by=args.vocab_divisible_by, progress=not args.quiet)
@@ -75,8 +75,8 @@ def to_hf_main(argv: Optional[list] = None, prog: Optional[str] = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from maspo_megatron.models.convert import megatron_to_hf
-        from maspo_megatron.models.hf_io import parse_size
+        from maspo_megatron.checkpoint.convert import megatron_to_hf
+        from maspo_megatron.checkpoint.hf_writer import parse_size
 
         out = megatron_to_hf(args.megatron_dir, args.out_dir, hf_config_dir=args.hf_config_dir, dtype=args.dtype,
                              max_shard_bytes=parse_size(args.max_shard_size), progress=not args.quiet)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from maspo_megatron.trainer import checkpoint
+from maspo_megatron.checkpoint import trainer_state as checkpoint
+from tests.checkpoint import _trainer_state_cases as cases
 from tests.helpers.multiproc import DistributedTestError, run_distributed
-from tests.trainer import _ckpt_cases as cases
 
 
 def _assert_same_params(a: dict, b: dict, atol: float = 0.0) -> None:

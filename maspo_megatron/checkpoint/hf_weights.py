@@ -7,7 +7,7 @@ tensor (like safetensors' `get_slice`, but with plain reads straight into the pa
 of its query groups from q/k/v (interleaved per group as Megatron's fused qkv wants), its rows of
 gate and of up, its rows of the (padded) vocabulary, the columns of the row-parallel o_proj /
 down_proj; replicated tensors (norms) are read in full. At TP2 a rank reads about half of the
-checkpoint instead of all of it (tests/models/test_models_sliced_load.py measures it).
+checkpoint instead of all of it (tests/checkpoint/test_hf_weights.py measures it).
 """
 from __future__ import annotations
 
@@ -15,21 +15,12 @@ from typing import Callable, Iterator, Union
 
 import torch
 
+from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
 from maspo_megatron.models import layouts
 from maspo_megatron.models.families import Rule
-from maspo_megatron.models.hf_io import HFCheckpointReader
-from maspo_megatron.models.weight_map import WeightMap
+from maspo_megatron.models.weight_map import WeightMap, stage_layer_offset
 
 HFSource = Union[HFCheckpointReader, Callable[[str], torch.Tensor]]
-
-
-def stage_layer_offset(model: torch.nn.Module) -> int:
-    """Global index of this chunk's first transformer layer (0 when it has none)."""
-    decoder = getattr(model, "decoder", None)
-    layers = getattr(decoder, "layers", None)
-    if layers is None or len(layers) == 0:
-        return 0
-    return int(layers[0].layer_number) - 1
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -32,12 +32,12 @@ def _sliced_case(cases: list[dict], bytes_case: dict) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
+    from maspo_megatron.checkpoint.hf_weights import load_hf_weights
     from maspo_megatron.config import ParallelConfig
     from maspo_megatron.models import WeightMap
-    from maspo_megatron.models.hf_io import HFCheckpointReader
-    from maspo_megatron.models.hf_loader import load_hf_weights
     from maspo_megatron.parallel.state import init_distributed
-    from tests.models._cases import forward_logits
+    from tests.checkpoint._cases import forward_logits
 
     init_distributed(ParallelConfig(), seed=1)
     out = {}
@@ -79,7 +79,7 @@ def _sliced_case(cases: list[dict], bytes_case: dict) -> dict:
 
 
 def _checkpoint_tensor_bytes(hf_dir) -> int:
-    from maspo_megatron.models.hf_io import HFCheckpointReader
+    from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
 
     reader = HFCheckpointReader(hf_dir)
     total = 0

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from maspo_megatron.models.dist_ckpt import load_model_weights
-from maspo_megatron.models.dist_ckpt_guard import verify_checkpoint_is_data
-from maspo_megatron.models.dist_ckpt_read import read_metadata
-from maspo_megatron.models.hf_io import CheckpointError
-from maspo_megatron.trainer import checkpoint
+from maspo_megatron.checkpoint import trainer_state as checkpoint
+from maspo_megatron.checkpoint.dist_load import load_model_weights
+from maspo_megatron.checkpoint.dist_read import read_metadata
+from maspo_megatron.checkpoint.errors import CheckpointError
+from maspo_megatron.checkpoint.guard import verify_checkpoint_is_data
+from tests.checkpoint import _trainer_state_cases as cases
 from tests.helpers.multiproc import run_distributed
-from tests.trainer import _ckpt_cases as cases
 from tests.trainer._loop_cases import EXAMPLE, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]

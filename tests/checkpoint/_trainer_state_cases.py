@@ -1,4 +1,4 @@
-"""Multi-process cases for test_checkpoint.py (module level so that the launcher's children import them)."""
+"""Multi-process cases for test_trainer_state.py and test_guard.py (module level so that the launcher's children import them)."""
 from __future__ import annotations
 
 import os
@@ -48,7 +48,7 @@ def _params(chunks) -> dict:
 
 def save_then_continue(output_dir: str, tp: int, steps_before: int, steps_after: int, kill_mode: str | None = None):
     """Trains `steps_before`, saves, (optionally dies while saving step 2), trains `steps_after` more."""
-    from maspo_megatron.trainer import checkpoint
+    from maspo_megatron.checkpoint import trainer_state as checkpoint
 
     dims, chunks, optimizer, scheduler = _setup(tp)
     for step in range(1, steps_before + 1):
@@ -74,7 +74,7 @@ def save_then_continue(output_dir: str, tp: int, steps_before: int, steps_after:
 
 
 def resume_and_continue(output_dir: str, tp: int, steps_after: int):
-    from maspo_megatron.trainer import checkpoint
+    from maspo_megatron.checkpoint import trainer_state as checkpoint
 
     dims, chunks, optimizer, scheduler = _setup(tp)
     latest = checkpoint.find_latest(checkpoint.checkpoint_root(output_dir))

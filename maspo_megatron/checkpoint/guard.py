@@ -7,12 +7,12 @@ Megatron's `dist_checkpointing.load` unpickles the DCP `.metadata` with plain `p
 distributed optimizer's bucket layout) with `torch.load(weights_only=False)`; either would run
 any callable a checkpoint from an untrusted source names. This guard reads, without executing:
 
-- `.metadata` through the converter's allow-list unpickler (`dist_ckpt_read.read_metadata`);
+- `.metadata` through the converter's allow-list unpickler (`dist_read.read_metadata`);
 - each byte item (a `BytesStorageMetadata` entry, located through `storage_data` in its
   `.distcp` file) and `common.pt` with `torch.load(weights_only=True)` and no tensor data
   (`skip_data`). Besides torch's own set, that admits what megatron.core registers on import
   (`megatron/core/safe_globals.py`: numpy arrays of the RNG state, Megatron's enums, ...), which
-  is all a trainer checkpoint's objects hold (`trainer/checkpoint.py`).
+  is all a trainer checkpoint's objects hold (`trainer_state.py`).
 
 Tensor items are read by DCP with `weights_only=True` already. Every rank checks the files it is
 about to read (no collective, the same verdict on every rank of a shared filesystem). The load
@@ -30,8 +30,8 @@ import megatron.core  # noqa: F401  (registers Megatron's safe globals with torc
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from maspo_megatron.models.dist_ckpt_read import read_metadata, refusal_message
-from maspo_megatron.models.hf_io import CheckpointError
+from maspo_megatron.checkpoint.dist_read import read_metadata, refusal_message
+from maspo_megatron.checkpoint.errors import CheckpointError
 
 _TORCH_REFUSED = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
 _TORCH_DETAIL = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")

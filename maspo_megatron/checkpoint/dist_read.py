@@ -27,8 +27,9 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed import checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
-from maspo_megatron.models.byte_copy import RowMap
-from maspo_megatron.models.hf_io import CheckpointError, read_exact_into
+from maspo_megatron.checkpoint.byte_copy import RowMap
+from maspo_megatron.checkpoint.errors import CheckpointError
+from maspo_megatron.checkpoint.hf_reader import read_exact_into
 
 _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"),

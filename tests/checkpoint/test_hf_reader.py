@@ -1,13 +1,13 @@
-"""The reader's slice reads (hf_io) and the sliced loader's errors, in one process (no Megatron)."""
+"""The reader's slice reads (hf_reader) and the sliced loader's errors, in one process (no Megatron)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
+from maspo_megatron.checkpoint.hf_weights import _read_shard
 from maspo_megatron.models import WeightMap
-from maspo_megatron.models.hf_io import HFCheckpointReader
-from maspo_megatron.models.hf_loader import _read_shard
 from tests.models._hf_models import hf_config, save_hf_model
 
 

@@ -27,8 +27,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from maspo_megatron.models.byte_copy import RowMap, SegmentCopier, SpliceTarget, slice_rows
-from maspo_megatron.models.convert_tensors import (
+from maspo_megatron.checkpoint.byte_copy import RowMap, SegmentCopier, SpliceTarget, slice_rows
+from maspo_megatron.checkpoint.convert_tensors import (
     build_full,
     chunking,
     fragment_rows,
@@ -37,19 +37,18 @@ from maspo_megatron.models.convert_tensors import (
     write_qkv,
     write_spliced,
 )
-from maspo_megatron.models.dist_ckpt import (
-    DistCheckpointReader,
-    extra_state_object,
-    meta_sharded_tensor,
-    save_lazy,
-)
+from maspo_megatron.checkpoint.dist_read import DistCheckpointReader
+from maspo_megatron.checkpoint.dist_save import extra_state_object, meta_sharded_tensor, save_lazy
+from maspo_megatron.checkpoint.errors import CheckpointError
+from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
+from maspo_megatron.checkpoint.hf_writer import ShardedSafetensorsWriter
 from maspo_megatron.models.families import FAMILIES
-from maspo_megatron.models.hf_io import DTYPES, CheckpointError, HFCheckpointReader, ShardedSafetensorsWriter
 from maspo_megatron.models.meta import load_hf_config_dict, model_meta
 from maspo_megatron.models.weight_map import MegatronTensor, WeightMap
 
 HF_CONFIG_SUBDIR = "hf_config"
 CONVERSION_FILE = "maspo_conversion.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype choices
 # per-layer modules that keep an `_extra_state` (FP8 metadata under Transformer Engine; None here)
 EXTRA_STATE_KEYS = (
     "decoder.layers.self_attention.linear_qkv._extra_state",

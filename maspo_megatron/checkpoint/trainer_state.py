@@ -31,7 +31,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from maspo_megatron.models.dist_ckpt_guard import verify_checkpoint_is_data
+from maspo_megatron.checkpoint.guard import verify_checkpoint_is_data
 
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"  # written by rank 0 after the dist checkpoint: marks completeness
@@ -213,7 +213,7 @@ def save_checkpoint(
 def save_model_weights(path: str | Path, model_chunks: Sequence[torch.nn.Module]) -> Path:
     """Collective: the model weights alone as a dist checkpoint at `path` (replaced atomically).
 
-    Read back with `models.dist_ckpt.load_model_weights` at any layout (same keys as a trainer checkpoint).
+    Read back with `checkpoint.dist_load.load_model_weights` at any layout (same keys as a trainer checkpoint).
     """
     final = Path(path)
     tmp = final.with_name(f".tmp_{final.name}")
@@ -303,7 +303,7 @@ def load_checkpoint(
 
     The parallel layout may differ from the one that saved (model and optimizer are resharded);
     RNG states are restored only when TP and PP sizes match (they are per (PP, TP) position).
-    A checkpoint holding pickled callables is refused first (CheckpointError, `models.dist_ckpt_guard`).
+    A checkpoint holding pickled callables is refused first (CheckpointError, `checkpoint.guard`).
     """
     path = Path(path)
     if not is_complete(path):

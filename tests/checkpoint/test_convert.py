@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maspo_megatron.models.convert import hf_to_megatron, megatron_to_hf
+from maspo_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
+from tests.checkpoint._cases import parity_case
 from tests.helpers.multiproc import run_distributed
-from tests.models._cases import parity_case
 from tests.models._hf_models import VARIANTS, hf_logits, save_hf_model
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]

@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from maspo_megatron.models import byte_copy, layouts
-from maspo_megatron.models.byte_copy import Segment, SegmentCopier, SpliceTarget, merge_segments, slice_rows
-from maspo_megatron.models.convert import hf_to_megatron, megatron_to_hf
-from maspo_megatron.models.dist_ckpt import DistCheckpointReader
+from maspo_megatron.checkpoint import byte_copy
+from maspo_megatron.checkpoint.byte_copy import Segment, SegmentCopier, SpliceTarget, merge_segments, slice_rows
+from maspo_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
+from maspo_megatron.checkpoint.dist_read import DistCheckpointReader
+from maspo_megatron.models import layouts
 from tests.models._hf_models import save_hf_model
 
 

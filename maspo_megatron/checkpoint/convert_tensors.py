@@ -16,9 +16,10 @@ from typing import Optional
 
 import torch
 
-from maspo_megatron.models.byte_copy import RowMap, merge_segments, slice_rows
-from maspo_megatron.models.dist_ckpt_read import DistCheckpointReader, row_map
-from maspo_megatron.models.hf_io import HFCheckpointReader, ShardedSafetensorsWriter
+from maspo_megatron.checkpoint.byte_copy import RowMap, merge_segments, slice_rows
+from maspo_megatron.checkpoint.dist_read import DistCheckpointReader, row_map
+from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
+from maspo_megatron.checkpoint.hf_writer import ShardedSafetensorsWriter
 from maspo_megatron.models.layouts import hf_row_blocks
 from maspo_megatron.models.weight_map import MegatronTensor, WeightMap
 
