@@ -49,7 +49,7 @@ class WeightsMixin:
     def _load(self, named: list, body: dict) -> web.Response:
         import torch
 
-        self.memory_events.append(("load_weights", tuple(sorted(self.released))))
+        self.record_memory_event("load_weights")
         if "weights" in self.released:  # the weights' memory is not mapped: nowhere to copy into
             raise BadRequest("update weights: the weights' memory is released; resume tag 'weights' first")
 
