@@ -71,5 +71,8 @@ class RolloutConfig:
     local_dtype: str = option("auto", choices=("auto", "fp32", "bf16"),
                               help="in-process engine precision: auto = bf16 on a GPU, fp32 on the CPU")
     seed: int = option(1234, ge=0, help="base seed of the local engine's per-sequence sampling streams")
+    colocated_offload: bool = option(
+        False, help="move the trainer's optimizer state, gradient buffers and parameters to the host while colocated "
+                    "SGLang servers generate (trainer/offload.py; costs host memory and two copies per step)")
     sglang: SGLangConfig = option(factory=SGLangConfig)
     weight_sync: WeightSyncConfig = option(factory=WeightSyncConfig)

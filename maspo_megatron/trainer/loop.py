@@ -23,6 +23,7 @@ from maspo_megatron.config import Config, to_dict
 from maspo_megatron.rollout.types import memory_handover
 from maspo_megatron.trainer.evaluation import eval_metrics
 from maspo_megatron.trainer.metrics import MetricsLogger
+from maspo_megatron.trainer.offload import GRADS, OPTIMIZER, PARAMS, TrainerOffload
 from maspo_megatron.trainer.rollout_phase import DriverContext, generate_groups, run_rollout, step_seed
 from maspo_megatron.trainer.sample_handoff import broadcast_samples
 from maspo_megatron.trainer.signals import EXIT_CODE_REQUEUE, StopRequest
@@ -96,6 +97,9 @@ class Trainer:
         self.policy = build_policy(cfg, self.dims, self.tokenizer)
         self.optimizer = build_optimizer(cfg, self.policy.chunks)
         self.scheduler = build_scheduler(cfg, self.optimizer)
+        # colocated: the trainer's memory leaves the GPUs while SGLang generates (trainer/offload.py)
+        self.offload = TrainerOffload(self.policy.chunks, self.optimizer, enabled=cfg.rollout.colocated_offload,
+                                      rank=self.dims.rank)
         self.step = 0
         self.counters = {"samples_generated": 0, "prompts_served": 0, "skipped_steps": 0}
         self.ctx: Optional[DriverContext] = None
@@ -130,6 +134,7 @@ class Trainer:
 
             self.reference = build_reference(cfg, self.dims, self.tokenizer, self.policy, self.output_dir, resumed)
         self.syncer.sync(weight_version=self.step)  # engine <- trainer weights (fresh, warmed up or resumed)
+        self._leave_gpus_to_rollout(OPTIMIZER, GRADS, PARAMS, engine_resumes=False)  # its memory was never released
 
     # ---- construction ---------------------------------------------------------------------------
     def _build_driver(self) -> None:
@@ -178,7 +183,8 @@ class Trainer:
             self.counters["samples_generated"] += int(metrics.get("rollout/num_samples", 0))
             self.counters["prompts_served"] = self.ctx.sampler.served if hasattr(self.ctx.sampler, "served") else 0
             memory_handover(self.ctx.engine, "before_train")  # colocated: SGLang frees the GPUs; samples wait
-        samples = broadcast_samples(samples, dims)
+        samples = broadcast_samples(samples, dims)  # the driver released SGLang's memory before sending them
+        self.offload.reload()
         train_started = time.perf_counter()
         if samples:
             self.metrics.phase(step, "train")
@@ -199,16 +205,42 @@ class Trainer:
         timings["time/train_s"] = time.perf_counter() - train_started
         sync_started = time.perf_counter()
         self.metrics.phase(step, "sync")
+        self.offload.offload(OPTIMIZER, GRADS)  # the sync needs the parameters only
         self._hand_gpus_back()
         report = self.syncer.sync(weight_version=step)
-        if self.is_driver:
-            memory_handover(self.ctx.engine, "after_weight_sync")  # colocated: SGLang maps its KV cache again
+        self._leave_gpus_to_rollout(PARAMS, engine_resumes=True)
         timings["time/sync_s"] = time.perf_counter() - sync_started
         if report is not None:
             metrics["sync/bytes"] = report.total_bytes
         timings["time/step_s"] = time.perf_counter() - started
         metrics.update(timings)
         return metrics
+
+    def _leave_gpus_to_rollout(self, *kinds: str, engine_resumes: bool) -> None:
+        """After a sync: the trainer's `kinds` leave the GPUs on every rank (rollout.colocated_offload), then
+        (engine_resumes) the driver has SGLang map its KV cache again; the driver logs the memory timeline."""
+        self.offload.offload(*kinds)
+        if self.offload.enabled and dist.is_initialized():
+            dist.barrier()
+        if not self.is_driver:
+            self.offload.events.clear()
+            return
+        if engine_resumes:
+            memory_handover(self.ctx.engine, "after_weight_sync")  # colocated: SGLang maps its KV cache again
+        self._log_memory_timeline()
+
+    def _log_memory_timeline(self) -> None:
+        """Appends the driver's offload transitions (wall time, what, bytes on the host) to
+        `<output_dir>/memory_handover.jsonl`: with the servers' logs, where each side's memory was."""
+        if not self.offload.events:
+            return
+        import json
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "memory_handover.jsonl", "a") as handle:
+            for event in self.offload.events:
+                handle.write(json.dumps(event) + "\n")
+        self.offload.events.clear()
 
     def _hand_gpus_back(self) -> None:
         """Every rank returns its cached CUDA blocks before the colocated servers map their weights again."""
@@ -250,8 +282,9 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def save(self) -> None:
-        trainer_state.save_checkpoint(self.output_dir, self.step, self.policy.chunks, self.optimizer, self.scheduler,
-                                   self._driver_state(), keep_last=self.cfg.trainer.keep_last)
+        with self.offload.resident():  # a checkpoint needs the parameters and the optimizer state
+            trainer_state.save_checkpoint(self.output_dir, self.step, self.policy.chunks, self.optimizer,
+                                          self.scheduler, self._driver_state(), keep_last=self.cfg.trainer.keep_last)
 
     def run(self) -> int:
         cfg = self.cfg.trainer

@@ -24,6 +24,7 @@ import functools
 import importlib.util
 import os
 import sys
+import threading
 import types
 from pathlib import Path
 from typing import Optional
@@ -198,10 +199,18 @@ def routes() -> dict[str, tuple[frozenset, Optional[str]]]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
+_TENSOR_BUCKET_LOCK = threading.Lock()
+
+
 def tensor_bucket():
     """`sglang.srt.weight_sync.tensor_bucket` (FlattenedTensorBucket, FlattenedTensorMetadata), loaded
-    under its real name so pickles that name its metadata class resolve to it."""
+    under its real name so pickles that name its metadata class resolve to it. Locked: two stand-in
+    servers of one process must not see the module half-executed (it is in sys.modules from the start)."""
+    with _TENSOR_BUCKET_LOCK:
+        return _load_tensor_bucket()
+
+
+def _load_tensor_bucket():
     name = "sglang.srt.weight_sync.tensor_bucket"
     if name in sys.modules:
         return sys.modules[name]

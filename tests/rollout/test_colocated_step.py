@@ -61,8 +61,10 @@ def test_colocated_step_hands_memory_over_in_order_and_exits_cleanly(tmp_path):
     model_dir = _tiny_policy_dir(tmp_path / "policy", output_dir)
     server = StandinServer(model_dir, enable_memory_saver=True).start()
     try:
-        _train_two_steps(output_dir, model_dir, f"rollout.sglang.urls=[{server.url}]", "rollout.sglang.colocated=true")
+        _train_two_steps(output_dir, model_dir, f"rollout.sglang.urls=[{server.url}]", "rollout.sglang.colocated=true",
+                         "rollout.colocated_offload=true")
         events = server.call(lambda: list(server.memory_events))
+        times = server.call(lambda: list(server.memory_event_times))
         paths = server.call(lambda: [path for _, path, _ in server.requests_seen])
         groups = server.call(lambda: dict(server.groups))
     finally:
@@ -80,6 +82,47 @@ def test_colocated_step_hands_memory_over_in_order_and_exits_cleanly(tmp_path):
         assert {e for e in step[1:step.index(("resume", ()))]} == {("load_weights", ("cuda_graph", "kv_cache"))}
         step = step[step.index(("resume", ())) + 1:]
     assert paths.count("/destroy_weights_update_group") == 1 and groups == {}  # the syncer closed first
+    _check_trainer_offload_against_server(Path(output_dir) / "memory_handover.jsonl", events, times)
+
+
+def _check_trainer_offload_against_server(timeline_path: Path, events: list, times: list) -> None:
+    """rollout.colocated_offload: the trainer's own timeline (its offload/reload, wall clock) merged with the
+    server's memory events: the server generates only while the trainer holds nothing on the GPU, maps its
+    weights again only once the optimizer state and gradients are gone (the sync needs the parameters),
+    maps its KV cache only once the parameters are gone too, and the trainer reloads only while the
+    server has released everything."""
+    import bisect
+    import json
+
+    trainer = [json.loads(line) for line in timeline_path.read_text().splitlines()]
+    # start-up offload of everything, then per step: reload, offload optimizer+grads, offload params
+    assert [e["event"] for e in trainer] == ["offload optimizer+grads+params"] + [
+        "reload", "offload optimizer+grads", "offload params"] * 2
+    assert all(e["host_bytes"] > 0 for e in trainer if e["event"] != "reload")
+    trainer_times = [e["time"] for e in trainer]
+
+    def trainer_away(at: float) -> set:
+        index = bisect.bisect_right(trainer_times, at) - 1
+        return set(trainer[index]["offloaded"]) if index >= 0 else set()
+
+    everything = {"optimizer", "grads", "params"}
+    checked = {"/generate": 0, "weights": 0, "kv_cache": 0}
+    for (event, released), at in zip(events, times, strict=True):
+        if event == "/generate" and at > trainer_times[0]:
+            assert trainer_away(at) == everything, (event, at)
+            checked["/generate"] += 1
+        if event == "resume" and released == ("cuda_graph", "kv_cache"):  # the weights mapped again
+            assert {"optimizer", "grads"} <= trainer_away(at), (event, released)
+            checked["weights"] += 1
+        if event == "resume" and released == ():  # the KV cache mapped again
+            assert trainer_away(at) == everything, (event, released)
+            checked["kv_cache"] += 1
+    assert checked["/generate"] >= 2 and checked["weights"] == 2 and checked["kv_cache"] == 2, checked
+    server_times = list(times)
+    for entry in trainer:
+        if entry["event"] == "reload":  # the server's last memory event before it: everything released
+            index = bisect.bisect_right(server_times, entry["time"]) - 1
+            assert events[index] == ("release", ALL), events[index]
 
 
 def test_the_trainer_launches_its_colocated_servers_before_the_policy_and_stops_them(tmp_path):

@@ -6,6 +6,7 @@ The trainer calls it synchronously; the asyncio client runs on a private event-l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import threading
@@ -13,7 +14,7 @@ from typing import Any, Coroutine, Mapping, Optional, Sequence, TypeVar
 
 from maspo_megatron.rollout.sglang import protocol
 from maspo_megatron.rollout.sglang.client import EndpointMissing, SGLangClient
-from maspo_megatron.rollout.sglang.launcher import ServerLauncher
+from maspo_megatron.rollout.sglang.launcher import ServerLauncher, ipc_routes, plan_servers
 from maspo_megatron.rollout.types import RolloutError, Sample, SamplingParams
 
 T = TypeVar("T")
@@ -152,6 +153,23 @@ class SGLangEngine:
     def receiver_tp_sizes(self) -> dict[str, int]:
         """url -> how many SGLang TP ranks that server has (each needs its own payload / group rank)."""
         return {url: int(self.cfg.tp_size) for url in self.client.worker_urls}
+
+    def ipc_routes(self, rank_of_gpu: Mapping[tuple, int]) -> dict[str, list[int]]:
+        """url -> the trainer rank whose bucket copy each TP rank of that server maps (CUDA IPC stays on
+        one GPU of one node). The servers are placed as the colocated fleet places them (`plan_servers`:
+        the same number on every trainer node, node-major, from base_gpu_id on); `rank_of_gpu[(node, gpu)]`
+        is where each trainer rank runs. ValueError naming the config keys when they do not fit."""
+        if self.cfg.dp_size > 1:  # payload r is opened by TP rank r of EVERY replica, each on its own GPU
+            raise ValueError("weight_sync.transport 'tensor' does not support rollout.sglang.dp_size > 1 (one payload "
+                             "per TP rank serves every DP replica): use dp_size 1 and more servers (num_servers)")
+        urls = self.worker_urls
+        num_nodes = 1 + max(node for node, _ in rank_of_gpu)
+        if len(urls) % num_nodes:
+            raise ValueError(f"rollout.sglang: {len(urls)} servers cannot be spread evenly over {num_nodes} trainer "
+                             "nodes for weight_sync.transport 'tensor' (CUDA IPC needs each server on a trainer node)")
+        per_node = dataclasses.replace(self.cfg, num_servers=len(urls) // num_nodes)
+        gpus_needed = per_node.base_gpu_id + per_node.num_servers * per_node.tp_size * per_node.dp_size
+        return ipc_routes(plan_servers(per_node, num_nodes, gpus_needed), urls, dict(rank_of_gpu))
 
     @property
     def accepts_mixed_dtype_buckets(self) -> bool:

@@ -29,7 +29,7 @@ so synchronously inside `send`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -228,12 +228,14 @@ def _views(buf: torch.Tensor, planned: PlannedParam) -> List[NamedTensor]:
 # ---- the iterator ---------------------------------------------------------------------------------
 @torch.no_grad()
 def iter_export_buckets(chunks: Sequence[torch.nn.Module], wmap, dims, buffers: BucketBuffers,
-                        shared: Optional[bool] = None) -> Iterator[List[NamedTensor]]:
+                        shared: Optional[bool] = None,
+                        on_peer_bucket: Optional[Callable[[], None]] = None) -> Iterator[List[NamedTensor]]:
     """Buckets of (hf_name, view into a reused buffer) for this rank's chunks, on the stage's export
     source; every rank of the stage's TP group must iterate it to the end. Packing: `plan_buckets`.
     shared: None picks the shared bucket when every TP rank is a CPU process of this host (decided
     once per `buffers`), True/False force it (tests, benchmark). See the module docstring for how long
-    a bucket's views live.
+    a bucket's views live. on_peer_bucket: called on every other TP rank where the source yields a
+    bucket (the plan is the same on every TP rank), for consumers that need the whole group per bucket.
     """
     if not takes_part(dims):
         return
@@ -244,14 +246,15 @@ def iter_export_buckets(chunks: Sequence[torch.nn.Module], wmap, dims, buffers: 
         shared = buffers.one_host
     try:
         if shared and dims.tp > 1:
-            yield from _shared_buckets(plan, wmap, dims, buffers)
+            yield from _shared_buckets(plan, wmap, dims, buffers, on_peer_bucket)
         else:
-            yield from _collective_buckets(plan, wmap, dims, buffers)
+            yield from _collective_buckets(plan, wmap, dims, buffers, on_peer_bucket)
     finally:
         buffers.release()
 
 
-def _shared_buckets(plan: List[PlannedBucket], wmap, dims, buffers: BucketBuffers) -> Iterator[List[NamedTensor]]:
+def _shared_buckets(plan: List[PlannedBucket], wmap, dims, buffers: BucketBuffers,
+                    on_peer_bucket: Optional[Callable[[], None]]) -> Iterator[List[NamedTensor]]:
     """Each TP rank writes its own shards into the group's shared bucket; the source yields it."""
     slots = buffers.shared_slots(max((b.nbytes for b in plan), default=0), dims)
     source = is_export_source(dims)
@@ -273,12 +276,15 @@ def _shared_buckets(plan: List[PlannedBucket], wmap, dims, buffers: BucketBuffer
         buffers.shared.barrier()  # every rank's rows are in
         if source:
             yield views
+        elif on_peer_bucket is not None:
+            on_peer_bucket()
         del views
     if plan:  # the next sync must not overwrite the last bucket before the consumer is done with it
         buffers.shared.barrier()
 
 
-def _collective_buckets(plan: List[PlannedBucket], wmap, dims, buffers: BucketBuffers) -> Iterator[List[NamedTensor]]:
+def _collective_buckets(plan: List[PlannedBucket], wmap, dims, buffers: BucketBuffers,
+                        on_peer_bucket: Optional[Callable[[], None]]) -> Iterator[List[NamedTensor]]:
     """Every shard travels to the source (one TP gather per sharded parameter), which scatters them."""
     source = is_export_source(dims)
     meta = wmap.meta
@@ -301,4 +307,6 @@ def _collective_buckets(plan: List[PlannedBucket], wmap, dims, buffers: BucketBu
                 del shards
             if source:
                 yield views
+            elif on_peer_bucket is not None:
+                on_peer_bucket()
             del views

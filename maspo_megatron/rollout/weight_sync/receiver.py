@@ -3,6 +3,8 @@ names only. The engine builds its own request bodies (SGLang: rollout/sglang/pro
 never see them. `SGLangEngine` implements all of it; the CPU engine has its own (`load_hf_state_dict`).
 
     receiver_tp_sizes                       {server: TP ranks}: one payload / group rank per TP rank
+    ipc_routes({(node, gpu): rank}) -> {server: [trainer rank per TP rank]}   whose copy each TP rank maps
+    accepts_mixed_dtype_buckets             False: one flattened bucket per dtype
     begin_weight_update() -> bool           open the update session (False: the server predates it)
     end_weight_update()
     load_serialized_buckets({server: [payload per TP rank]}, version, load_format)      tensor
@@ -15,13 +17,18 @@ never see them. `SGLangEngine` implements all of it; the CPU engine has its own 
 """
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import List, Mapping, Protocol, Sequence, Tuple, runtime_checkable
 
 
 @runtime_checkable
 class WeightReceiver(Protocol):
     @property
     def receiver_tp_sizes(self) -> Mapping[str, int]: ...
+
+    def ipc_routes(self, rank_of_gpu: Mapping[Tuple[int, int], int]) -> Mapping[str, List[int]]: ...
+
+    @property
+    def accepts_mixed_dtype_buckets(self) -> bool: ...
 
     def begin_weight_update(self) -> bool: ...
 
@@ -44,10 +51,11 @@ class WeightReceiver(Protocol):
     def check_weight_readback(self, probe_name: str) -> None: ...
 
 
-def require_receiver(engine, transport: str) -> None:
-    """A one-line error when the engine on the driver cannot receive this transport's updates."""
+def require_receiver(engine, transport: str, methods: Sequence[str] = ()) -> None:
+    """A one-line error when the engine on the driver cannot receive this transport's updates
+    (`methods`: the receiver members this transport uses; default: the whole interface)."""
     from maspo_megatron.rollout.weight_sync.transports.base import WeightSyncError
 
-    if not isinstance(engine, WeightReceiver):
+    if not (all(hasattr(engine, m) for m in methods) if methods else isinstance(engine, WeightReceiver)):
         raise WeightSyncError(f"weight_sync.transport: {transport!r} needs SGLang servers (rollout.engine=sglang), "
                               f"got {type(engine).__name__}")

@@ -103,7 +103,8 @@ class WeightSyncer:
         general path (full tensors -> quantize -> iter_buckets). Each bucket must be consumed before the
         one after next is produced (bucket_writer's lifetime contract)."""
         if self._buffers is not None:
-            return iter_export_buckets(self.chunks, self.wmap, self.dims, self._buffers)
+            return iter_export_buckets(self.chunks, self.wmap, self.dims, self._buffers,
+                                       on_peer_bucket=self.transport.peer_bucket)
         return iter_buckets(self.hf_items(), self.cfg.bucket_bytes)
 
     def hf_items(self):

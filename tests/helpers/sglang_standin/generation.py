@@ -48,7 +48,7 @@ class GenerationMixin:
         self.generate_count += 1  # every /generate call, accepted or not
         body = await self._json(request)
         single, jobs = normalize_generate(body)
-        self.memory_events.append(("/generate", tuple(sorted(self.released))))
+        self.record_memory_event("/generate")
         if self.released & {"weights", "kv_cache"}:  # a real server would read unmapped memory
             raise BadRequest(f"generate: memory released ({sorted(self.released)}); resume it first")
         self.generate_items += len(jobs)

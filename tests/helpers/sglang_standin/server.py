@@ -87,6 +87,7 @@ class StandinServer(GenerationMixin, WeightsMixin):
         self.requests_seen: list[tuple[str, str, Any]] = []
         # (event, memory tags released at that moment): release / resume / /generate / load_weights
         self.memory_events: list[tuple[str, tuple]] = []
+        self.memory_event_times: list[float] = []  # time.time() of each memory event (the trainer logs the same clock)
         self._init_generation()
         self._wakeup: Optional[asyncio.Event] = None
         self._thread: Optional[threading.Thread] = None
@@ -224,14 +225,18 @@ class StandinServer(GenerationMixin, WeightsMixin):
             raise BadRequest(f"{what}.tags: {sorted(tags - set(MEMORY_TAGS))} not in {list(MEMORY_TAGS)}")
         return tags
 
+    def record_memory_event(self, event: str) -> None:
+        self.memory_events.append((event, tuple(sorted(self.released))))
+        self.memory_event_times.append(time.time())
+
     async def release_memory(self, request: web.Request) -> web.Response:
         self.released |= await self._memory_tags(request, "ReleaseMemoryOccupationReqInput")
-        self.memory_events.append(("release", tuple(sorted(self.released))))
+        self.record_memory_event("release")
         return web.Response(status=200)
 
     async def resume_memory(self, request: web.Request) -> web.Response:
         self.released -= await self._memory_tags(request, "ResumeMemoryOccupationReqInput")
-        self.memory_events.append(("resume", tuple(sorted(self.released))))
+        self.record_memory_event("resume")
         self._wakeup.set()
         return web.Response(status=200)
 

@@ -49,7 +49,7 @@ class WeightsMixin:
     def _load(self, named: list, body: dict) -> web.Response:
         import torch
 
-        self.memory_events.append(("load_weights", tuple(sorted(self.released))))
+        self.record_memory_event("load_weights")
         if "weights" in self.released:  # the weights' memory is not mapped: nowhere to copy into
             raise BadRequest("update weights: the weights' memory is released; resume tag 'weights' first")
 
@@ -77,6 +77,7 @@ class WeightsMixin:
         if not isinstance(payloads, list) or len(payloads) != self.tp_size:
             raise BadRequest(f"serialized_named_tensors: expected one payload per TP rank ({self.tp_size})")
         decoded = [_decode_payload(p, body.get("load_format")) for p in payloads]
+        _require_same_tensors(decoded)
         from maspo_megatron.rollout.sglang.protocol import MIXED_DTYPE_BUCKETS_SINCE, version_at_least
 
         mixed = [p for p in decoded if len({t.dtype for _, t in p}) > 1]
@@ -259,6 +260,19 @@ def _decode_flattened(obj: Any) -> list:
         chunk = flat[int(_field(meta, "start_idx")):int(_field(meta, "end_idx"))]
         named.append((_field(meta, "name"), chunk.view(dtype).reshape(list(_field(meta, "shape")))))
     return named
+
+
+def _require_same_tensors(decoded: list) -> None:
+    """Every TP rank's payload must hold the same full tensors (each real TP worker takes its own shard of
+    them); the stand-in, one process, loads TP rank 0's."""
+    import torch
+
+    first = decoded[0]
+    for rank, other in enumerate(decoded[1:], start=1):
+        same = [n for n, _ in other] == [n for n, _ in first] and all(
+            a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for (_, a), (_, b) in zip(other, first, strict=True))
+        if not same:
+            raise BadRequest(f"serialized_named_tensors: TP rank {rank}'s payload differs from TP rank 0's")
 
 
 def _decode_payload(payload: str, load_format: Optional[str]) -> list:

@@ -3,6 +3,7 @@
 Call order in one sync (the `WeightSyncer` drives it; every rank calls every step):
     prepare(version)          collective: groups, URLs, directories
     send(bucket, version)     on each pipeline stage's export source, once per bucket
+    peer_bucket()             (None unless a transport needs it) on the source's TP peers, at each bucket
     finish(version)           collective: the last bucket has been sent by every source
 `engine` is the rollout engine handle and exists on global rank 0 only (the driver); transports call
 its receiver methods (receiver.py) there and never build an engine's request bodies themselves.
@@ -27,6 +28,9 @@ def stage_sources(dims) -> List[int]:
 
 class Transport:
     name = "base"
+    # A transport whose per-bucket exchange needs the source's TP peers too (tensor: each GPU makes its own
+    # payload) sets a method here; the export stream calls it on the peers where the source sends a bucket.
+    peer_bucket = None
 
     def __init__(self, cfg, dims, engine: Optional[Any] = None) -> None:
         self.cfg = cfg
