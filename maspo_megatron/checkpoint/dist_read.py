@@ -1,8 +1,8 @@
 """Reading Megatron dist checkpoints (torch_dist) one slice at a time, without unpickling objects.
 
 `DistCheckpointReader` loads the chunks overlapping one requested slice (e.g. layer i of a
-stacked tensor), with the `.metadata` file unpickled by an allow-list (plain `pickle.load` would
-run any object it names). Each chunk's pickle is read with `torch.load(weights_only=True)`
+stacked tensor), after the checkpoint passed the guard (`guard.verify_checkpoint_is_data`: `.metadata`
+unpickled by an allow-list, every object item data only). Each chunk's pickle is read with `torch.load(weights_only=True)`
 without its data, to check it is one contiguous tensor of the expected shape and dtype; the raw
 bytes then go from the file straight into the output slice (one copy, where DCP's reader makes
 three: file -> bytes -> loaded tensor -> slice), or, through `row_map`, are located for a
@@ -25,83 +25,12 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 from torch.distributed import checkpoint as dcp
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
 
 from maspo_megatron.checkpoint.byte_copy import RowMap
 from maspo_megatron.checkpoint.errors import CheckpointError
+from maspo_megatron.checkpoint.guard import SafeFileSystemReader, verify_checkpoint_is_data
 from maspo_megatron.checkpoint.hf_reader import read_exact_into
-
-_ALLOWED_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("torch", "Size"),
-    ("torch", "device"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
-    ("torch.serialization", "_get_layout"),  # layout by name, e.g. 'torch.strided'
-    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
-    ("pathlib", "PurePosixPath"),
-    ("pathlib", "WindowsPath"),
-}
-_ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
-
-
-class RefusedGlobal(pickle.UnpicklingError):
-    """A pickle names a global outside the allow-list; `qualname` is it ('builtins.eval')."""
-
-    def __init__(self, qualname: str):
-        super().__init__(f"global '{qualname}' is not allowed")
-        self.qualname = qualname
-
-
-def refusal_message(where: str | Path, qualname: str) -> str:
-    """The one-line error for a checkpoint file that names a global outside the allow-list."""
-    return f"{where}: refuses to unpickle {qualname} (a checkpoint must hold data only)"
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Allows DCP metadata classes, torch dtypes/layouts/formats and plain containers; nothing else."""
-
-    def find_class(self, module: str, name: str):
-        allowed = (module, name) in _ALLOWED_GLOBALS or module.startswith(_ALLOWED_MODULE_PREFIXES)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            allowed = True
-        if not allowed:
-            raise RefusedGlobal(f"{module}.{name}")
-        return super().find_class(module, name)
-
-
-class _SafeFileSystemReader(dcp.FileSystemReader):
-    def __init__(self, path: str, cached: Optional[Metadata] = None):
-        super().__init__(path)
-        self._cached = cached  # one unpickling per checkpoint, not one per load call
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        if self._cached is not None:
-            return self._cached
-        path = Path(self.path) / ".metadata"
-        try:
-            with open(path, "rb") as handle:
-                metadata = _MetadataUnpickler(handle).load()
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: missing (not a torch_dist checkpoint?)") from None
-        except RefusedGlobal as exc:
-            raise CheckpointError(refusal_message(path, exc.qualname)) from None
-        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as exc:
-            raise CheckpointError(f"{path}: not a readable DCP metadata pickle ({type(exc).__name__}: {exc})") from None
-        if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path}: not a torch.distributed.checkpoint Metadata")
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-def read_metadata(ckpt_dir: str | Path) -> Metadata:
-    """The DCP `.metadata` of a torch_dist checkpoint dir, unpickled through the allow-list."""
-    return _SafeFileSystemReader(str(ckpt_dir)).read_metadata()
 
 
 class DistCheckpointReader:
@@ -109,9 +38,7 @@ class DistCheckpointReader:
 
     def __init__(self, ckpt_dir: str | Path):
         self.dir = Path(ckpt_dir)
-        if not (self.dir / "metadata.json").is_file():
-            raise CheckpointError(f"{self.dir / 'metadata.json'}: missing (not a Megatron dist checkpoint)")
-        self.metadata = read_metadata(self.dir)
+        self.metadata = verify_checkpoint_is_data(self.dir)  # the same check as every other load
         self.tensors: dict[str, TensorStorageMetadata] = {
             k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
         }
@@ -163,7 +90,7 @@ class DistCheckpointReader:
         sharded, _, _ = _replace_state_dict_keys_with_sharded_keys(state)
         pyt_state = mcore_to_pyt_state_dict(sharded, True)
         # no_dist: each process reads its own slices; DCP must not pair up calls across ranks
-        dcp.load(pyt_state, storage_reader=_SafeFileSystemReader(str(self.dir), self.metadata), planner=MCoreLoadPlanner(),
+        dcp.load(pyt_state, storage_reader=SafeFileSystemReader(str(self.dir), self.metadata), planner=MCoreLoadPlanner(),
                  no_dist=True)
         return targets
 

@@ -1,18 +1,23 @@
 """The one check that a Megatron dist checkpoint (torch_dist) holds data only, before anything loads it.
 
-    verify_checkpoint_is_data(ckpt_dir)   # raises CheckpointError, one line naming file and global
+    metadata = verify_checkpoint_is_data(ckpt_dir)   # raises CheckpointError, one line naming file and key
 
-Megatron's `dist_checkpointing.load` unpickles the DCP `.metadata` with plain `pickle`, and DCP's
+Every reader of a dist checkpoint goes through it: `dist_load.load_dist_checkpoint` (the trainer's
+resume, `model.load`, the KL reference's reload) and the converter's `DistCheckpointReader`.
+
+Megatron's `dist_checkpointing.load` unpickles the DCP `.metadata` with plain `pickle`, DCP's
 `load_bytes` reads every byte item (a Megatron `ShardedObject`: RNG states, `_extra_state`, the
-distributed optimizer's bucket layout) with `torch.load(weights_only=False)`; either would run
-any callable a checkpoint from an untrusted source names. This guard reads, without executing:
+distributed optimizer's bucket layout) with `torch.load(weights_only=False)`, and Transformer
+Engine's `set_extra_state` unpickles the FP8 state inside `_extra_state` with plain `pickle`;
+each would run any callable a checkpoint from an untrusted source names. This guard reads,
+without executing (allow-lists in `allow_list.py`):
 
-- `.metadata` through the converter's allow-list unpickler (`dist_read.read_metadata`);
+- `.metadata` through the allow-list unpickler (`read_metadata`);
 - each byte item (a `BytesStorageMetadata` entry, located through `storage_data` in its
   `.distcp` file) and `common.pt` with `torch.load(weights_only=True)` and no tensor data
-  (`skip_data`). Besides torch's own set, that admits what megatron.core registers on import
-  (`megatron/core/safe_globals.py`: numpy arrays of the RNG state, Megatron's enums, ...), which
-  is all a trainer checkpoint's objects hold (`trainer_state.py`).
+  (`skip_data`), which admits what a trainer checkpoint's objects hold (`trainer_state.py`);
+- each `_extra_state` item with its data, and the pickle TE would unpickle from it
+  (`allow_list.check_extra_state`).
 
 Tensor items are read by DCP with `weights_only=True` already. Every rank checks the files it is
 about to read (no collective, the same verdict on every rank of a shared filesystem). The load
@@ -23,25 +28,71 @@ from __future__ import annotations
 
 import io
 import pickle
-import re
 from pathlib import Path
+from typing import Optional
 
-import megatron.core  # noqa: F401  (registers Megatron's safe globals with torch.serialization)
-import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+from torch.distributed import checkpoint as dcp
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
-from maspo_megatron.checkpoint.dist_read import read_metadata, refusal_message
+from maspo_megatron.checkpoint.allow_list import (
+    MetadataUnpickler,
+    RefusedGlobal,
+    check_extra_state,
+    load_data_only,
+    refusal_message,
+)
 from maspo_megatron.checkpoint.errors import CheckpointError
 
-_TORCH_REFUSED = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
-_TORCH_DETAIL = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 COMMON_FILE = "common.pt"  # Megatron's non-sharded state (trainer: driver, scheduler, layout)
+MEGATRON_METADATA_FILE = "metadata.json"  # marks a Megatron dist checkpoint
+EXTRA_STATE_SUFFIX = "_extra_state"  # a module's extra state (TE: FP8 scaling state, pickled)
 
 
-def verify_checkpoint_is_data(ckpt_dir: str | Path) -> None:
-    """Raises CheckpointError (one line: file and refused global) unless every pickle in the
-    checkpoint at `ckpt_dir` unpickles to data without calling anything outside the allow-lists."""
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file reader with `.metadata` unpickled through the allow-list (or given, once read)."""
+
+    def __init__(self, path: str, cached: Optional[Metadata] = None):
+        super().__init__(path)
+        self._cached = cached  # one unpickling per checkpoint, not one per load call
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        if self._cached is not None:
+            return self._cached
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as handle:
+                metadata = MetadataUnpickler(handle).load()
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing (not a torch_dist checkpoint?)") from None
+        except RefusedGlobal as exc:
+            raise CheckpointError(refusal_message(path, exc.qualname)) from None
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a readable DCP metadata pickle ({type(exc).__name__}: {exc})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not a torch.distributed.checkpoint Metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def read_metadata(ckpt_dir: str | Path) -> Metadata:
+    """The DCP `.metadata` of a torch_dist checkpoint dir, unpickled through the allow-list."""
+    return SafeFileSystemReader(str(ckpt_dir)).read_metadata()
+
+
+def is_extra_state(fqn: str) -> bool:
+    """Whether a byte item holds a module's `_extra_state` ('<module>._extra_state/shard_<offsets>_<shape>')."""
+    return fqn.split("/", 1)[0].endswith(EXTRA_STATE_SUFFIX)
+
+
+def verify_checkpoint_is_data(ckpt_dir: str | Path) -> Metadata:
+    """Raises CheckpointError (one line: file, key and refused global) unless every pickle in the
+    checkpoint at `ckpt_dir` unpickles to data without calling anything outside the allow-lists;
+    returns its (allow-list unpickled) DCP metadata."""
     ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / MEGATRON_METADATA_FILE).is_file():
+        raise CheckpointError(f"{ckpt_dir / MEGATRON_METADATA_FILE}: missing (not a Megatron dist checkpoint)")
     metadata = read_metadata(ckpt_dir)
     byte_keys = {key for key, md in metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)}
     for index, info in sorted(metadata.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
@@ -59,27 +110,12 @@ def verify_checkpoint_is_data(ckpt_dir: str | Path) -> None:
             raise CheckpointError(f"{where}: unreadable ({exc.strerror or exc})") from None
         if len(data) != info.length:
             raise CheckpointError(f"{where}: truncated (item of {info.length} bytes at offset {info.offset})")
-        _load_data_only(io.BytesIO(data), where)
+        if is_extra_state(index.fqn):
+            check_extra_state(load_data_only(io.BytesIO(data), where, with_data=True), where)
+        else:
+            load_data_only(io.BytesIO(data), where)
     common = ckpt_dir / COMMON_FILE
     if common.is_file():
         with open(common, "rb") as handle:
-            _load_data_only(handle, str(common))
-
-
-def _load_data_only(stream, where: str) -> None:
-    """torch.load with weights_only=True and no tensor bytes; a refusal -> one-line CheckpointError."""
-    try:
-        with torch.serialization.skip_data():
-            torch.load(stream, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        refused = _TORCH_REFUSED.search(text)
-        if refused is not None:
-            name = refused.group(1)
-            raise CheckpointError(refusal_message(where, name if "." in name else f"builtins.{name}")) from None
-        detail = _TORCH_DETAIL.search(text)
-        reason = detail.group(1).strip() if detail else (text.splitlines() or ["not data"])[0]
-        raise CheckpointError(f"{where}: refuses to unpickle ({reason}; a checkpoint must hold data only)") from None
-    except (RuntimeError, EOFError) as exc:  # not a torch.save archive
-        raise CheckpointError(f"{where}: not a torch.save item ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") \
-            from None
+            load_data_only(handle, str(common))
+    return metadata

@@ -31,7 +31,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from maspo_megatron.checkpoint.guard import verify_checkpoint_is_data
+from maspo_megatron.checkpoint.dist_load import load_dist_checkpoint
 
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"  # written by rank 0 after the dist checkpoint: marks completeness
@@ -303,19 +303,23 @@ def load_checkpoint(
 
     The parallel layout may differ from the one that saved (model and optimizer are resharded);
     RNG states are restored only when TP and PP sizes match (they are per (PP, TP) position).
-    A checkpoint holding pickled callables is refused first (CheckpointError, `checkpoint.guard`).
+    A checkpoint holding pickled callables is refused first (CheckpointError, `guard.py`).
     """
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE} / metadata.json)")
-    verify_checkpoint_is_data(path)  # Megatron's load below unpickles without an allow-list
-    saved_layout = read_trainer_state(path)["layout"]
-    now = _layout()
-    with_rng = saved_layout["tp"] == now["tp"] and saved_layout["pp"] == now["pp"]
-    if load_optimizer and optimizer is not None:
-        _ensure_optimizer_state(optimizer)
-    request = _sharded_state_dict(model_chunks, optimizer if load_optimizer else None, is_loading=True, with_rng=with_rng)
-    loaded = dist_checkpointing.load(request, str(path))
+    saved_layout = read_trainer_state(path)["layout"]  # json: data only
+    with_rng = False
+
+    def request() -> dict:  # built after the guard: a refused checkpoint leaves the optimizer as it was
+        nonlocal with_rng
+        now = _layout()
+        with_rng = saved_layout["tp"] == now["tp"] and saved_layout["pp"] == now["pp"]
+        if load_optimizer and optimizer is not None:
+            _ensure_optimizer_state(optimizer)
+        return _sharded_state_dict(model_chunks, optimizer if load_optimizer else None, is_loading=True, with_rng=with_rng)
+
+    loaded = load_dist_checkpoint(path, request)
     for key, chunk in zip(_model_keys(model_chunks), model_chunks, strict=True):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if load_optimizer and optimizer is not None:
