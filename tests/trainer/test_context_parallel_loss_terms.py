@@ -6,7 +6,7 @@ import torch
 
 from maspo_megatron.parallel.context import packed_zigzag_indices, zigzag_indices
 from tests.helpers.multiproc import run_distributed
-from tests.parallel.test_context_parallel_loss import CP, VOCAB, _samples
+from tests.trainer.test_context_parallel_loss import CP, VOCAB, _samples
 
 CASES = {
     "bapo/microbatch/seq-is/geometric-rs/kl": dict(
