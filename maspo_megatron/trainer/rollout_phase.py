@@ -24,9 +24,9 @@ from typing import Any, List
 import torch
 
 from maspo_megatron.algorithms import group_advantages, overlong_penalty
-from maspo_megatron.data import collect_groups
 from maspo_megatron.rollout import SamplingParams
 from maspo_megatron.trainer.batch import TrainSample
+from maspo_megatron.trainer.dynamic_sampling import collect_groups
 
 
 @dataclasses.dataclass
