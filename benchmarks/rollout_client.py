@@ -34,9 +34,9 @@ if str(ROOT) not in sys.path:
 
 from maspo_megatron.config import SGLangConfig  # noqa: E402
 from maspo_megatron.rollout.sglang import SGLangEngine  # noqa: E402
-from maspo_megatron.rollout.sglang.launcher import free_port  # noqa: E402
 from maspo_megatron.rollout.sglang.protocol import generate_payload  # noqa: E402
 from maspo_megatron.rollout.types import SamplingParams  # noqa: E402
+from maspo_megatron.utils.ports import free_port  # noqa: E402
 from tests.helpers.sglang_standin.process import kill, spawn, wait_healthy  # noqa: E402
 
 SAMPLING = SamplingParams(max_new_tokens=8)
