@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from maspo_megatron.utils.ports import free_port
-from tests.trainer._loop_cases import EXAMPLE, tiny_overrides
+from tests.helpers.loop_cases import EXAMPLE, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

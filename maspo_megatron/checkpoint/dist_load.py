@@ -12,6 +12,7 @@ from megatron.core import dist_checkpointing
 
 from maspo_megatron.checkpoint.errors import CheckpointError
 from maspo_megatron.checkpoint.guard import verify_checkpoint_is_data
+from maspo_megatron.models.wrappers import unwrap
 
 
 def load_model_weights(model_chunks: list, ckpt_dir: str | Path) -> None:
@@ -25,16 +26,9 @@ def load_model_weights(model_chunks: list, ckpt_dir: str | Path) -> None:
     if not (ckpt_dir / "metadata.json").is_file():
         raise CheckpointError(f"{ckpt_dir}: not a Megatron dist checkpoint (no metadata.json)")
     verify_checkpoint_is_data(ckpt_dir)  # Megatron's load below unpickles without an allow-list
-    chunks = [unwrap_ddp(c) for c in model_chunks]
+    chunks = [unwrap(c) for c in model_chunks]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     request = {key: chunk.sharded_state_dict() for key, chunk in zip(keys, chunks, strict=True)}
     loaded = dist_checkpointing.load(request, str(ckpt_dir))
     for key, chunk in zip(keys, chunks, strict=True):
         chunk.load_state_dict(loaded[key], strict=True)
-
-
-def unwrap_ddp(chunk):
-    """DDP wrapper -> the module that owns `sharded_state_dict` (GPTModel or Float16Module)."""
-    from megatron.core.distributed import DistributedDataParallel
-
-    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk

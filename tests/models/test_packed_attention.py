@@ -163,7 +163,7 @@ def test_sliding_window_models_get_the_packed_attention_on_every_torch_backend()
     from maspo_megatron.models.meta import model_meta
     from maspo_megatron.models.packed_attention import PackedDotProductAttention
     from maspo_megatron.models.provider import layer_spec
-    from tests.models._hf_models import hf_config
+    from tests.helpers.hf_models import hf_config
 
     def core_attention(meta, backend):
         return layer_spec(meta, backend=backend).submodules.self_attention.submodules.core_attention

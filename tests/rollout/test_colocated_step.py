@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from maspo_megatron.utils.ports import free_port
-from tests.trainer._loop_cases import EXAMPLE, tiny_overrides
+from tests.helpers.loop_cases import EXAMPLE, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 ALL = ("cuda_graph", "kv_cache", "weights")
