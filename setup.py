@@ -40,6 +40,8 @@ EXTRAS = {
         # the Triton log-prob kernels are checked on CPU in the interpreter (TRITON_INTERPRET=1);
         # CUDA builds of torch bring their own triton
         "triton>=3.6; sys_platform == 'linux' and platform_machine == 'x86_64'",
+        # the W&B metrics sink is tested in offline mode (tests/trainer/test_metrics_wandb.py)
+        "wandb>=0.19",
     ],
 }
 

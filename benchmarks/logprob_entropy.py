@@ -33,11 +33,12 @@ import json
 import math
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
 import time
+
+from maspo_megatron.utils.ports import free_port
 
 METHODS = ("a_plain", "b_megatron", "fused")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,14 +115,8 @@ def _worker(args) -> None:
     os._exit(0)  # skip gloo teardown
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_cell(method: str, vocab: int, tp: int, tokens: int, reps: int, threads: int, timeout_s: float) -> dict:
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(tp):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",

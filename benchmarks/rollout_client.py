@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,25 +33,24 @@ if str(ROOT) not in sys.path:
 
 from maspo_megatron.config import SGLangConfig  # noqa: E402
 from maspo_megatron.rollout.sglang import SGLangEngine  # noqa: E402
-from maspo_megatron.rollout.sglang.launcher import free_port  # noqa: E402
+from maspo_megatron.rollout.sglang.launcher import ServerLauncher  # noqa: E402
 from maspo_megatron.rollout.sglang.protocol import generate_payload  # noqa: E402
 from maspo_megatron.rollout.types import SamplingParams  # noqa: E402
-from tests.helpers.sglang_standin.process import kill, spawn, wait_healthy  # noqa: E402
+
+# The stand-in server is started by path, as the trainer starts SGLang (`rollout.sglang.launch_command`):
+# nothing of the test suite is imported here.
+STANDIN = ROOT / "tests" / "helpers" / "sglang_standin"
 
 SAMPLING = SamplingParams(max_new_tokens=8)
 PROMPT = list(range(1, 33))
 
 
-def start_server(extra: list[str]) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    process = spawn(port, "--zero-latency", *extra)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, process, deadline_s=120)
-    except BaseException:
-        kill(process)
-        raise
-    return process, url
+def start_server(extra: list[str]) -> tuple[ServerLauncher, str]:
+    """One stand-in server through the product's own launcher (which stops it whole on failure)."""
+    cfg = SGLangConfig(launch_command=[sys.executable, str(STANDIN), "--zero-latency", *extra], startup_timeout_s=120)
+    launcher = ServerLauncher(cfg, model_path="unused-by-the-stand-in")
+    (url,), _ = launcher.launch()
+    return launcher, url
 
 
 def sequential_loop(url: str, count: int) -> float:
@@ -84,7 +82,7 @@ def client_run(url: str, count: int, concurrency: int, samples_per_request: int)
 def measure(scenario: str, server_args: list[str], count: int, sequential_count: int, repeats: int) -> list[dict]:
     """Every case `repeats` times, interleaved (sequential loop, then each client case, again ...),
     so a load spike from other jobs hits baseline and client alike; rows report the median rate."""
-    process, url = start_server(server_args)
+    launcher, url = start_server(server_args)
     batched = SGLangConfig().samples_per_request
     cases = [(1, 1, sequential_count)] + [(c, k, count if k > 1 else count // 2)  # unbatched is slower: fewer samples
                                           for c in (64, 512) for k in (batched, 1)]
@@ -97,7 +95,7 @@ def measure(scenario: str, server_args: list[str], count: int, sequential_count:
             for concurrency, per_request, n in cases:
                 client_s[(concurrency, per_request, n)].append(client_run(url, n, concurrency, per_request))
     finally:
-        kill(process)
+        launcher.shutdown()
     seq_rps = sequential_count / statistics.median(seq_s)
     seq_latency_ms = 1000 / seq_rps
     rows = [{"bench": "rollout_client", "scenario": scenario, "case": "sequential requests loop",

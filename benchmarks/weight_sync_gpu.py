@@ -43,6 +43,8 @@ _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
+from maspo_megatron.utils.ports import free_port  # noqa: E402
+
 QWEN25_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=4096,
                  tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=1000000.0)
@@ -143,7 +145,7 @@ def _build_policy(shape: dict, device: str):
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     dims = init_distributed(ParallelConfig(), seed=1)
     config, meta = build_model_config(_hf_config(shape), ModelConfig(dtype="bf16"), ParallelConfig())
     config.perform_initialization = False  # random values below, on the device (init on CPU takes minutes)
@@ -311,14 +313,6 @@ def _rows(results: dict, shape_name: str, device: str) -> list[dict]:
             "verified": res.get("verified", ""),
         })
     return rows
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(argv=None) -> list[dict]:

@@ -1,8 +1,10 @@
-"""`python -m maspo_megatron {train,plan,convert-to-megatron,convert-to-hf} ...`: the one command line.
+"""`python -m maspo_megatron {train,plan,convert} ...`: the one command line (`--help` lists every command).
 
     python -m maspo_megatron train --config FILE [dotted.key=value ...]    # = python -m maspo_megatron.train
-    python -m maspo_megatron convert-to-megatron --hf-dir HF --out-dir MEG --tp 2 --pp 2
-    python -m maspo_megatron convert-to-hf --megatron-dir MEG --out-dir HF2
+    python -m maspo_megatron convert to-megatron --hf-dir HF --out-dir MEG --tp 2 --pp 2
+    python -m maspo_megatron convert to-hf --megatron-dir MEG --out-dir HF2
+
+`convert-to-megatron` and `convert-to-hf` remain as the older names of the two converters.
 
 `plan`: estimated memory per GPU of a config on a cluster shape.
 
@@ -102,48 +104,71 @@ def _train(argv) -> int:
     return train_main(argv, prog="python -m maspo_megatron train")
 
 
-def _convert_to_megatron(argv) -> int:
+def _convert_to_megatron(argv, prog: str = "python -m maspo_megatron convert to-megatron") -> int:
     from maspo_megatron.checkpoint.convert_cli import to_megatron_main
 
-    return to_megatron_main(argv, prog="python -m maspo_megatron convert-to-megatron")
+    return to_megatron_main(argv, prog=prog)
 
 
-def _convert_to_hf(argv) -> int:
+def _convert_to_hf(argv, prog: str = "python -m maspo_megatron convert to-hf") -> int:
     from maspo_megatron.checkpoint.convert_cli import to_hf_main
 
-    return to_hf_main(argv, prog="python -m maspo_megatron convert-to-hf")
+    return to_hf_main(argv, prog=prog)
+
+
+def _kept_name(run, prog: str):
+    """An older command name that still works: the same command under its own usage line."""
+    return lambda argv: run(argv, prog=prog)
 
 
 # name -> (run(argv) -> exit code, one line of help); the converters' help lines without importing them
-COMMANDS = {
-    "train": (_train, "RL training (MASPO) on Megatron-Core; also `python -m maspo_megatron.train`, `maspo-train`"),
-    "plan": (plan_main, "estimated memory per GPU of a config on a cluster shape (exit 1 when it does not fit)"),
-    "convert-to-megatron": (_convert_to_megatron, "Hugging Face checkpoint -> Megatron dist checkpoint (torch_dist)"),
-    "convert-to-hf": (_convert_to_hf, "Megatron dist checkpoint (any TP/PP) -> Hugging Face safetensors"),
+CONVERT_COMMANDS = {
+    "to-megatron": (_convert_to_megatron, "Hugging Face checkpoint -> Megatron dist checkpoint (torch_dist)"),
+    "to-hf": (_convert_to_hf, "Megatron dist checkpoint (any TP/PP) -> Hugging Face safetensors"),
 }
 
 
-def usage() -> str:
-    width = max(len(name) for name in COMMANDS)
-    lines = [f"usage: python -m maspo_megatron {{{','.join(COMMANDS)}}} [args ...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "`python -m maspo_megatron COMMAND --help` for a command's options."]
+def _convert(argv) -> int:
+    return dispatch(CONVERT_COMMANDS, argv, "python -m maspo_megatron convert")
+
+
+COMMANDS = {
+    "train": (_train, "RL training (MASPO) on Megatron-Core; also `python -m maspo_megatron.train`, `maspo-train`"),
+    "plan": (plan_main, "estimated memory per GPU of a config on a cluster shape (exit 1 when it does not fit)"),
+    "convert": (_convert, "checkpoint conversion: `convert to-megatron` (HF -> Megatron) | `convert to-hf` (Megatron -> HF)"),
+    "convert-to-megatron": (_kept_name(_convert_to_megatron, "python -m maspo_megatron convert-to-megatron"),
+                            "the same as `convert to-megatron` (the older name)"),
+    "convert-to-hf": (_kept_name(_convert_to_hf, "python -m maspo_megatron convert-to-hf"),
+                      "the same as `convert to-hf` (the older name)"),
+}
+
+
+def usage(commands: dict, prog: str) -> str:
+    width = max(len(name) for name in commands)
+    lines = [f"usage: {prog} {{{','.join(commands)}}} [args ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in commands.items()]
+    lines += ["", f"`{prog} COMMAND --help` for a command's options."]
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def dispatch(commands: dict, argv, prog: str) -> int:
+    """Runs the command argv[0] names with the rest; --help lists the commands (exit 0), none or an
+    unknown one is the list on stderr or one line naming the choices (exit 2)."""
+    argv = list(argv)
     if argv and argv[0] in ("-h", "--help"):
-        print(usage())
+        print(usage(commands, prog))
         return 0
     if not argv:
-        print(usage(), file=sys.stderr)
+        print(usage(commands, prog), file=sys.stderr)
         return 2
-    if argv[0] not in COMMANDS:
-        print(f"python -m maspo_megatron: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)}; --help)",
-              file=sys.stderr)
+    if argv[0] not in commands:
+        print(f"{prog}: unknown command {argv[0]!r} (choose from {', '.join(commands)}; --help)", file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]][0](argv[1:])
+    return commands[argv[0]][0](argv[1:])
+
+
+def main(argv=None) -> int:
+    return dispatch(COMMANDS, sys.argv[1:] if argv is None else argv, "python -m maspo_megatron")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import os
 import sys
 
 from maspo_megatron.config import ConfigError, load_config
+from maspo_megatron.utils.ports import free_port
 
 EXIT_BAD_CONFIG = 2
 
@@ -24,19 +25,6 @@ def parse_args(argv=None, prog: str = "maspo-train"):
     return parser.parse_args(argv)
 
 
-def _single_process() -> bool:
-    world = os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or "1"
-    return int(world) == 1
-
-
-def _free_local_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main(argv=None, prog: str = "maspo-train") -> int:
     args = parse_args(argv, prog)
     try:
@@ -45,11 +33,13 @@ def main(argv=None, prog: str = "maspo-train") -> int:
         print(f"maspo-train: config error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if _single_process() and "MASTER_PORT" not in os.environ:
+    from maspo_megatron.parallel.launch_env import rank_env  # imports torch: after the config is read
+
+    if rank_env().world_size == 1 and "MASTER_PORT" not in os.environ:
         # A lone process rendezvouses with itself: any free port, so that two runs on one
         # machine do not collide on the default 29500.
         os.environ["MASTER_ADDR"] = os.environ.get("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_local_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     from maspo_megatron.trainer.loop import Trainer
 
     try:

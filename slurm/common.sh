@@ -107,7 +107,8 @@ maspo_step_resources() {
 
 # maspo_rendezvous HOST: exports MASTER_ADDR/MASTER_PORT for torch.distributed. The port is derived
 # from the job id (and restart count) unless set, so two jobs sharing a node, or a requeued job
-# whose old socket lingers in TIME_WAIT, do not collide.
+# whose old socket lingers in TIME_WAIT, do not collide. maspo_megatron/parallel/launch_env.py
+# (rendezvous_port) computes the same port for nemo-run's srun tasks; a test keeps the two equal.
 maspo_rendezvous() {
     export MASTER_ADDR="$1"
     export MASTER_PORT="${MASTER_PORT:-$((20000 + (SLURM_JOB_ID * 7 + ${SLURM_RESTART_COUNT:-0}) % 20000))}"

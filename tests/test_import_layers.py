@@ -1,21 +1,29 @@
 """The package's rooms and floors: a room (top-level package or module of maspo_megatron) imports
 only rooms on lower floors, never one on its own floor or above, so there are no cycles between
 rooms and a newcomer can read the house bottom-up. Every import counts, also those inside
-functions (lazy imports are still dependencies). Adding a room means adding it to FLOORS."""
+functions (lazy imports are still dependencies). Adding a room means adding it to FLOORS.
+
+Rules beyond the floors: `data/` holds no RL logic (imports neither `rewards` nor `algorithms`:
+dynamic sampling lives beside the rollout phase in trainer/); `algorithms/` is pure tensor math
+(no torch.distributed, no Megatron); the driver's context is typed (no `Any` fields)."""
 from __future__ import annotations
 
 import ast
+import dataclasses
+import typing
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "maspo_megatron"
 
 FLOORS = {
-    # 0: plain data and pure math
-    "__init__": 0, "config": 0, "algorithms": 0,
-    # 1: collectives, model definition, rewards
-    "parallel": 1, "models": 1, "rewards": 1,
-    # 2: checkpoint I/O (models + parallel), prompt data
-    "checkpoint": 2, "data": 2,
+    # 0: plain data, pure math, small helpers (LaTeX scanning, free ports)
+    "__init__": 0, "config": 0, "algorithms": 0, "utils": 0,
+    # 1: collectives, model definition, rewards, prompt data
+    "parallel": 1, "models": 1, "rewards": 1, "data": 1,
+    # 2: checkpoint I/O (models + parallel)
+    "checkpoint": 2,
     # 3: rollout engines and weight transports
     "rollout": 3,
     # 4: the RL loop, launchers
@@ -63,3 +71,48 @@ def test_rooms_import_only_lower_floors():
                               f"{target} (floor {FLOORS.get(target, '?')})")
     assert not upward, "imports that do not go down a floor:\n" + "\n".join(upward)
 
+
+
+def _imports_of(room: str) -> list[tuple[Path, str, int]]:
+    """(file, imported module, line) of every absolute import in the room's files."""
+    found = []
+    for path in sorted((PACKAGE / room).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found += [(path, alias.name, node.lineno) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.append((path, node.module, node.lineno))
+    return found
+
+
+def test_data_holds_no_rl_logic():
+    rl = [f"{path.relative_to(PACKAGE.parent)}:{line}: {module}" for path, module, line in _imports_of("data")
+          if module.startswith(("maspo_megatron.rewards", "maspo_megatron.algorithms"))]
+    assert rl == []
+
+
+def test_algorithms_are_pure_tensor_math():
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line}: {module}" for path, module, line in _imports_of("algorithms")
+             if module.startswith(("torch.distributed", "megatron"))]
+    assert found == []
+
+
+def _type_checking_names(module_path: Path) -> dict:
+    """The names a module imports under `if TYPE_CHECKING:`, imported for real."""
+    namespace: dict = {}
+    for node in ast.parse(module_path.read_text()).body:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            exec(compile(ast.Module(body=node.body, type_ignores=[]), str(module_path), "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("name", ["DriverContext", "Group"])
+def test_the_driver_context_is_typed(name):
+    from maspo_megatron.trainer import rollout_phase
+
+    cls = getattr(rollout_phase, name)
+    hints = typing.get_type_hints(cls, globalns=vars(rollout_phase),
+                                  localns=_type_checking_names(Path(rollout_phase.__file__)))
+    untyped = [field.name for field in dataclasses.fields(cls)
+               if hints[field.name] in (typing.Any, object, list, dict) or "Any" in str(hints[field.name])]
+    assert untyped == []

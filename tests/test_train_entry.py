@@ -17,27 +17,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer._loop_cases import EXAMPLE, tiny_overrides
+from maspo_megatron.utils.ports import free_port
+from tests.helpers.loop_cases import EXAMPLE, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _start(output_dir: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=str(REPO), MASTER_PORT=str(_free_port()))
+               PYTHONPATH=str(REPO), MASTER_PORT=str(free_port()))
     args = tiny_overrides(str(output_dir), "trainer.total_steps=4", "trainer.save_every=2",
                           "trainer.eval_at_end=false", *extra)
     log = open(output_dir.parent / f"{output_dir.name}.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "maspo_megatron.train", "--config", EXAMPLE, *args],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _finish(proc: subprocess.Popen, timeout_s: float = 240) -> int:

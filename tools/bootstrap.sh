@@ -4,7 +4,7 @@
 # dependency can pull a multi-GB CUDA build of torch. Safe to rerun: a finished install is
 # recorded in .venv/.maspo-installed with the hash of the inputs and skipped next time.
 #
-# usage: bash tools/bootstrap.sh [dev]     (dev adds pytest, hypothesis, ruff, shellcheck)
+# usage: bash tools/bootstrap.sh [dev]     (dev adds pytest, hypothesis, ruff, shellcheck, triton, wandb)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""

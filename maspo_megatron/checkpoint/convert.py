@@ -45,6 +45,7 @@ from maspo_megatron.checkpoint.hf_writer import ShardedSafetensorsWriter
 from maspo_megatron.models.families import FAMILIES
 from maspo_megatron.models.meta import load_hf_config_dict, model_meta
 from maspo_megatron.models.weight_map import MegatronTensor, WeightMap
+from maspo_megatron.parallel.launch_env import rank_env
 
 HF_CONFIG_SUBDIR = "hf_config"
 CONVERSION_FILE = "maspo_conversion.json"
@@ -81,7 +82,7 @@ def ensure_process_group() -> bool:
     Returns True when this call created it (the caller then destroys it)."""
     if dist.is_initialized():
         return False
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if rank_env().launcher == "torchrun":  # env:// rendezvous; srun without torchrun converts alone
         dist.init_process_group("gloo")
     else:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -122,7 +123,7 @@ def _copy_side_files(src: Path, dst: Path, dtype: Optional[str]) -> None:
         (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def _check_hf_tensors(reader: HFCheckpointReader, wmap: WeightMap) -> dict[str, torch.dtype]:
+def check_hf_tensors(reader: HFCheckpointReader, wmap: WeightMap) -> dict[str, torch.dtype]:
     """Every tensor the table needs exists with the config's shape, and no tensor is left
     unexplained (a config that does not match its weights); returns their dtypes."""
     expected = set(wmap.hf_tensor_names())
@@ -169,7 +170,7 @@ def hf_to_megatron(
         check_parallel_fit(meta, ParallelConfig(tp=tp, pp=pp))
         wmap = WeightMap(FAMILIES[meta.family], meta)
         reader = HFCheckpointReader(hf_dir)
-        src_dtypes = _check_hf_tensors(reader, wmap)
+        src_dtypes = check_hf_tensors(reader, wmap)
         if rank == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)

@@ -52,7 +52,7 @@ def chunking(mt: MegatronTensor, wmap: WeightMap, tp: int) -> Chunking:
 def build_full(mt: MegatronTensor, wmap: WeightMap, reader: HFCheckpointReader, src_dtypes: dict) -> torch.Tensor:
     """The full Megatron tensor `mt` (what `wmap.hf_to_megatron` returns, bit for bit), with every
     HF tensor read straight into its rows of one preallocated output: no concatenation copies.
-    Shapes were checked up front (`_check_hf_tensors`)."""
+    Shapes were checked up front (`convert.check_hf_tensors`)."""
     names = [n.format(i=mt.layer) for n in mt.rule.hf]
     layout, meta = mt.rule.layout, wmap.meta
     out = torch.empty(mt.shape, dtype=src_dtypes[names[0]])

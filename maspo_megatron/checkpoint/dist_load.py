@@ -14,6 +14,7 @@ from typing import Callable
 from megatron.core import dist_checkpointing
 
 from maspo_megatron.checkpoint.guard import verify_checkpoint_is_data
+from maspo_megatron.models.wrappers import unwrap
 
 
 def load_dist_checkpoint(ckpt_dir: str | Path, build_request: Callable[[], dict]) -> dict:
@@ -36,7 +37,7 @@ def load_model_weights(model_chunks: list, ckpt_dir: str | Path) -> None:
     the parallel layout the chunks were built with; vocab tensors saved with other padding
     load their overlap (Megatron marks them allow_shape_mismatch) and the rest stays zero.
     """
-    chunks = [unwrap_ddp(c) for c in model_chunks]
+    chunks = [unwrap(c) for c in model_chunks]
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
     def request() -> dict:
@@ -45,10 +46,3 @@ def load_model_weights(model_chunks: list, ckpt_dir: str | Path) -> None:
     loaded = load_dist_checkpoint(ckpt_dir, request)
     for key, chunk in zip(keys, chunks, strict=True):
         chunk.load_state_dict(loaded[key], strict=True)
-
-
-def unwrap_ddp(chunk):
-    """DDP wrapper -> the module that owns `sharded_state_dict` (GPTModel or Float16Module)."""
-    from megatron.core.distributed import DistributedDataParallel
-
-    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk

@@ -58,12 +58,12 @@ class DistCheckpointReader:
     def load(self, requests: Iterable[tuple[str, Optional[int]]]) -> list[torch.Tensor]:
         """Loads [key, layer] slices: layer=None -> the whole tensor, else tensor[layer].
 
-        Each slice is read straight from the chunk files into its output (`_read_direct`); slices
+        Each slice is read straight from the chunk files into its output (`read_direct`); slices
         that a chunk covers only in part (chunks spanning several layers) go through DCP's reader.
         """
         out, rest = [], []
         for key, layer in requests:
-            tensor = _read_direct(self, key, layer)
+            tensor = read_direct(self, key, layer)
             out.append(tensor)
             if tensor is None:
                 rest.append((len(out) - 1, key, layer))
@@ -210,7 +210,7 @@ def row_map(reader: DistCheckpointReader, key: str, layer: Optional[int]) -> Opt
     return sorted(rows)
 
 
-def _read_direct(reader: DistCheckpointReader, key: str, layer: Optional[int]) -> Optional[torch.Tensor]:
+def read_direct(reader: DistCheckpointReader, key: str, layer: Optional[int]) -> Optional[torch.Tensor]:
     """tensor[layer] (or the whole tensor) read from the chunk files into one new tensor, each
     chunk's bytes going straight into its place (a bounce buffer only where that place is strided).
     Returns None when some chunk lies only partly inside the slice (`_locate_chunks`)."""

@@ -19,19 +19,14 @@ from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
 from maspo_megatron.models import layouts
 from maspo_megatron.models.families import Rule
 from maspo_megatron.models.weight_map import WeightMap, stage_layer_offset
+from maspo_megatron.models.wrappers import unwrap
 
 HFSource = Union[HFCheckpointReader, Callable[[str], torch.Tensor]]
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
 def _mapped_params(model: torch.nn.Module, wmap: WeightMap) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """The chunk's parameters that the table maps (rotary buffers and extra state are not parameters)."""
-    for name, param in _unwrap(model).named_parameters():
+    for name, param in unwrap(model).named_parameters():
         if name == "output_layer.weight" and wmap.meta.tied_embeddings:
             continue  # the last stage's copy of a tied embedding: filled from the embedding below
         yield name, param
@@ -48,7 +43,7 @@ def _shard_runs(full_rows: int, glu: bool, tp_size: int, tp_rank: int) -> list[t
     return [(tp_rank * rows, rows, 0), (half + tp_rank * rows, rows, rows)]
 
 
-def _read_shard(reader: HFCheckpointReader, wmap: WeightMap, rule: Rule, layer, dest: torch.Tensor,
+def read_shard(reader: HFCheckpointReader, wmap: WeightMap, rule: Rule, layer, dest: torch.Tensor,
                 tp_rank: int, tp_size: int) -> None:
     """dest = this rank's shard of the Megatron tensor `rule` (at `layer`), reading only its bytes."""
     names = [n.format(i=layer) for n in rule.hf]
@@ -92,13 +87,13 @@ def load_hf_weights(model: torch.nn.Module, wmap: WeightMap, source: HFSource, t
     source: an `HFCheckpointReader` (each rank reads only its slices; see the module docstring) or
     a callable name -> full HF tensor (e.g. a state dict's `__getitem__`), sharded in memory.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     offset = stage_layer_offset(inner)
     sliced = isinstance(source, HFCheckpointReader)
     for name, param in _mapped_params(inner, wmap):
         if sliced:
             rule, layer = wmap.resolve(name, offset)
-            _read_shard(source, wmap, rule, layer, param, tp_rank, tp_size)
+            read_shard(source, wmap, rule, layer, param, tp_rank, tp_size)
             continue
         full = wmap.hf_to_megatron(name, source, layer_offset=offset)
         dim, glu = wmap.tp_split(name)
@@ -111,7 +106,7 @@ def load_hf_weights(model: torch.nn.Module, wmap: WeightMap, source: HFSource, t
         if not getattr(inner, "pre_process", False):
             if sliced:
                 rule, _ = wmap.resolve("embedding.word_embeddings.weight")
-                _read_shard(source, wmap, rule, None, tied_output.weight, tp_rank, tp_size)
+                read_shard(source, wmap, rule, None, tied_output.weight, tp_rank, tp_size)
                 return
             full = wmap.hf_to_megatron("embedding.word_embeddings.weight", source)
             tied_output.weight.copy_(layouts.shard_tp(full, 0, False, tp_size, tp_rank))
@@ -126,7 +121,7 @@ def export_hf_weights(
     gather(shard, name) returns all TP ranks' shards of the parameter (e.g. an all_gather over the
     TP group); fused HF tensors (q/k/v, gate/up) are yielded together, one after the other.
     """
-    inner = _unwrap(model)
+    inner = unwrap(model)
     offset = stage_layer_offset(inner)
     for name, param in _mapped_params(inner, wmap):
         dim, glu = wmap.tp_split(name)

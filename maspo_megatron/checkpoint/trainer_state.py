@@ -32,6 +32,7 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from maspo_megatron.checkpoint.dist_load import load_dist_checkpoint
+from maspo_megatron.models.wrappers import unwrap
 
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"  # written by rank 0 after the dist checkpoint: marks completeness
@@ -69,13 +70,6 @@ def find_latest(root: str | Path) -> Optional[Path]:
 def read_trainer_state(path: str | Path) -> Dict[str, Any]:
     """The human-readable summary rank 0 writes next to the dist checkpoint (step, counters, layout)."""
     return json.loads((Path(path) / STATE_FILE).read_text())
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """DDP wrapper -> the module that owns `sharded_state_dict` (GPTModel or Float16Module)."""
-    from megatron.core.distributed import DistributedDataParallel
-
-    return chunk.module if isinstance(chunk, DistributedDataParallel) else chunk
 
 
 def _model_keys(model_chunks: Sequence[torch.nn.Module]) -> List[str]:
@@ -129,7 +123,7 @@ def restore_rng_state(state: dict) -> None:
 def _sharded_state_dict(model_chunks, optimizer, *, is_loading: bool, with_rng: bool) -> dict:
     state: Dict[str, Any] = {}
     for key, chunk in zip(_model_keys(model_chunks), model_chunks, strict=True):
-        state[key] = _unwrap(chunk).sharded_state_dict()
+        state[key] = unwrap(chunk).sharded_state_dict()
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     if with_rng:
@@ -205,7 +199,7 @@ def save_checkpoint(
             os.replace(final, stale)
         os.replace(tmp, final)
         _write_atomic(root / LATEST_FILE, final.name + "\n")
-        _prune(root, keep_last, keep=final)
+        prune_checkpoints(root, keep_last, keep=final)
     _barrier()
     return final
 
@@ -237,7 +231,7 @@ def _is_json_scalar(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) or value is None
 
 
-def _prune(root: Path, keep_last: int, keep: Path) -> None:
+def prune_checkpoints(root: Path, keep_last: int, keep: Path) -> None:
     """Removes all but the newest `keep_last` complete checkpoints, and leftovers of interrupted saves."""
     steps = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP_DIR.match(p.name)))
     complete = [p for _, p in steps if is_complete(p)]
@@ -321,7 +315,7 @@ def load_checkpoint(
 
     loaded = load_dist_checkpoint(path, request)
     for key, chunk in zip(_model_keys(model_chunks), model_chunks, strict=True):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if load_optimizer and optimizer is not None:
         with torch.no_grad():  # fp32 main params are leaves that require grad (CPU_NOTES.md)
             optimizer.load_state_dict(loaded["optimizer"])

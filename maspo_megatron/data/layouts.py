@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 from maspo_megatron.data.records import DataError
-from maspo_megatron.rewards.extract import last_boxed
+from maspo_megatron.utils.latex import last_boxed
 
 Prompt = Union[str, list]
 

@@ -4,7 +4,7 @@ It exists for two reasons. (1) The training config travels inside the command li
 of the validated `Config`), so a job launched locally and one launched on Slurm run exactly the
 same config object, with no file to copy through a tunnel. (2) nemo-run's plain srun launch sets
 no rendezvous: under srun this fills MASTER_ADDR from the allocation (`scontrol show hostnames`)
-and MASTER_PORT from the job id, as slurm/common.sh does. Then it runs `python -m M --config FILE`
+and MASTER_PORT from the job id, as slurm/common.sh does (`parallel/launch_env.py`). Then it runs `python -m M --config FILE`
 in this process, so M's exit code (75 = checkpoint saved, requeue me) is the task's exit code.
 """
 from __future__ import annotations
@@ -13,28 +13,8 @@ import argparse
 import base64
 import os
 import runpy
-import subprocess
 import sys
 import tempfile
-
-
-def slurm_rendezvous(environ: dict) -> dict:
-    """MASTER_ADDR/MASTER_PORT for an srun task when the launcher left them unset; {} otherwise."""
-    if "SLURM_PROCID" not in environ or "RANK" in environ:
-        return {}
-    found = {}
-    if not environ.get("MASTER_ADDR"):
-        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
-        if not nodelist:
-            raise SystemExit("rank_entry: SLURM_PROCID is set but SLURM_JOB_NODELIST is not")
-        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                               check=True).stdout.split()
-        found["MASTER_ADDR"] = hosts[0]
-    if not environ.get("MASTER_PORT"):
-        # Same formula as slurm/common.sh: distinct per job and per restart of a requeued job.
-        job_id, restarts = int(environ.get("SLURM_JOB_ID", "0")), int(environ.get("SLURM_RESTART_COUNT", "0"))
-        found["MASTER_PORT"] = str(20000 + (job_id * 7 + restarts) % 20000)
-    return found
 
 
 def main(argv=None) -> None:
@@ -47,6 +27,8 @@ def main(argv=None) -> None:
         text = base64.b64decode(args.config_b64, validate=True).decode()
     except ValueError as exc:
         raise SystemExit(f"rank_entry: --config-b64 is not valid base64 ({exc})") from None
+    from maspo_megatron.parallel.launch_env import slurm_rendezvous  # imports torch: after the arguments
+
     os.environ.update(slurm_rendezvous(dict(os.environ)))
     fd, path = tempfile.mkstemp(prefix="maspo-config-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +23,7 @@ import yaml
 from maspo_megatron.config import from_dict, to_dict
 from maspo_megatron.config.schema import Config
 from maspo_megatron.launch.cluster import LaunchConfig
+from maspo_megatron.utils.ports import free_port
 
 RANK_ENTRY_MODULE = "maspo_megatron.launch.rank_entry"
 # What nemo-run reports for a job that ended well (torchx AppState names).
@@ -39,12 +39,6 @@ def encode_config(cfg: Config) -> str:
 def decode_config(payload: str) -> Config:
     """Inverse of `encode_config` (validates again)."""
     return from_dict(Config, yaml.safe_load(base64.b64decode(payload).decode()))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_env(launch: LaunchConfig) -> dict[str, str]:
@@ -78,12 +72,12 @@ def local_executor(launch: LaunchConfig) -> Any:
     env = _rank_env(launch)
     launcher = None
     if ranks > 1:
-        launcher = run.Torchrun(rdzv_port=launch.rdzv_port or _free_port())
+        launcher = run.Torchrun(rdzv_port=launch.rdzv_port or free_port())
         # torchx calls `torchrun` by name: the one next to this interpreter (a venv's bin is often not on PATH).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     else:
         # A single rank still builds a (1-process) process group: give it a free port, not 29500.
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(launch.rdzv_port or _free_port()))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(launch.rdzv_port or free_port()))
     return run.LocalExecutor(ntasks_per_node=ranks, nodes=1, launcher=launcher, env_vars=env)
 
 

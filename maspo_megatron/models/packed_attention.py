@@ -68,6 +68,12 @@ def _flex_available() -> bool:
     return True
 
 
+def available_kernels() -> tuple[str, ...]:
+    """The KERNELS this torch build has, in order of preference (which one runs: `choose_kernel`)."""
+    found = (("varlen", bool(_varlen_params())), ("flex", _flex_available()), ("sdpa", True))
+    return tuple(kernel for kernel, present in found if present)
+
+
 def _varlen_can_run(window: Window) -> bool:
     params = _varlen_params()
     if not params:

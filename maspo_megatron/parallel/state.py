@@ -21,20 +21,7 @@ import torch.distributed as dist
 
 from maspo_megatron.config.parallel import ParallelConfig
 from maspo_megatron.parallel.device import process_group_backend, select_device
-
-
-def _env_rank_world() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's or SLURM's environment (single process: 0, 1, 0)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local = int(os.environ.get("LOCAL_RANK", rank))
-    elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
-        local = int(os.environ.get("SLURM_LOCALID", 0))
-    else:
-        rank, world, local = 0, 1, 0
-    return rank, world, local
-
+from maspo_megatron.parallel.launch_env import rank_env
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +174,8 @@ def init_distributed(parallel_cfg: ParallelConfig, seed: int) -> ParallelDims:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    rank, world_size, local_rank = _env_rank_world()
+    env = rank_env()
+    rank, world_size, local_rank = env.rank, env.world_size, env.local_rank
     check_layout(parallel_cfg, world_size)
     device = select_device(local_rank)
     if not dist.is_initialized():

@@ -28,8 +28,9 @@ REFERENCE_SUBDIR = "reference"
 
 def build_reference(cfg, dims, tokenizer, policy, output_dir: str | Path, resumed: bool):
     """Collective. The reference Policy: a copy of `policy` on a fresh start, the saved one on resume."""
-    from maspo_megatron.checkpoint.dist_load import load_model_weights, unwrap_ddp
+    from maspo_megatron.checkpoint.dist_load import load_model_weights
     from maspo_megatron.checkpoint.trainer_state import capture_rng_state, restore_rng_state, save_model_weights
+    from maspo_megatron.models.wrappers import unwrap
     from maspo_megatron.trainer.setup import build_policy
 
     path = Path(output_dir) / REFERENCE_SUBDIR
@@ -44,7 +45,7 @@ def build_reference(cfg, dims, tokenizer, policy, output_dir: str | Path, resume
     else:
         with torch.no_grad():
             for ours, theirs in zip(reference.chunks, policy.chunks, strict=True):
-                pairs = zip(ours.named_parameters(), unwrap_ddp(theirs).named_parameters(), strict=True)
+                pairs = zip(unwrap(ours).named_parameters(), unwrap(theirs).named_parameters(), strict=True)
                 for (name, target), (other, source) in pairs:
                     if name != other:
                         raise RuntimeError(f"reference policy: parameter {name} does not match the policy's {other}")

@@ -19,37 +19,45 @@ import dataclasses
 import math
 import time
 import zlib
-from typing import Any, List
+from typing import TYPE_CHECKING, Dict, List
 
 import torch
 
 from maspo_megatron.algorithms import group_advantages, overlong_penalty
-from maspo_megatron.data import collect_groups
 from maspo_megatron.rollout import SamplingParams
 from maspo_megatron.trainer.batch import TrainSample
+from maspo_megatron.trainer.dynamic_sampling import collect_groups
+
+if TYPE_CHECKING:  # annotations only: transformers and the reward pool are imported where they are built
+    from transformers import PreTrainedTokenizerBase
+
+    from maspo_megatron.config import Config
+    from maspo_megatron.data import PromptDataset, PromptItem, PromptSampler
+    from maspo_megatron.rewards import RewardScorer
+    from maspo_megatron.rollout import RolloutEngine, Sample
 
 
 @dataclasses.dataclass
 class Group:
     """One prompt and its n samples, scored."""
 
-    item: Any  # PromptItem
-    samples: list  # [Sample]
-    rewards: List[float]
-    reasons: List[str]
+    item: PromptItem
+    samples: List[Sample]
+    rewards: List[float]  # one per sample
+    reasons: List[str]  # the scorer's reason per sample ("correct", "timeout", "abort", ...)
 
 
 @dataclasses.dataclass
 class DriverContext:
     """What the driver needs each step (rank 0 only)."""
 
-    cfg: Any
-    engine: Any
-    scorer: Any
-    tokenizer: Any
-    sampler: Any
-    dataset: Any
-    timings: dict = dataclasses.field(default_factory=dict)  # seconds per phase since last read
+    cfg: Config
+    engine: RolloutEngine
+    scorer: RewardScorer
+    tokenizer: PreTrainedTokenizerBase
+    sampler: PromptSampler
+    dataset: PromptDataset
+    timings: Dict[str, float] = dataclasses.field(default_factory=dict)  # seconds per phase since last read
 
     def add_time(self, key: str, seconds: float) -> None:
         self.timings[key] = self.timings.get(key, 0.0) + seconds
@@ -60,7 +68,7 @@ def step_seed(base_seed: int, step: int, round_index: int) -> int:
     return zlib.crc32(f"{base_seed}:{step}:{round_index}".encode()) & 0x7FFFFFFF
 
 
-def generate_groups(ctx: DriverContext, items: list, n: int, sampling: SamplingParams) -> List[Group]:
+def generate_groups(ctx: DriverContext, items: List[PromptItem], n: int, sampling: SamplingParams) -> List[Group]:
     """n samples for each prompt, decoded and scored (aborted samples get `reward.error`)."""
     if not items:
         return []
@@ -86,7 +94,7 @@ def generate_groups(ctx: DriverContext, items: list, n: int, sampling: SamplingP
     return groups
 
 
-def _advantages(cfg, groups: List[Group]) -> torch.Tensor:
+def _advantages(cfg: Config, groups: List[Group]) -> torch.Tensor:
     n = cfg.rollout.n_samples_per_prompt
     rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float64)
     if cfg.algorithm.overlong.enabled:
@@ -129,7 +137,7 @@ def run_rollout(ctx: DriverContext, step: int) -> tuple[List[TrainSample], dict]
     generated: List[Group] = []
     rounds = [0]
 
-    def generate_and_score(items: list) -> List[Group]:
+    def generate_and_score(items: List[PromptItem]) -> List[Group]:
         sampling = SamplingParams.from_config(cfg.rollout, seed=step_seed(cfg.trainer.seed, step, rounds[0]))
         rounds[0] += 1
         groups = generate_groups(ctx, items, n, sampling)

@@ -42,7 +42,7 @@ from maspo_megatron.trainer.batch import TrainSample
 
 _PER_TOKEN_ADVANTAGE = 1
 _HAS_LOG_PROBS = 2
-_CHUNK_IDS = 1 << 21  # token ids per broadcast (8 MiB of int32)
+CHUNK_IDS = 1 << 21  # token ids per broadcast (8 MiB of int32), the default of broadcast_samples(chunk_ids=)
 _CPU = torch.device("cpu")
 
 
@@ -105,14 +105,14 @@ def _describe(samples: Sequence[TrainSample]) -> tuple[List[tuple[int, int, int]
     return counts, _flat(adv_parts, torch.float64)
 
 
-def _chunks(counts: Sequence[Sequence[int]]) -> List[tuple[int, int, int, int]]:
-    """(first sample, end sample, ids, log-probs) of consecutive sample ranges of about _CHUNK_IDS
+def _chunks(counts: Sequence[Sequence[int]], chunk_ids: int) -> List[tuple[int, int, int, int]]:
+    """(first sample, end sample, ids, log-probs) of consecutive sample ranges of about `chunk_ids`
     ids: one broadcast each, so that sending one overlaps packing the next (same on every rank)."""
     out, first, ids, log_probs = [], 0, 0, 0
     for index, (prompt, response, flags) in enumerate(counts):
         ids += prompt + response
         log_probs += response if flags & _HAS_LOG_PROBS else 0
-        if ids >= _CHUNK_IDS or index == len(counts) - 1:
+        if ids >= chunk_ids or index == len(counts) - 1:
             out.append((first, index + 1, ids, log_probs))
             first, ids, log_probs = index + 1, 0, 0
     return out
@@ -138,7 +138,7 @@ def pack_samples(samples: Sequence[TrainSample]) -> List[torch.Tensor]:
     """[header[4], counts[N, 3], ids[I], log_probs[L], advantages[A]] on the CPU (see the module
     docstring), in one piece (broadcast_samples sends ids and log-probs chunk by chunk)."""
     counts, advantages = _describe(samples)
-    parts = [_chunk_tensors(samples, first, end) for first, end, _, _ in _chunks(counts)]
+    parts = [_chunk_tensors(samples, first, end) for first, end, _, _ in _chunks(counts, CHUNK_IDS)]
     ids = torch.cat([p[0] for p in parts]) if parts else torch.empty(0, dtype=torch.int32, device=_CPU)
     log_probs = torch.cat([p[1] for p in parts]) if parts else torch.empty(0, dtype=torch.float32, device=_CPU)
     return [_header(counts, advantages), torch.tensor(counts, dtype=torch.int64, device=_CPU).reshape(-1, 3),
@@ -174,14 +174,14 @@ def unpack_samples(counts: torch.Tensor, ids: torch.Tensor, log_probs: torch.Ten
     return out
 
 
-def _send(samples: List[TrainSample]) -> None:
+def _send(samples: List[TrainSample], chunk_ids: int) -> None:
     counts, advantages = _describe(samples)
     dist.broadcast(_header(counts, advantages), src=0)
     if not counts:
         return
     dist.broadcast(torch.tensor(counts, dtype=torch.int64, device=_CPU), src=0)
     pending = []  # (tensor, work): each tensor alive until its broadcast is done
-    for first, end, _, _ in _chunks(counts):
+    for first, end, _, _ in _chunks(counts, chunk_ids):
         for tensor in _chunk_tensors(samples, first, end):  # packed while the previous chunk travels
             if tensor.numel():
                 pending.append((tensor, dist.broadcast(tensor, src=0, async_op=True)))
@@ -191,7 +191,7 @@ def _send(samples: List[TrainSample]) -> None:
         work.wait()
 
 
-def _receive() -> List[TrainSample]:
+def _receive(chunk_ids: int) -> List[TrainSample]:
     header = torch.empty(4, dtype=torch.int64, device=_CPU)
     dist.broadcast(header, src=0)
     count, id_total, lp_total, adv_total = header.tolist()
@@ -203,7 +203,7 @@ def _receive() -> List[TrainSample]:
     log_probs = torch.empty(lp_total, dtype=torch.float32, device=_CPU)
     advantages = torch.empty(adv_total, dtype=torch.float64, device=_CPU)
     pending, id_at, lp_at = [], 0, 0
-    for _, _, id_count, lp_count in _chunks(counts.tolist()):
+    for _, _, id_count, lp_count in _chunks(counts.tolist(), chunk_ids):
         for flat, at, size in ((ids, id_at, id_count), (log_probs, lp_at, lp_count)):
             if size:
                 pending.append(dist.broadcast(flat[at:at + size], src=0, async_op=True))
@@ -215,14 +215,15 @@ def _receive() -> List[TrainSample]:
     return unpack_samples(counts, ids, log_probs, advantages)
 
 
-def broadcast_samples(samples: Optional[List[TrainSample]], dims) -> List[TrainSample]:
+def broadcast_samples(samples: Optional[List[TrainSample]], dims, *, chunk_ids: int = CHUNK_IDS) -> List[TrainSample]:
     """Collective over the default group. Rank 0 passes the samples, the others None; every rank
-    returns the samples (rank 0: its own list; others: tensor views, see the module docstring)."""
+    returns the samples (rank 0: its own list; others: tensor views, see the module docstring).
+    The token ids travel in broadcasts of about `chunk_ids` ids each (the same value on every rank)."""
     if dims.world_size == 1:
         return samples
     if dims.rank != 0:
-        return _receive()
+        return _receive(chunk_ids)
     if samples is None:
         raise ValueError("broadcast_samples: rank 0 (the driver) must pass the samples, got None")
-    _send(samples)
+    _send(samples, chunk_ids)
     return samples

@@ -1,4 +1,4 @@
-"""policy_loss against the independent float64 reference (tests/algorithms/_reference.py):
+"""policy_loss against the independent float64 reference (tests/helpers/loss_reference.py):
 value AND gradient to 1e-5 relative (fp32) on random inputs, for every loss, with the default
 and with non-default hyperparameters; the loss defaults equal the config defaults."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 
 from maspo_megatron.algorithms import POLICY_LOSSES, loss_hyperparameters, policy_loss
 from maspo_megatron.config.algorithm import AlgorithmConfig
-from tests.algorithms import _reference as ref
 from tests.algorithms._runtime import RUNTIME_KEYS, runtime_inputs
+from tests.helpers import loss_reference as ref
 
 CASES = [
     ("maspo", {}),

@@ -18,7 +18,7 @@ from maspo_megatron.checkpoint.byte_copy import Segment, SegmentCopier, SpliceTa
 from maspo_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from maspo_megatron.checkpoint.dist_read import DistCheckpointReader
 from maspo_megatron.models import layouts
-from tests.models._hf_models import save_hf_model
+from tests.helpers.hf_models import save_hf_model
 
 
 def test_slice_rows_names_runs_and_zero_gaps():

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from maspo_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from tests.checkpoint._cases import parity_case
+from tests.helpers.hf_models import VARIANTS, hf_logits, save_hf_model
 from tests.helpers.multiproc import run_distributed
-from tests.models._hf_models import VARIANTS, hf_logits, save_hf_model
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 # (variant, conversion tp, conversion pp)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from maspo_megatron.checkpoint.byte_copy import SegmentCopier
 from maspo_megatron.checkpoint.convert import hf_to_megatron, megatron_to_hf
 from maspo_megatron.checkpoint.errors import CheckpointError
-from tests.models._hf_models import build_hf_model, save_hf_model
+from tests.helpers.hf_models import build_hf_model, save_hf_model
 
 
 class _Evil:

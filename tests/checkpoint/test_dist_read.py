@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from maspo_megatron.checkpoint.convert import _check_hf_tensors, ensure_process_group, hf_to_megatron
+from maspo_megatron.checkpoint.convert import check_hf_tensors, ensure_process_group, hf_to_megatron
 from maspo_megatron.checkpoint.convert_tensors import build_full
-from maspo_megatron.checkpoint.dist_read import DistCheckpointReader, _read_direct
+from maspo_megatron.checkpoint.dist_read import DistCheckpointReader, read_direct
 from maspo_megatron.checkpoint.dist_save import meta_sharded_tensor, save_lazy
 from maspo_megatron.checkpoint.errors import CheckpointError
 from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
 from maspo_megatron.checkpoint.hf_writer import ShardedSafetensorsWriter
 from maspo_megatron.models import WeightMap
-from tests.models._hf_models import VARIANTS, save_hf_model
+from tests.helpers.hf_models import VARIANTS, save_hf_model
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_direct_build_equals_table_transform(name, tmp_path):
     for tp in (1, 2):
         wmap = WeightMap.from_hf_config(tmp_path / "hf", tp=tp)  # tp changes the vocab padding
         reader = HFCheckpointReader(tmp_path / "hf")
-        dtypes = _check_hf_tensors(reader, wmap)
+        dtypes = check_hf_tensors(reader, wmap)
         for mt in wmap.megatron_tensors():
             direct = build_full(mt, wmap, reader, dtypes)
             reference = wmap.hf_to_megatron(mt.name, reader.get)
@@ -48,7 +48,7 @@ def test_direct_reader_equals_dcp_reader_on_tp2_chunks(tmp_path, process_group):
     for key in reader.tensors:
         layers = [None] if not key.startswith("decoder.layers.") else range(reader.global_shape(key)[0])
         for layer in layers:
-            direct = _read_direct(reader, key, layer)
+            direct = read_direct(reader, key, layer)
             assert direct is not None, key
             (reference,) = reader._load_dcp([(key, layer)])
             assert torch.equal(direct, reference), (key, layer)
@@ -64,7 +64,7 @@ def test_chunk_spanning_layers_falls_back_to_dcp(tmp_path, process_group):
     (tmp_path / "ckpt").mkdir()
     save_lazy(state, {("decoder.layers.w", (0, 0, 0)): lambda: full.clone()}, tmp_path / "ckpt")
     reader = DistCheckpointReader(tmp_path / "ckpt")
-    assert _read_direct(reader, "decoder.layers.w", 1) is None
+    assert read_direct(reader, "decoder.layers.w", 1) is None
     assert torch.equal(reader.load([("decoder.layers.w", 1)])[0], full[1])
     whole, layer2 = reader.load([("decoder.layers.w", None), ("decoder.layers.w", 2)])
     assert torch.equal(whole, full) and torch.equal(layer2, full[2])

@@ -25,8 +25,8 @@ from maspo_megatron.checkpoint.dist_read import DistCheckpointReader
 from maspo_megatron.checkpoint.errors import CheckpointError
 from maspo_megatron.checkpoint.guard import is_extra_state, read_metadata, verify_checkpoint_is_data
 from tests.checkpoint import _trainer_state_cases as cases
+from tests.helpers.loop_cases import EXAMPLE, tiny_overrides
 from tests.helpers.multiproc import run_distributed
-from tests.trainer._loop_cases import EXAMPLE, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 REFUSAL = "refuses to unpickle builtins.exec (a checkpoint must hold data only)"

@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import save_file
 
 from maspo_megatron.checkpoint.hf_reader import HFCheckpointReader
-from maspo_megatron.checkpoint.hf_weights import _read_shard
+from maspo_megatron.checkpoint.hf_weights import read_shard
 from maspo_megatron.models import WeightMap
-from tests.models._hf_models import hf_config, save_hf_model
+from tests.helpers.hf_models import hf_config, save_hf_model
 
 
 @pytest.fixture()
@@ -50,4 +50,4 @@ def test_sliced_load_names_a_tensor_the_config_does_not_explain(tmp_path):
     rule, layer = wmap.resolve("decoder.layers.0.mlp.linear_fc1.weight")
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.gate_proj.weight: shape \(96, 64\) in .*safetensors, "
                                          r"expected \(128, 64\) from the config"):
-        _read_shard(HFCheckpointReader(tmp_path / "hf"), wmap, rule, layer, torch.empty(128, 64), 0, 2)
+        read_shard(HFCheckpointReader(tmp_path / "hf"), wmap, rule, layer, torch.empty(128, 64), 0, 2)

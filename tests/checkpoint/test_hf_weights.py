@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers.hf_models import VARIANTS, hf_logits, save_hf_model
 from tests.helpers.multiproc import run_distributed
-from tests.models._hf_models import VARIANTS, hf_logits, save_hf_model
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]  # (tp, pp) at world size 2
 

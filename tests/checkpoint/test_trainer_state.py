@@ -70,5 +70,5 @@ def test_prune_keeps_last_k(tmp_path):
     for step in (1, 2, 3, 4):
         _fake_complete(root / f"step_{step}")
     (root / ".tmp_step_5").mkdir()
-    checkpoint._prune(root, keep_last=2, keep=root / "step_4")
+    checkpoint.prune_checkpoints(root, keep_last=2, keep=root / "step_4")
     assert sorted(p.name for p in root.iterdir()) == ["step_3", "step_4"]

@@ -36,7 +36,6 @@ import os
 import pickle
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,18 +43,13 @@ import time
 import traceback
 from typing import Any, Callable
 
+from maspo_megatron.utils.ports import free_port
+
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class DistributedTestError(AssertionError):
     """A rank failed, died or timed out; the message carries its traceback / output tail."""
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _fn_location(fn: Callable) -> tuple[str, str, str]:

@@ -15,6 +15,8 @@ import re
 
 import torch
 
+from maspo_megatron.models.wrappers import unwrap
+
 TINY_VOCAB = 96  # divisible by 4 (TP) and 32 (Megatron's padding multiple is not applied here)
 
 
@@ -78,12 +80,6 @@ def wrap_ddp(chunks: list, *, distributed_optimizer: bool, bucket_size: int | No
                                     disable_bucketing=(index > 0)) for index, chunk in enumerate(chunks)]
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
@@ -111,7 +107,7 @@ def _tp_slice(name: str, param, full: torch.Tensor, tp_rank: int, tp: int) -> to
 def named_local_params(chunks: list):
     """Yields (global_name, local_param) over all chunks of this rank."""
     for chunk in chunks:
-        module = _unwrap(chunk)
+        module = unwrap(chunk)
         for name, param in module.named_parameters():
             yield _global_name(module, name), param
 

@@ -12,7 +12,6 @@ import yaml
 
 from maspo_megatron.config import ConfigError, load_config, to_dict
 from maspo_megatron.launch.cluster import LaunchConfig
-from maspo_megatron.launch.rank_entry import slurm_rendezvous
 from maspo_megatron.launch.recipes import build_job, decode_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,13 +78,6 @@ def test_bad_launch_settings_are_one_line_errors_naming_the_key(override, key):
 def test_local_executor_refuses_several_nodes():
     with pytest.raises(ConfigError, match="^nodes: the local executor runs on one node"):
         load_config(None, ["nodes=2"], cls=LaunchConfig)
-
-
-def test_slurm_rendezvous_from_job_id_and_restart():
-    env = {"SLURM_PROCID": "3", "SLURM_JOB_ID": "12345", "SLURM_RESTART_COUNT": "1", "MASTER_ADDR": "node7"}
-    assert slurm_rendezvous(env) == {"MASTER_PORT": str(20000 + (12345 * 7 + 1) % 20000)}
-    assert slurm_rendezvous({**env, "RANK": "3"}) == {}  # torchrun already set everything
-    assert slurm_rendezvous({"MASTER_ADDR": "x"}) == {}  # not under srun
 
 
 def test_rank_entry_runs_the_module_with_the_config_and_keeps_its_exit_code(tmp_path):

@@ -7,7 +7,7 @@ import transformers
 
 from maspo_megatron.config import ModelConfig, ParallelConfig
 from maspo_megatron.models import FAMILIES, WeightMap, get_family, layouts, model_meta
-from tests.models._hf_models import VARIANTS, build_hf_model, hf_config
+from tests.helpers.hf_models import VARIANTS, build_hf_model, hf_config
 
 
 def test_qkv_layout_is_interleaved_per_query_group():

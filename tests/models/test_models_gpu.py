@@ -34,7 +34,7 @@ def _te_parity_case(hf_dir: str, ckpt: str, ids: torch.Tensor) -> dict:
 def test_te_spec_loads_converted_checkpoint_and_matches_transformers(tmp_path):
     from maspo_megatron.checkpoint.convert import hf_to_megatron
     from maspo_megatron.models.fp8 import transformer_engine_usable
-    from tests.models._hf_models import hf_logits, save_hf_model
+    from tests.helpers.hf_models import hf_logits, save_hf_model
 
     if not transformer_engine_usable():
         pytest.skip("Transformer Engine not importable")

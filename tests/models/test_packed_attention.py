@@ -41,6 +41,20 @@ def test_packed_kernel_matches_float64_reference(window):
         assert torch.allclose(actual.double(), expected, rtol=1e-5, atol=1e-6), name
 
 
+def test_available_kernels_are_what_this_torch_build_has():
+    from maspo_megatron.models.packed_attention import KERNELS, available_kernels, choose_kernel
+
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        has_varlen = True
+    except ImportError:
+        has_varlen = False
+    kernels = available_kernels()
+    assert kernels[-1] == "sdpa" and set(kernels) <= set(KERNELS)  # the fallback is always there
+    assert ("varlen" in kernels) == has_varlen
+    assert choose_kernel(torch.device("cpu"), torch.bfloat16) == "sdpa"  # CPU: present or not, sdpa runs
+
+
 def test_packed_kernel_refuses_bad_input():
     from maspo_megatron.models.packed_attention import packed_causal_attention
 
@@ -149,7 +163,7 @@ def test_sliding_window_models_get_the_packed_attention_on_every_torch_backend()
     from maspo_megatron.models.meta import model_meta
     from maspo_megatron.models.packed_attention import PackedDotProductAttention
     from maspo_megatron.models.provider import layer_spec
-    from tests.models._hf_models import hf_config
+    from tests.helpers.hf_models import hf_config
 
     def core_attention(meta, backend):
         return layer_spec(meta, backend=backend).submodules.self_attention.submodules.core_attention

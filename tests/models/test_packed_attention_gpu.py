@@ -15,9 +15,9 @@ LENGTHS = [100, 37, 300, 1, 74]  # one row of 512 tokens, a 1-token segment incl
 
 
 def _kernels():
-    from maspo_megatron.models.packed_attention import _flex_available, _varlen_params
+    from maspo_megatron.models.packed_attention import available_kernels
 
-    return [k for k, ok in (("varlen", bool(_varlen_params())), ("flex", _flex_available()), ("sdpa", True)) if ok]
+    return list(available_kernels())
 
 
 @pytest.mark.parametrize("window", [None, (63, 0)])
@@ -61,9 +61,9 @@ def test_packed_spec_on_cuda_sliding_window():
 
 def test_attention_backend_on_cuda_without_te():
     from maspo_megatron.models.fp8 import transformer_engine_usable
-    from maspo_megatron.models.packed_attention import _varlen_params, choose_kernel
+    from maspo_megatron.models.packed_attention import available_kernels, choose_kernel
     from maspo_megatron.models.provider import attention_backend
 
     assert attention_backend() == ("te" if transformer_engine_usable() else "packed")
-    if _varlen_params():  # torch >= 2.9: the flash varlen kernel serves bf16 packed rows
+    if "varlen" in available_kernels():  # torch >= 2.9: the flash varlen kernel serves bf16 packed rows
         assert choose_kernel(torch.device("cuda"), torch.bfloat16) == "varlen"

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.trainer._loop_cases import EXAMPLE, tiny_overrides
+from maspo_megatron.utils.ports import free_port
+from tests.helpers.loop_cases import EXAMPLE, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 ALL = ("cuda_graph", "kv_cache", "weights")
@@ -31,14 +32,6 @@ def _tiny_policy_dir(path: Path, output_dir: str) -> str:
     return str(path)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _train_two_steps(output_dir: str, model_dir: str, *rollout_overrides: str) -> subprocess.CompletedProcess:
     """`python -m maspo_megatron.train` for two small steps of the tiny policy against SGLang stand-ins
     (colocated, memory saver on, distributed transport); asserts exit 0."""
@@ -47,7 +40,7 @@ def _train_two_steps(output_dir: str, model_dir: str, *rollout_overrides: str) -
                           f"model.hf_config={model_dir}", "rollout.engine=sglang", "rollout.sglang.enable_memory_saver=true",
                           "rollout.weight_sync.transport=distributed", *rollout_overrides)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO),
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     result = subprocess.run([sys.executable, "-m", "maspo_megatron.train", "--config", EXAMPLE, *args], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

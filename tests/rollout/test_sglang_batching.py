@@ -9,8 +9,8 @@ import torch
 
 from maspo_megatron.rollout import RolloutError, SamplingParams
 from maspo_megatron.rollout.local.sampling import sequence_seed
-from maspo_megatron.rollout.sglang.launcher import free_port
 from maspo_megatron.rollout.sglang.protocol import generate_payload
+from maspo_megatron.utils.ports import free_port
 from tests.helpers.sglang_standin.process import kill, spawn, wait_healthy
 from tests.rollout.conftest import EOS_ID, PROMPTS, engine_for, flat, generate_then_abort
 

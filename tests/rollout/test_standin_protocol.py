@@ -106,7 +106,7 @@ def test_distributed_update_over_gloo(standin):
 
     import torch.distributed as dist
 
-    from maspo_megatron.rollout.sglang.launcher import free_port
+    from maspo_megatron.utils.ports import free_port
 
     server = standin(readback_any_model=True)
     port = free_port()

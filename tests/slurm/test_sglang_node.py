@@ -6,31 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from maspo_megatron.utils.ports import free_port_block
 from tests.helpers.sglang_standin.process import PACKAGE_DIR as STANDIN
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port_block(n: int) -> int:
-    for _ in range(50):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            base = sock.getsockname()[1]
-        if base + n < 65000 and all(_port_free(base + i) for i in range(n)):
-            return base
-    raise RuntimeError("no free port block")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 def _healthy(url: str) -> bool:
@@ -42,7 +27,7 @@ def _healthy(url: str) -> bool:
 
 
 def test_node_script_starts_servers_and_stops_them_together(tmp_path):
-    base = _free_port_block(2)
+    base = free_port_block(2)
     env = {**os.environ, "MASPO_MODEL_DIR": str(tmp_path), "MASPO_SGLANG_TP": "2", "MASPO_SERVERS_PER_NODE": "2",
            "MASPO_SGLANG_PORT": str(base), "MASPO_SGLANG_CMD": f"{sys.executable} {STANDIN} --zero-latency",
            "SLURMD_NODENAME": "127.0.0.1", "PYTHONPATH": str(REPO)}

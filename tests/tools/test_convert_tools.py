@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers.hf_models import save_hf_model
 from tests.helpers.multiproc import run_distributed
-from tests.models._hf_models import save_hf_model
 from tests.tools._convert_cases import convert_case
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,8 +7,8 @@ import math
 from maspo_megatron.config import load_config
 from maspo_megatron.config.algorithm import AlgorithmConfig, ratio_is_one_by_construction
 from maspo_megatron.trainer.loop import eval_sampling_overrides, startup_warnings
+from tests.helpers import loop_cases as cases
 from tests.helpers.multiproc import run_distributed
-from tests.trainer import _loop_cases as cases
 
 
 def test_ratio_is_one_only_for_one_on_policy_update():

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import math
 
+from tests.helpers import loop_cases as cases
 from tests.helpers.multiproc import run_distributed
-from tests.trainer import _loop_cases as cases
 
 
 def _finite(record: dict, key: str) -> bool:

@@ -2,7 +2,7 @@
 an independent float64 computation from the logits (one process, no parallelism).
 
 Reference: log_softmax in float64 -> per-token loss and d loss / d log-prob from
-tests/algorithms/_reference.py (plain math) -> IS weights / rejection / KL written here from their
+tests/helpers/loss_reference.py (plain math) -> IS weights / rejection / KL written here from their
 definitions -> the chain rule through log_softmax by autograd on the reference's own float64 graph.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from maspo_megatron.config.algorithm import AlgorithmConfig, RolloutCorrectionConfig
 from maspo_megatron.trainer.batch import TrainSample, pack_micro_batches
 from maspo_megatron.trainer.loss import LossSettings, compute_loss
-from tests.algorithms import _reference as ref
+from tests.helpers import loss_reference as ref
 
 VOCAB = 17
 

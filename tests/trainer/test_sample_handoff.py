@@ -62,17 +62,15 @@ def _packed(samples: list[TrainSample], dp_size: int) -> list[list[dict]]:
 
 
 def _handoff_case(copies: int, chunk_ids: int) -> dict:
-    import maspo_megatron.trainer.sample_handoff as handoff
     from maspo_megatron.config import ParallelConfig
     from maspo_megatron.parallel import init_distributed
     from maspo_megatron.trainer.sample_handoff import broadcast_samples
 
-    handoff._CHUNK_IDS = chunk_ids  # small chunks: several asynchronous broadcasts in flight
     dims = init_distributed(ParallelConfig(), seed=1)
     given = _samples(copies) if dims.rank == 0 else None
-    received = broadcast_samples(given, dims)
+    received = broadcast_samples(given, dims, chunk_ids=chunk_ids)  # small: several broadcasts in flight
     # a second hand-off in the same run (no state may leak between steps), smaller
-    again = broadcast_samples(given[:2] if given else None, dims)
+    again = broadcast_samples(given[:2] if given else None, dims, chunk_ids=chunk_ids)
     return {"samples": [_plain(s) for s in received], "again": [_plain(s) for s in again],
             "id_dtype": None if dims.rank == 0 else received[0].prompt_ids.dtype,
             "packed": _packed(received, dims.dp)[dims.dp_rank]}

@@ -10,7 +10,8 @@ import pytest
 from maspo_megatron.config import SGLangConfig
 from maspo_megatron.config.rollout import WeightSyncConfig
 from maspo_megatron.rollout.sglang import SGLangEngine
-from maspo_megatron.rollout.weight_sync.transports.distributed import DistributedTransport, _free_port, source_address
+from maspo_megatron.rollout.weight_sync.transports.distributed import DistributedTransport, source_address
+from maspo_megatron.utils.ports import free_port
 from tests.helpers.sglang_standin.process import PACKAGE_DIR as STANDIN_SCRIPT
 
 
@@ -36,7 +37,7 @@ def test_nccl_sources_bind_and_advertise_their_own_node_tp8_pp4_on_8_nodes():
 
 def test_a_source_can_bind_its_own_address():
     own = socket.gethostname()
-    assert _free_port(source_address("some-other-head-node", this_node=own)) > 0
+    assert free_port(source_address("some-other-head-node", this_node=own)) > 0
 
 
 @pytest.fixture

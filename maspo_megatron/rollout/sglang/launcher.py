@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,15 +21,9 @@ from typing import Optional, Sequence
 import requests
 
 from maspo_megatron.rollout.types import RolloutError
+from maspo_megatron.utils.ports import free_port
 
 LOG_TAIL_LINES = 40
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that is free on `host` right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -34,9 +34,10 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from maspo_megatron.models.weight_map import stage_layer_offset
+from maspo_megatron.models.wrappers import unwrap
 from maspo_megatron.rollout.weight_sync.bucketing import NamedTensor
 from maspo_megatron.rollout.weight_sync.flattened_bucket import ALIGN_BYTES
-from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source, mapped_parameters, takes_part, unwrap
+from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source, mapped_parameters, takes_part
 from maspo_megatron.rollout.weight_sync.shared_bucket import SharedBucket, one_cpu_host
 from maspo_megatron.rollout.weight_sync.tp_gather import TPGatherer
 

@@ -14,15 +14,9 @@ from typing import Iterator, Sequence
 import torch
 
 from maspo_megatron.models.weight_map import WeightMap, stage_layer_offset
+from maspo_megatron.models.wrappers import unwrap
 from maspo_megatron.rollout.weight_sync.bucketing import HFItem
 from maspo_megatron.rollout.weight_sync.tp_gather import TPGatherer
-
-
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-        chunk = chunk.module
-    return chunk
 
 
 def is_export_source(dims) -> bool:

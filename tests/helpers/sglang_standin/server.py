@@ -15,7 +15,7 @@ from aiohttp import web
 from tests.helpers import sglang_source
 from tests.helpers.sglang_standin.generation import GenerationMixin
 from tests.helpers.sglang_standin.schema import BadRequest, check_fields
-from tests.helpers.sglang_standin.weights import WeightsMixin, _error
+from tests.helpers.sglang_standin.weights import WeightsMixin, error_response
 
 MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")
 
@@ -134,7 +134,7 @@ class StandinServer(GenerationMixin, WeightsMixin):
         try:
             return await handler(request)
         except BadRequest as exc:
-            return _error(400, str(exc))
+            return error_response(400, str(exc))
 
     async def _record(self, request: web.Request) -> None:
         """Appends (method, path, parsed JSON body or None) to `requests_seen` (tests judge what was sent)."""

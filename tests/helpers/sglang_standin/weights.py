@@ -20,7 +20,7 @@ from tests.helpers.sglang_standin.schema import BadRequest
 GROUP_TIMEOUT_S = 60.0  # SGLang uses torch's default (30 min); bounded here so a broken test fails, not hangs
 
 
-def _error(status: int, message: str) -> web.Response:
+def error_response(status: int, message: str) -> web.Response:
     return web.json_response({"object": "error", "message": message, "type": "BadRequest", "code": status}, status=status)
 
 
@@ -166,10 +166,10 @@ class WeightsMixin:
         architectures = set(getattr(self.model.config, "architectures", None) or [])
         if not self.readback_any_model and not architectures & readback_architectures():
             # sglang 0.5.23: the model runner logs the model's AttributeError, the server answers 400
-            return _error(400, "Get parameter by name failed")
+            return error_response(400, "Get parameter by name failed")
         tensor = self.model.state_dict().get(body.get("name"))
         if tensor is None:
-            return _error(400, "Get parameter by name failed")
+            return error_response(400, "Get parameter by name failed")
         return web.json_response(tensor.float()[: int(body.get("truncate_size", 100))].tolist())
 
 

@@ -27,13 +27,7 @@ from maspo_megatron.rollout.weight_sync.bucketing import NamedTensor
 from maspo_megatron.rollout.weight_sync.hf_stream import is_export_source
 from maspo_megatron.rollout.weight_sync.receiver import require_receiver
 from maspo_megatron.rollout.weight_sync.transports.base import Transport
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
+from maspo_megatron.utils.ports import free_port
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -141,7 +135,7 @@ class DistributedTransport(Transport):
         if dist.get_rank() == 0:
             require_receiver(self.engine, "distributed")
         host = source_address(self.cfg.master_address)
-        port = _free_port(host)
+        port = free_port(host)
         rendezvous = self._sources_exchange((host, port, self.group_name))
         world_size = [self.engine.broadcast_group_size() if self.engine is not None else 0]
         if self.dims.pp > 1:

@@ -6,7 +6,7 @@ import torch
 
 from maspo_megatron.parallel.context import packed_zigzag_indices, zigzag_indices
 from tests.helpers.multiproc import run_distributed
-from tests.parallel.test_context_parallel_loss import CP, VOCAB, _samples
+from tests.trainer.test_context_parallel_loss import CP, VOCAB, cp_samples
 
 CASES = {
     "bapo/microbatch/seq-is/geometric-rs/kl": dict(
@@ -52,7 +52,7 @@ def _cp_case():
     dims = init_distributed(ParallelConfig(tp=2, cp=CP), seed=0)
     results = {}
     for per_sample in (False, True):
-        batches = _perturbed(pack_micro_batches(_samples(), row_tokens=24, rows_per_micro_batch=1 if per_sample else 2,
+        batches = _perturbed(pack_micro_batches(cp_samples(), row_tokens=24, rows_per_micro_batch=1 if per_sample else 2,
                                                 row_multiple=2 * CP, sample_multiple=2 * CP if per_sample else 1)[0])
         gen = torch.Generator().manual_seed(9)
         full_logits = [torch.randn(*b.tokens.shape, VOCAB, generator=gen) * 2 for b in batches]

@@ -1,4 +1,5 @@
-"""Multi-process cases for test_loop.py: real Trainer runs (Megatron on gloo, local engine, math-verify)."""
+"""Real Trainer runs (Megatron on gloo, local engine, math-verify) shared by the loop, checkpoint, colocated
+and entry-point tests: the example config with tiny overrides, and the multi-process cases."""
 from __future__ import annotations
 
 import json

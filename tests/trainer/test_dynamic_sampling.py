@@ -1,7 +1,8 @@
 """DAPO dynamic sampling against a scripted `generate_and_score`."""
 import pytest
 
-from maspo_megatron.data import PromptSampler, collect_groups
+from maspo_megatron.data import PromptSampler
+from maspo_megatron.trainer.dynamic_sampling import collect_groups
 
 GROUP = 4
 # Prompt i's group of rewards: every third prompt is informative (mixed rewards).

@@ -39,7 +39,7 @@ def test_zigzag_rejects_bad_lengths():
         zigzag_indices(8, 2, 2)
 
 
-def _samples():
+def cp_samples():
     from maspo_megatron.trainer.batch import TrainSample
 
     gen = torch.Generator().manual_seed(5)
@@ -73,7 +73,7 @@ def _cp_case():
     dims = init_distributed(ParallelConfig(tp=2, cp=CP), seed=0)
     results = {}
     for per_sample in (False, True):
-        batches = pack_micro_batches(_samples(), row_tokens=24, rows_per_micro_batch=1 if per_sample else 2,
+        batches = pack_micro_batches(cp_samples(), row_tokens=24, rows_per_micro_batch=1 if per_sample else 2,
                                      row_multiple=2 * CP, sample_multiple=2 * CP if per_sample else 1)[0]
         gen = torch.Generator().manual_seed(9)
         full_logits = [torch.randn(*b.tokens.shape, VOCAB, generator=gen) * 2 for b in batches]

@@ -1,0 +1,1 @@
+"""Small helpers with no project imports, below every other package: LaTeX scanning, free ports."""
