@@ -24,7 +24,7 @@ from maspo_megatron.checkpoint.dist_load import load_model_weights
 from maspo_megatron.checkpoint.dist_read import DistCheckpointReader
 from maspo_megatron.checkpoint.errors import CheckpointError
 from maspo_megatron.checkpoint.guard import is_extra_state, read_metadata, verify_checkpoint_is_data
-from tests.checkpoint import _trainer_state_cases as cases
+from tests.helpers import checkpoint_cases as cases
 from tests.helpers.loop_cases import EXAMPLE, tiny_overrides
 from tests.helpers.multiproc import run_distributed
 

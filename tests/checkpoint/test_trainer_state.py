@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from maspo_megatron.checkpoint import trainer_state as checkpoint
-from tests.checkpoint import _trainer_state_cases as cases
+from tests.helpers import checkpoint_cases as cases
 from tests.helpers.multiproc import DistributedTestError, run_distributed
 
 

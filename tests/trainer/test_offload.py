@@ -14,12 +14,12 @@ def _storage_bytes(tensors) -> int:
 
 def case_offload(with_offload: bool) -> dict:
     from maspo_megatron.trainer.offload import GRADS, OPTIMIZER, PARAMS, TrainerOffload, ddp_buffers, optimizer_tensors
-    from tests.trainer._ckpt_cases import _fake_grad_step, _params, _setup
+    from tests.helpers.checkpoint_cases import fake_grad_step, params_of, setup_policy
 
-    dims, chunks, optimizer, scheduler = _setup(tp=1, distributed_optimizer=True)
+    dims, chunks, optimizer, scheduler = setup_policy(tp=1, distributed_optimizer=True)
     offload = TrainerOffload(chunks, optimizer, enabled=with_offload, rank=dims.rank)
     out = {}
-    _fake_grad_step(chunks, optimizer, scheduler, step=1)
+    fake_grad_step(chunks, optimizer, scheduler, step=1)
     states = optimizer_tensors(optimizer)
     params = [p for chunk in chunks for p in chunk.parameters()]
     out["optimizer_bytes"] = _storage_bytes(states)
@@ -34,8 +34,8 @@ def case_offload(with_offload: bool) -> dict:
         out["after_resident"] = offload.offloaded
     offload.reload()
     out["grads_zero"] = all(bool((b.grad_data == 0).all()) for b in ddp_buffers(chunks))
-    _fake_grad_step(chunks, optimizer, scheduler, step=2)
-    out["params"] = _params(chunks)
+    fake_grad_step(chunks, optimizer, scheduler, step=2)
+    out["params"] = params_of(chunks)
     out["events"] = [e["event"] for e in offload.events]
     return out
 

@@ -260,7 +260,7 @@ def case_local_all(victim: str) -> dict:
     return {"untied": untied, "tied": tied}
 
 
-def _server_weights(engine, names) -> dict:
+def server_weights(engine, names) -> dict:
     """Every named tensor as the server holds it, read back through /get_weights_by_name."""
     out = {}
     for name in names:
@@ -295,7 +295,7 @@ def case_sglang(urls: dict, disk_dir: str, plan: list) -> dict:
             expected = export_reference(dims, chunks, wmap)
             if rank0:
                 out.append({"key": (label, transport), "report": report, "expected": expected,
-                            "held": _server_weights(engine, expected), "version": engine.get("/model_info")})
+                            "held": server_weights(engine, expected), "version": engine.get("/model_info")})
         finally:
             close_rollout(syncer, engine)  # the trainer's order: syncer (destroys the groups) before engine
     return out

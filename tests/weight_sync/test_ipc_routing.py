@@ -36,7 +36,7 @@ def case_two_nodes(urls: list) -> dict:
         out["payloads_made"] = syncer.transport.payloads_made
         if rank0:
             out.update(report=report, expected=expected, last_post=syncer.transport.last_post,
-                       held=[cases._server_weights(SGLangEngine(SGLangConfig(urls=[url])), expected) for url in urls])
+                       held=[cases.server_weights(SGLangEngine(SGLangConfig(urls=[url])), expected) for url in urls])
     finally:
         close_rollout(syncer, engine)
     return out
