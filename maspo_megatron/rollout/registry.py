@@ -22,6 +22,17 @@ def register_engine(name: str, factory: Callable[..., RolloutEngine],
     _DEFAULT_TRANSPORTS[name] = default_transport
 
 
+def unregister_engine(name: str) -> None:
+    """Removes an engine (tests register stand-ins for one test only)."""
+    _ENGINES.pop(name, None)
+    _DEFAULT_TRANSPORTS.pop(name, None)
+
+
+def engine_names() -> tuple[str, ...]:
+    """The registered engines, sorted (the choices of rollout.engine)."""
+    return tuple(sorted(_ENGINES))
+
+
 def default_transport(engine_name: str, cuda: bool) -> str:
     if engine_name not in _DEFAULT_TRANSPORTS:
         raise ValueError(f"rollout.engine: {engine_name!r} is not one of {sorted(_ENGINES)}")

@@ -136,3 +136,32 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "algorithm.maspo.alpha: -1.0 must be >= 0" in proc.stderr
+
+
+def test_registry_backed_choices_follow_the_registries():
+    """loss, aggregation, advantage, engine and transport are checked against the registries' own names."""
+    from maspo_megatron.algorithms import ADVANTAGE_ESTIMATORS, AGGREGATION_MODES, loss_names
+    from maspo_megatron.rollout.registry import engine_names
+    from maspo_megatron.rollout.weight_sync.transports import TRANSPORTS
+
+    for key, names in (("algorithm.loss", loss_names()), ("algorithm.aggregation", AGGREGATION_MODES),
+                       ("algorithm.advantage", ADVANTAGE_ESTIMATORS), ("rollout.engine", engine_names()),
+                       ("rollout.weight_sync.transport", ("auto", *TRANSPORTS))):
+        for name in names:
+            load_config(None, [f"{key}={name}"])
+        with pytest.raises(ConfigError, match=f"^{key}: 'nope' is not one of \\[.*'{names[-1]}'"):
+            load_config(None, [f"{key}=nope"])
+    assert {"local", "sglang"} <= set(engine_names()) and {"local", "tensor", "distributed", "disk"} <= set(TRANSPORTS)
+
+
+def test_an_engine_registered_later_is_a_valid_choice():
+    from maspo_megatron.rollout import registry
+
+    registry.register_engine("test_engine", lambda rollout_cfg, **_: None, default_transport=lambda cuda: "disk")
+    try:
+        assert load_config(None, ["rollout.engine=test_engine"]).rollout.engine == "test_engine"
+        assert registry.default_transport("test_engine", cuda=True) == "disk"
+    finally:
+        registry.unregister_engine("test_engine")
+    with pytest.raises(ConfigError, match="rollout.engine: 'test_engine' is not one of"):
+        load_config(None, ["rollout.engine=test_engine"])
