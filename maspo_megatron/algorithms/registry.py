@@ -24,6 +24,7 @@ leak into values or gradients), and zeroing the result there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Callable, Optional
 
@@ -169,15 +170,31 @@ def checked_hyperparameters(name: str, **hyper) -> dict:
     Raises ValueError naming the loss and the key: unknown keys, values out of range, cross-field rules.
     """
     spec = loss_spec(name)
+    try:
+        key = (spec, tuple(sorted(hyper.items())))
+        hash(key)
+    except TypeError:  # an unhashable value: checked, just not remembered
+        return dict(_check(spec, tuple(sorted(hyper.items(), key=lambda item: item[0]))))
+    return dict(_checked(*key))
+
+
+@functools.lru_cache(maxsize=256)
+def _checked(spec: LossSpec, items: tuple) -> dict:
+    # remembered: policy_loss runs once per micro-batch with the same hyperparameters
+    return _check(spec, items)
+
+
+def _check(spec: LossSpec, items: tuple) -> dict:
+    hyper = dict(items)
     fields = {field.name for field in dataclasses.fields(spec.hyper)}
     for key in hyper:
         if key not in fields:
-            raise ValueError(f"policy_loss {name!r}: unknown hyperparameter {key!r} (accepted: {sorted(fields)})")
+            raise ValueError(f"policy_loss {spec.name!r}: unknown hyperparameter {key!r} (accepted: {sorted(fields)})")
     values = spec.hyper(**hyper)
     try:
         check_fields(values)
     except ValueError as exc:
-        raise ValueError(f"policy_loss {name!r}: {exc}") from None
+        raise ValueError(f"policy_loss {spec.name!r}: {exc}") from None
     return _as_kwargs(values)
 
 
