@@ -10,18 +10,20 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "maspo_megatron"
 
 FLOORS = {
-    # 0: plain data and pure math
-    "__init__": 0, "config": 0, "algorithms": 0,
-    # 1: collectives, model definition, rewards
-    "parallel": 1, "models": 1, "rewards": 1,
-    # 2: checkpoint I/O (models + parallel), prompt data
-    "checkpoint": 2, "data": 2,
-    # 3: rollout engines and weight transports
-    "rollout": 3,
-    # 4: the RL loop, launchers
-    "trainer": 4, "launch": 4,
-    # 5, 6: entry points (`python -m maspo_megatron` dispatches to `maspo_megatron.train`)
-    "train": 5, "__main__": 6,
+    # 0: pure math (the losses declare their hyperparameters here, with option())
+    "__init__": 0, "algorithms": 0,
+    # 1: plain data: the typed config (its algorithm.<loss> sections are the losses' declarations)
+    "config": 1,
+    # 2: collectives, model definition, rewards
+    "parallel": 2, "models": 2, "rewards": 2,
+    # 3: checkpoint I/O (models + parallel), prompt data
+    "checkpoint": 3, "data": 3,
+    # 4: rollout engines and weight transports
+    "rollout": 4,
+    # 5: the RL loop, launchers
+    "trainer": 5, "launch": 5,
+    # 6, 7: entry points (`python -m maspo_megatron` dispatches to `maspo_megatron.train`)
+    "train": 6, "__main__": 7,
 }
 
 

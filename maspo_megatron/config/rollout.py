@@ -1,7 +1,9 @@
 """Rollout engines and the weight transport between trainer and engines.
 
-The engine and transport names are the registries' (rollout/registry.py, rollout/weight_sync/transports),
-read when a config is checked, never a list typed here.
+The engine and transport names belong to their registries (rollout/registry.py,
+rollout/weight_sync/transports), never to a list typed here. config/ sits on a lower floor than
+rollout/ (tests/test_import_layers.py) and cannot read them: `check_rollout_names` does, first
+thing when the trainer starts, with the same one-line errors.
 """
 from __future__ import annotations
 
@@ -9,15 +11,6 @@ import dataclasses
 from typing import List, Optional
 
 from maspo_megatron.config.fields import option
-from maspo_megatron.rollout.registry import engine_names
-
-
-def transport_choices() -> tuple[str, ...]:
-    """`auto` (each engine's default transport) and the registered weight transports."""
-    # imported here, not at the top: weight_sync reads models/, which reads this config package
-    from maspo_megatron.rollout.weight_sync.transports import TRANSPORTS
-
-    return ("auto", *sorted(TRANSPORTS))
 
 
 @dataclasses.dataclass
@@ -60,7 +53,7 @@ class SGLangConfig:
 
 @dataclasses.dataclass
 class WeightSyncConfig:
-    transport: str = option("auto", choices=transport_choices,
+    transport: str = option("auto",
                             help="auto: local for the CPU engine, tensor (CUDA) or disk for SGLang")
     bucket_bytes: int = option(512 * 1024**2, ge=1, help="HF tensors per transfer; a fused group is never split")
     verify_weights: bool = option(False, help="checksum what the engine holds after each sync")
@@ -74,7 +67,7 @@ class WeightSyncConfig:
 
 @dataclasses.dataclass
 class RolloutConfig:
-    engine: str = option("local", choices=engine_names, help="rollout engine, by registry name")
+    engine: str = option("local", help="rollout engine, by registry name (rollout/registry.py)")
     n_samples_per_prompt: int = option(8, ge=1)
     temperature: float = option(1.0, gt=0)
     top_p: float = option(1.0, gt=0, le=1)

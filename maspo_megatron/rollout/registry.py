@@ -70,6 +70,21 @@ register_engine("local", _build_local, default_transport=lambda cuda: "local")
 register_engine("sglang", _build_sglang, default_transport=_sglang_default_transport)
 
 
+def check_rollout_names(rollout_cfg: Any) -> None:
+    """Refuses an engine or weight transport that no registry holds, with a one-line error naming the key.
+
+    The trainer calls it before anything starts (config/ cannot: it sits below rollout/).
+    """
+    # imported here: weight_sync/ imports this module's package
+    from maspo_megatron.rollout.weight_sync.transports import TRANSPORTS
+
+    if rollout_cfg.engine not in _ENGINES:
+        raise ValueError(f"rollout.engine: {rollout_cfg.engine!r} is not one of {list(engine_names())}")
+    transport = rollout_cfg.weight_sync.transport
+    if transport != "auto" and transport not in TRANSPORTS:
+        raise ValueError(f"rollout.weight_sync.transport: {transport!r} is not one of {['auto', *sorted(TRANSPORTS)]}")
+
+
 def build_engine(rollout_cfg: Any, **kwargs: Any) -> RolloutEngine:
     """`rollout_cfg`: a `RolloutConfig`; kwargs go to the engine's factory, which takes what it needs and ignores
     the rest. The trainer passes every factory the same: model_path, hf_config (the policy's), device, tokenizer,

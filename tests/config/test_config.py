@@ -139,29 +139,36 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_registry_backed_choices_follow_the_registries():
-    """loss, aggregation, advantage, engine and transport are checked against the registries' own names."""
-    from maspo_megatron.algorithms import ADVANTAGE_ESTIMATORS, AGGREGATION_MODES, loss_names
-    from maspo_megatron.rollout.registry import engine_names
-    from maspo_megatron.rollout.weight_sync.transports import TRANSPORTS
+    """loss, aggregation, advantage and KL estimator are checked at load against the algorithms registries."""
+    from maspo_megatron.algorithms import ADVANTAGE_ESTIMATORS, AGGREGATION_MODES, KL_ESTIMATORS, loss_names
 
     for key, names in (("algorithm.loss", loss_names()), ("algorithm.aggregation", AGGREGATION_MODES),
-                       ("algorithm.advantage", ADVANTAGE_ESTIMATORS), ("rollout.engine", engine_names()),
-                       ("rollout.weight_sync.transport", ("auto", *TRANSPORTS))):
+                       ("algorithm.advantage", ADVANTAGE_ESTIMATORS), ("algorithm.kl_estimator", KL_ESTIMATORS)):
         for name in names:
             load_config(None, [f"{key}={name}"])
         with pytest.raises(ConfigError, match=f"^{key}: 'nope' is not one of \\[.*'{names[-1]}'"):
             load_config(None, [f"{key}=nope"])
-    assert {"local", "sglang"} <= set(engine_names()) and {"local", "tensor", "distributed", "disk"} <= set(TRANSPORTS)
 
 
-def test_an_engine_registered_later_is_a_valid_choice():
+def test_engine_and_transport_names_are_the_registries():
+    """config/ cannot read rollout/'s registries (a lower floor): the trainer checks them first thing."""
     from maspo_megatron.rollout import registry
+    from maspo_megatron.rollout.weight_sync.transports import TRANSPORTS
 
+    for name in registry.engine_names():
+        registry.check_rollout_names(load_config(None, [f"rollout.engine={name}"]).rollout)
+    for name in ("auto", *TRANSPORTS):
+        registry.check_rollout_names(load_config(None, [f"rollout.weight_sync.transport={name}"]).rollout)
+    assert {"local", "sglang"} <= set(registry.engine_names())
+    assert {"local", "tensor", "distributed", "disk"} <= set(TRANSPORTS)
+    with pytest.raises(ValueError, match="^rollout.engine: 'vllm' is not one of \\['local', 'sglang'\\]$"):
+        registry.check_rollout_names(load_config(None, ["rollout.engine=vllm"]).rollout)
+    with pytest.raises(ValueError, match="^rollout.weight_sync.transport: 'ipc' is not one of \\['auto', 'disk'"):
+        registry.check_rollout_names(load_config(None, ["rollout.weight_sync.transport=ipc"]).rollout)
+    # an engine registered later is a valid choice at once
     registry.register_engine("test_engine", lambda rollout_cfg, **_: None, default_transport=lambda cuda: "disk")
     try:
-        assert load_config(None, ["rollout.engine=test_engine"]).rollout.engine == "test_engine"
+        registry.check_rollout_names(load_config(None, ["rollout.engine=test_engine"]).rollout)
         assert registry.default_transport("test_engine", cuda=True) == "disk"
     finally:
         registry.unregister_engine("test_engine")
-    with pytest.raises(ConfigError, match="rollout.engine: 'test_engine' is not one of"):
-        load_config(None, ["rollout.engine=test_engine"])
