@@ -19,6 +19,7 @@ from maspo_megatron.algorithms.registry import (
     loss_statistics,
     policy_loss,
     register_policy_loss,
+    unregister_policy_loss,
 )
 from maspo_megatron.algorithms.statistics import P_OLD_BUCKETS, finalize_statistics, maspo_statistics
 
@@ -45,4 +46,5 @@ __all__ = [
     "overlong_penalty",
     "policy_loss",
     "register_policy_loss",
+    "unregister_policy_loss",
 ]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Callable, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 
@@ -73,11 +73,23 @@ class StatisticsSpec:
     section: str
 
 
+class _LossFunctions(Mapping):
+    """name -> loss function: a live, read-only view of LOSS_SPECS."""
+
+    def __getitem__(self, name: str) -> PolicyLossFn:
+        return LOSS_SPECS[name].fn
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(LOSS_SPECS)
+
+    def __len__(self) -> int:
+        return len(LOSS_SPECS)
+
+
 # name -> spec. Read-only for callers: add entries through register_policy_loss / register_statistics.
 LOSS_SPECS: dict[str, LossSpec] = {}
 STATISTICS: dict[str, StatisticsSpec] = {}
-# name -> loss function (the view older callers use)
-POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+POLICY_LOSSES: Mapping[str, PolicyLossFn] = _LossFunctions()
 
 DEFAULT_STATISTICS = "maspo"
 
@@ -123,10 +135,14 @@ def register_policy_loss(name: str, hyper: Optional[type] = None, *, batch_sums:
             raise TypeError(f"policy loss {name!r}: the batch_sums input and register_policy_loss(batch_sums=...) "
                             "go together")
         LOSS_SPECS[name] = LossSpec(name, fn, hyper, inputs, batch_sums, statistics)
-        POLICY_LOSSES[name] = fn
         return fn
 
     return decorator
+
+
+def unregister_policy_loss(name: str) -> None:
+    """Removes a loss (tests register their own for one test only)."""
+    LOSS_SPECS.pop(name, None)
 
 
 def register_statistics(name: str, sums: Callable[..., dict], finalize: Callable[[dict], dict], section: str) -> None:

@@ -7,7 +7,14 @@ from typing import Optional
 import pytest
 import torch
 
-from maspo_megatron.algorithms import LOSS_SPECS, POLICY_LOSSES, loss_names, policy_loss, register_policy_loss
+from maspo_megatron.algorithms import (
+    LOSS_SPECS,
+    POLICY_LOSSES,
+    loss_names,
+    policy_loss,
+    register_policy_loss,
+    unregister_policy_loss,
+)
 from maspo_megatron.algorithms.hyper import option
 from maspo_megatron.config.algorithm import AlgorithmConfig, AlgorithmOptions, with_loss_sections
 from tests.algorithms._runtime import runtime_inputs
@@ -99,8 +106,8 @@ def test_register_custom_loss_gets_prepared_inputs_and_a_config_section():
         with pytest.raises(ValueError, match="already registered"):
             register_policy_loss("test_pg_only", _ScaleHyper)(plain_pg)
     finally:
-        LOSS_SPECS.pop("test_pg_only", None)
-        POLICY_LOSSES.pop("test_pg_only", None)
+        unregister_policy_loss("test_pg_only")
+    assert "test_pg_only" not in POLICY_LOSSES and "test_pg_only" not in loss_names()
 
 
 def test_declarations_are_checked_at_registration():
