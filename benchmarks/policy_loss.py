@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable as a script from a clean clone
     sys.path.insert(0, str(ROOT))
 
-from maspo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, policy_loss  # noqa: E402
+from maspo_megatron.algorithms import POLICY_LOSSES, aggregate_loss, loss_spec, policy_loss  # noqa: E402
 
 
 def _inputs(rows: int, cols: int, seed: int = 0):
@@ -68,10 +68,12 @@ def main(argv=None) -> list[dict]:
 
     baseline_s = _median_s(step(lambda lp: _baseline_grpo(lp, old, adv, mask)), repeats)
     rows = []
+    entropy = (-old.float()).clamp(max=3.0)  # any [B, T] values; the losses that ask for it detach it
     for name in sorted(POLICY_LOSSES):
+        inputs = {"entropy": entropy} if "entropy" in loss_spec(name).inputs else {}
         ours_s = _median_s(
-            step(lambda lp, n=name: aggregate_loss(
-                policy_loss(n, lp, old, adv, mask)[0], mask, "token-mean", global_token_count=tokens)),
+            step(lambda lp, n=name, kw=inputs: aggregate_loss(
+                policy_loss(n, lp, old, adv, mask, **kw)[0], mask, "token-mean", global_token_count=tokens)),
             repeats,
         )
         rows.append({

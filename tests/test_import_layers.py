@@ -18,18 +18,20 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "maspo_megatron"
 
 FLOORS = {
-    # 0: plain data, pure math, small helpers (LaTeX scanning, free ports)
-    "__init__": 0, "config": 0, "algorithms": 0, "utils": 0,
-    # 1: collectives, model definition, rewards, prompt data
-    "parallel": 1, "models": 1, "rewards": 1, "data": 1,
-    # 2: checkpoint I/O (models + parallel)
-    "checkpoint": 2,
-    # 3: rollout engines and weight transports
-    "rollout": 3,
-    # 4: the RL loop, launchers
-    "trainer": 4, "launch": 4,
-    # 5, 6: entry points (`python -m maspo_megatron` dispatches to `maspo_megatron.train`)
-    "train": 5, "__main__": 6,
+    # 0: pure math (the losses declare their hyperparameters here, with option()), small helpers
+    "__init__": 0, "algorithms": 0, "utils": 0,
+    # 1: plain data: the typed config (its algorithm.<loss> sections are the losses' declarations)
+    "config": 1,
+    # 2: collectives, model definition, rewards, prompt data
+    "parallel": 2, "models": 2, "rewards": 2, "data": 2,
+    # 3: checkpoint I/O (models + parallel)
+    "checkpoint": 3,
+    # 4: rollout engines and weight transports
+    "rollout": 4,
+    # 5: the RL loop, launchers
+    "trainer": 5, "launch": 5,
+    # 6, 7: entry points (`python -m maspo_megatron` dispatches to `maspo_megatron.train`)
+    "train": 6, "__main__": 7,
 }
 
 

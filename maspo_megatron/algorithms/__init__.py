@@ -9,10 +9,17 @@ from maspo_megatron.algorithms.advantages import ADVANTAGE_ESTIMATORS, group_adv
 from maspo_megatron.algorithms.aggregation import AGGREGATION_MODES, LAYOUT_DEPENDENT_MODES, aggregate_loss
 from maspo_megatron.algorithms.kl import KL_ESTIMATORS, kl_penalty
 from maspo_megatron.algorithms.registry import (
+    LOSS_INPUTS,
+    LOSS_SPECS,
     POLICY_LOSSES,
+    STATISTICS,
     loss_hyperparameters,
+    loss_names,
+    loss_spec,
+    loss_statistics,
     policy_loss,
     register_policy_loss,
+    unregister_policy_loss,
 )
 from maspo_megatron.algorithms.statistics import P_OLD_BUCKETS, finalize_statistics, maspo_statistics
 
@@ -21,16 +28,23 @@ __all__ = [
     "AGGREGATION_MODES",
     "KL_ESTIMATORS",
     "LAYOUT_DEPENDENT_MODES",
+    "LOSS_INPUTS",
+    "LOSS_SPECS",
     "P_OLD_BUCKETS",
     "POLICY_LOSSES",
+    "STATISTICS",
     "aggregate_loss",
     "finalize_statistics",
     "group_advantages",
     "kl_penalty",
     "keep_groups",
     "loss_hyperparameters",
+    "loss_names",
+    "loss_spec",
+    "loss_statistics",
     "maspo_statistics",
     "overlong_penalty",
     "policy_loss",
     "register_policy_loss",
+    "unregister_policy_loss",
 ]

@@ -1,5 +1,9 @@
 """MASPO's mass-adaptive statistics as SUMS and COUNTS (../shared/MASPO.md, "report every step").
 
+Registered as the statistics "maspo" (with the hyperparameters of algorithm.maspo), which every
+built-in loss reports by default (`register_policy_loss(..., statistics=...)`): for a baseline
+they show what MASPO's gate would have done, the comparison point of docs/experiments.md.
+
 `maspo_statistics` returns only additive quantities, so a caller can all-reduce(SUM) every entry
 across micro-batches and ranks and then call `finalize_statistics` once. The gate quantities
 describe the soft gate of the given hyperparameters even when gate=False (then they show what the
@@ -14,7 +18,7 @@ import torch
 
 from maspo_megatron.algorithms.losses.maspo import maspo_gate, maspo_sigma
 from maspo_megatron.algorithms.ratio import clamped_log_ratio
-from maspo_megatron.algorithms.registry import compute_dtype, loss_hyperparameters
+from maspo_megatron.algorithms.registry import compute_dtype, loss_hyperparameters, register_statistics
 
 # Buckets of old-policy probability p_old: name -> [low, high).
 P_OLD_BUCKETS = {
@@ -136,3 +140,6 @@ def finalize_statistics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     if "entropy_sum" in sums:
         stats["maspo/entropy_mean"] = _ratio(sums["entropy_sum"], tokens)
     return stats
+
+
+register_statistics("maspo", maspo_statistics, finalize_statistics, section="maspo")

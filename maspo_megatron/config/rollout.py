@@ -1,4 +1,10 @@
-"""Rollout engines and the weight transport between trainer and engines."""
+"""Rollout engines and the weight transport between trainer and engines.
+
+The engine and transport names belong to their registries (rollout/registry.py,
+rollout/weight_sync/transports), never to a list typed here. config/ sits on a lower floor than
+rollout/ (tests/test_import_layers.py) and cannot read them: `check_rollout_names` does, first
+thing when the trainer starts, with the same one-line errors.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -47,7 +53,7 @@ class SGLangConfig:
 
 @dataclasses.dataclass
 class WeightSyncConfig:
-    transport: str = option("auto", choices=("auto", "local", "tensor", "distributed", "disk"),
+    transport: str = option("auto",
                             help="auto: local for the CPU engine, tensor (CUDA) or disk for SGLang")
     bucket_bytes: int = option(512 * 1024**2, ge=1, help="HF tensors per transfer; a fused group is never split")
     verify_weights: bool = option(False, help="checksum what the engine holds after each sync")
@@ -61,7 +67,7 @@ class WeightSyncConfig:
 
 @dataclasses.dataclass
 class RolloutConfig:
-    engine: str = option("local", choices=("local", "sglang"))
+    engine: str = option("local", help="rollout engine, by registry name (rollout/registry.py)")
     n_samples_per_prompt: int = option(8, ge=1)
     temperature: float = option(1.0, gt=0)
     top_p: float = option(1.0, gt=0, le=1)

@@ -22,19 +22,35 @@ def register_engine(name: str, factory: Callable[..., RolloutEngine],
     _DEFAULT_TRANSPORTS[name] = default_transport
 
 
+def unregister_engine(name: str) -> None:
+    """Removes an engine (tests register stand-ins for one test only)."""
+    _ENGINES.pop(name, None)
+    _DEFAULT_TRANSPORTS.pop(name, None)
+
+
+def engine_names() -> tuple[str, ...]:
+    """The registered engines, sorted (the choices of rollout.engine)."""
+    return tuple(sorted(_ENGINES))
+
+
 def default_transport(engine_name: str, cuda: bool) -> str:
     if engine_name not in _DEFAULT_TRANSPORTS:
         raise ValueError(f"rollout.engine: {engine_name!r} is not one of {sorted(_ENGINES)}")
     return _DEFAULT_TRANSPORTS[engine_name](cuda)
 
 
-def _build_local(rollout_cfg: Any, *, model: Any = None, model_path: Optional[str] = None, weight_version: int = 0, **_: Any) -> RolloutEngine:
-    """model: a HF causal LM object (used in place); or model_path: HF dir / config.json."""
-    from maspo_megatron.rollout.local.engine import LocalEngine, load_hf_causal_lm
+def _build_local(rollout_cfg: Any, *, model: Any = None, hf_config: Any = None, device: Any = None,
+                 tokenizer: Any = None, init_seed: int = 0, model_path: Optional[str] = None, weight_version: int = 0,
+                 **_: Any) -> RolloutEngine:
+    """model: a HF causal LM object (used in place); or hf_config (+ device, tokenizer, init_seed): the trainer's
+    policy architecture, built fresh (the first weight sync sets its weights); or model_path: HF dir / config.json."""
+    from maspo_megatron.rollout.local.engine import LocalEngine, hf_causal_lm_for_sync, load_hf_causal_lm
 
-    if model is None:
+    if model is None and hf_config is not None:
+        model = hf_causal_lm_for_sync(hf_config, device, rollout_cfg.local_dtype, tokenizer, init_seed)
+    elif model is None:
         if model_path is None:
-            raise ValueError("rollout.engine=local needs a HF model object or a model path")
+            raise ValueError("rollout.engine=local needs a HF model object, the policy's HF config or a model path")
         model = load_hf_causal_lm(model_path)
     return LocalEngine(model, batch_size=rollout_cfg.local_batch_size, seed=rollout_cfg.seed, weight_version=weight_version)
 
@@ -54,9 +70,27 @@ register_engine("local", _build_local, default_transport=lambda cuda: "local")
 register_engine("sglang", _build_sglang, default_transport=_sglang_default_transport)
 
 
+def check_rollout_names(rollout_cfg: Any) -> None:
+    """Refuses an engine or weight transport that no registry holds, with a one-line error naming the key.
+
+    The trainer calls it before anything starts (config/ cannot: it sits below rollout/).
+    """
+    # imported here: weight_sync/ imports this module's package
+    from maspo_megatron.rollout.weight_sync.transports import TRANSPORTS
+
+    if rollout_cfg.engine not in _ENGINES:
+        raise ValueError(f"rollout.engine: {rollout_cfg.engine!r} is not one of {list(engine_names())}")
+    transport = rollout_cfg.weight_sync.transport
+    if transport != "auto" and transport not in TRANSPORTS:
+        raise ValueError(f"rollout.weight_sync.transport: {transport!r} is not one of {['auto', *sorted(TRANSPORTS)]}")
+
+
 def build_engine(rollout_cfg: Any, **kwargs: Any) -> RolloutEngine:
-    """`rollout_cfg`: a `RolloutConfig`; kwargs go to the engine's factory (model, model_path, weight_version)."""
+    """`rollout_cfg`: a `RolloutConfig`; kwargs go to the engine's factory, which takes what it needs and ignores
+    the rest. The trainer passes every factory the same: model_path, hf_config (the policy's), device, tokenizer,
+    init_seed, weight_version."""
     name = rollout_cfg.engine
     if name not in _ENGINES:
         raise ValueError(f"rollout.engine: {name!r} is not one of {sorted(_ENGINES)}")
     return _ENGINES[name](rollout_cfg, **kwargs)
+

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from maspo_megatron.checkpoint import trainer_state
 from maspo_megatron.config import Config, to_dict
+from maspo_megatron.rollout.registry import check_rollout_names
 from maspo_megatron.rollout.types import memory_handover
 from maspo_megatron.trainer.evaluation import eval_metrics
 from maspo_megatron.trainer.metrics import MetricsLogger
@@ -39,6 +40,7 @@ _EVAL_ROUND = 1 << 20  # seeds evaluation sampling apart from the training round
 
 def check_sizes(cfg: Config) -> None:
     """Refuses settings that could only fail later, with the keys to change."""
+    check_rollout_names(cfg.rollout)
     needed = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     if needed > cfg.trainer.micro_batch_tokens:
         raise ValueError(f"trainer.micro_batch_tokens: {cfg.trainer.micro_batch_tokens} cannot hold a sample of "

@@ -29,10 +29,10 @@ from typing import Optional
 
 import torch
 
-from maspo_megatron.algorithms import aggregate_loss, finalize_statistics, kl_penalty, maspo_statistics, policy_loss
+from maspo_megatron.algorithms import STATISTICS, aggregate_loss, kl_penalty, loss_statistics, policy_loss
 from maspo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs_entropy
 from maspo_megatron.trainer.batch import PackedMicroBatch
-from maspo_megatron.trainer.loss_terms import extra_loss_inputs, micro_batch_token_count, rollout_correction
+from maspo_megatron.trainer.loss_terms import loss_inputs, micro_batch_token_count, rollout_correction
 
 
 @dataclasses.dataclass
@@ -48,17 +48,20 @@ class LossSettings:
     kl_estimator: str = "low_var_kl"
     correction: Optional[object] = None  # cfg.algorithm.rollout_correction (RolloutCorrectionConfig)
     temperature: float = 1.0
-    maspo_stats_hyper: dict = dataclasses.field(default_factory=dict)
+    statistics: Optional[str] = None  # the statistics the loss reports (its LossSpec), None for none
+    statistics_hyper: dict = dataclasses.field(default_factory=dict)  # the section they read
     chunk_size: Optional[int] = None
     vocab_size: Optional[int] = None  # the tokenizer's; logit columns past it are Megatron's padding
 
     @classmethod
     def from_config(cls, algorithm_cfg, temperature: float = 1.0, vocab_size: Optional[int] = None) -> LossSettings:
-        maspo = dataclasses.asdict(algorithm_cfg.maspo)
+        stats = loss_statistics(algorithm_cfg.loss)
         return cls(loss=algorithm_cfg.loss, hyper=algorithm_cfg.loss_hyper(), aggregation=algorithm_cfg.aggregation,
                    norm_length=algorithm_cfg.norm_length, entropy_coef=algorithm_cfg.entropy_coef,
                    kl_coef=algorithm_cfg.kl_coef, kl_estimator=algorithm_cfg.kl_estimator,
-                   correction=algorithm_cfg.rollout_correction, temperature=temperature, maspo_stats_hyper=maspo,
+                   correction=algorithm_cfg.rollout_correction, temperature=temperature,
+                   statistics=stats.name if stats else None,
+                   statistics_hyper=algorithm_cfg.section(stats.section) if stats else {},
                    vocab_size=vocab_size)
 
 
@@ -81,7 +84,7 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
     corrected = rollout_correction(batch, settings.correction, cp_group, cp_size)
     mask, advantages = corrected.mask, corrected.advantages
     hyper = dict(settings.hyper)
-    hyper.update(extra_loss_inputs(settings.loss, settings.hyper, log_prob, entropy, advantages, mask, batch,
+    hyper.update(loss_inputs(settings.loss, settings.hyper, log_prob, entropy, advantages, mask, batch,
                                    cp_group=cp_group, cp_size=cp_size, dp_cp_group=dp_cp_group))
     loss_tok, token_metrics = policy_loss(settings.loss, log_prob, batch.old_log_probs, advantages, mask, **hyper)
     if corrected.weights is not None:
@@ -109,8 +112,10 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
     for key, value in token_metrics.items():
         if value.shape == full_mask.shape:
             sums[f"{settings.loss}/{key}_sum"] = value[full_mask].double().sum()
-    sums.update({f"stats/{k}": v.double() for k, v in maspo_statistics(
-        log_prob.detach(), batch.old_log_probs, batch.advantages, full_mask, **settings.maspo_stats_hyper).items()})
+    if settings.statistics is not None:
+        statistics = STATISTICS[settings.statistics].sums(log_prob.detach(), batch.old_log_probs, batch.advantages,
+                                                          full_mask, **settings.statistics_hyper)
+        sums.update({f"stats/{settings.statistics}/{k}": v.double() for k, v in statistics.items()})
     return contribution, sums
 
 
@@ -142,7 +147,11 @@ def finalize_metrics(sums: Optional[dict[str, float]]) -> Optional[dict[str, flo
     for key, value in sums.items():
         if "/" in key and not key.startswith("stats/"):
             out[f"train/{key.removesuffix('_sum')}_mean"] = value / tokens if tokens else math.nan
-    stats = {key.removeprefix("stats/"): torch.tensor(value) for key, value in sums.items() if key.startswith("stats/")}
-    if stats:
-        out.update(finalize_statistics(stats))
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in sums.items():
+        if key.startswith("stats/"):
+            name, stat_key = key.removeprefix("stats/").split("/", 1)
+            by_name.setdefault(name, {})[stat_key] = torch.tensor(value)
+    for name, stats in by_name.items():
+        out.update(STATISTICS[name].finalize(stats))
     return out

@@ -1,12 +1,13 @@
 """What the policy loss needs beyond log-probs, for one (CP-sharded) packed micro-batch.
 
 - per-sample sums over a sample's WHOLE response (packed rows, CP shards all-reduced);
-- the extra inputs some losses take: GSPO's sequence log-ratio, Entropy-Advantage's entropy,
-  BAPO's contribution sums (all-reduced over DP x CP: every rank picks the same bounds);
+- the inputs a loss asks for (its LossSpec.inputs, algorithms/registry.py LOSS_INPUTS): the
+  whole-sample mean log-ratio, the entropy, the loss's own batch sums (all-reduced over DP x CP,
+  so that e.g. BAPO picks the same bounds on every rank);
 - the trainer-vs-engine rollout correction (algorithms/rollout_correction.py) from
   `batch.old_log_probs` (pi_old, the trainer's) and `batch.rollout_log_probs` (the engine's);
 All tensors stay on the logits' device; the only collectives are over the CP group (per-sample
-sums) and the DP x CP group (BAPO), each one small all-reduce per micro-batch.
+sums) and the DP x CP group (batch sums), each one small all-reduce per micro-batch.
 """
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from maspo_megatron.algorithms import loss_hyperparameters
+from maspo_megatron.algorithms import loss_spec
 from maspo_megatron.algorithms import rollout_correction as rc
-from maspo_megatron.algorithms.losses.bapo import bapo_contribution_sums
 from maspo_megatron.algorithms.ratio import clamped_log_ratio
 from maspo_megatron.trainer.batch import PackedMicroBatch
 
@@ -48,26 +48,26 @@ def micro_batch_token_count(batch: PackedMicroBatch, cp_group, cp_size: int) -> 
     return count.clamp(min=1).reshape(())
 
 
-def extra_loss_inputs(loss: str, hyper: dict, log_prob: torch.Tensor, entropy: torch.Tensor,
-                      advantages: torch.Tensor, mask: torch.Tensor, batch: PackedMicroBatch, *, cp_group=None,
-                      cp_size: int = 1, dp_cp_group=None) -> dict:
-    """The tensor hyperparameters the registered loss `loss` accepts (seq_log_ratio, entropy, contribution_sums).
+def loss_inputs(loss: str, hyper: dict, log_prob: torch.Tensor, entropy: torch.Tensor,
+                advantages: torch.Tensor, mask: torch.Tensor, batch: PackedMicroBatch, *, cp_group=None,
+                cp_size: int = 1, dp_cp_group=None) -> dict:
+    """The LOSS_INPUTS (algorithms/registry.py) the registered loss `loss` asks for, by key.
 
     log_prob, entropy, advantages, mask: [R, S] of this shard (advantages/mask after the rollout correction).
     """
-    accepted = loss_hyperparameters(loss)
+    spec = loss_spec(loss)
     extra = {}
-    if "seq_log_ratio" in accepted:
+    if "seq_log_ratio" in spec.inputs:
         log_ratio = clamped_log_ratio(log_prob.detach(), batch.old_log_probs)
         sums = sample_sums(log_ratio, batch, cp_group, cp_size)
         extra["seq_log_ratio"] = sums / sample_token_counts(batch, sums.dtype)
-    if "entropy" in accepted:
+    if "entropy" in spec.inputs:
         extra["entropy"] = entropy.detach()
-    if "contribution_sums" in accepted:
-        sums = bapo_contribution_sums(log_prob, batch.old_log_probs, advantages, mask, **hyper)
+    if "batch_sums" in spec.inputs:
+        sums = spec.batch_sums(log_prob, batch.old_log_probs, advantages, mask, **hyper)
         if dp_cp_group is not None:
             dist.all_reduce(sums, group=dp_cp_group)
-        extra["contribution_sums"] = sums
+        extra["batch_sums"] = sums
     return extra
 
 

@@ -139,13 +139,6 @@ def _load_hf_into(chunks, wmap, hf_dir: str, dims) -> None:
         reader.close()
 
 
-def local_engine_dtype(choice: str, device: torch.device) -> torch.dtype:
-    """`rollout.local_dtype` on this device: auto = bf16 on a GPU, fp32 on the CPU."""
-    if choice == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
-
-
 def start_rollout_fleet(cfg: Config, dims) -> Optional[Any]:
     """Collective: the colocated SGLang servers of EVERY node, each launched by its node's first rank
     (rollout/sglang/fleet.py), or None when the run uses the local engine or servers given by URL.
@@ -166,28 +159,21 @@ def start_rollout_fleet(cfg: Config, dims) -> Optional[Any]:
 
 
 def build_engine_on_driver(cfg: Config, policy: Policy, dims, tokenizer, fleet=None) -> Optional[Any]:
-    """The rollout engine, on global rank 0 only (None elsewhere).
+    """The rollout engine `rollout.engine` names, on global rank 0 only (None elsewhere).
 
-    The local engine gets a fresh HF model built from the policy's HF config, on the rank's
-    device (bf16 on a GPU unless `rollout.local_dtype` says otherwise); its weights are set by
-    the first weight sync, so engine and trainer start from the same parameters.
+    Every engine's factory (rollout/registry.py) gets the same facts and takes what it needs: the
+    local engine builds a fresh HF model of the policy's architecture on the rank's device (its
+    weights are set by the first weight sync, so engine and trainer start from the same
+    parameters); server engines load `model_path`.
     """
     if dims.rank != 0:
         return None
     from maspo_megatron.rollout import build_engine
 
-    if cfg.rollout.engine == "local":
-        import transformers
-
-        torch.manual_seed(cfg.model.seed)
-        dtype = local_engine_dtype(cfg.rollout.local_dtype, dims.device)
-        model = transformers.AutoModelForCausalLM.from_config(policy.hf_config).to(dims.device, dtype)
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return build_engine(cfg.rollout, model=model, weight_version=0)
-    model_path = cfg.model.init_from_hf or cfg.model.hf_config
     rollout_cfg = cfg.rollout
     if fleet is not None:  # the servers every node launched (start_rollout_fleet), colocated with the trainer
         sglang = dataclasses.replace(rollout_cfg.sglang, urls=list(fleet.urls), colocated=True)
         rollout_cfg = dataclasses.replace(rollout_cfg, sglang=sglang)
-    return build_engine(rollout_cfg, model_path=model_path, weight_version=0)
+    return build_engine(rollout_cfg, model_path=cfg.model.init_from_hf or cfg.model.hf_config,
+                        hf_config=policy.hf_config, device=dims.device, tokenizer=tokenizer,
+                        init_seed=cfg.model.seed, weight_version=0)

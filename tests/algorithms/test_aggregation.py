@@ -135,9 +135,12 @@ def test_samples_split_across_context_parallel_ranks(mode):
 
 
 def test_config_offers_exactly_these_modes():
-    from maspo_megatron.config.algorithm import AGGREGATIONS
+    from maspo_megatron.config import ConfigError, load_config
 
-    assert tuple(AGGREGATIONS) == tuple(AGGREGATION_MODES)
+    for mode in AGGREGATION_MODES:
+        assert load_config(None, [f"algorithm.aggregation={mode}"]).algorithm.aggregation == mode
+    with pytest.raises(ConfigError, match="algorithm.aggregation: 'token-sum' is not one of \\['token-mean'"):
+        load_config(None, ["algorithm.aggregation=token-sum"])
     assert set(LAYOUT_DEPENDENT_MODES) == {"token-mean-microbatch"}
 
 

@@ -72,9 +72,9 @@ def test_bapo_bound_path_and_choice():
     assert whole[0].tolist() == pytest.approx([1.2, 0.6])
     # the positive shard alone (share 1) would keep the start bounds; with the global sums it must not
     _, metrics = policy_loss("bapo", lp[:, :1], old[:, :1], adv[:, :1], mask[:, :1], rho_target=0.7,
-                             contribution_sums=whole, **hyper)
+                             batch_sums=whole, **hyper)
     assert metrics["clip_high"].item() == pytest.approx(1.5)
-    with pytest.raises(ValueError, match="contribution_sums must have shape \\(4, 2\\)"):
-        policy_loss("bapo", lp, old, adv, mask, contribution_sums=whole[:2], **hyper)
+    with pytest.raises(ValueError, match="batch_sums must have shape \\(4, 2\\)"):
+        policy_loss("bapo", lp, old, adv, mask, batch_sums=whole[:2], **hyper)
     with pytest.raises(ValueError, match="low_start <= low_max"):
         bapo_bound_path(0.9, 0.6, 0.1, 1.2, 1.5, 0.1)

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from maspo_megatron.algorithms import aggregate_loss, policy_loss
-from maspo_megatron.config.algorithm import MaspoConfig
+from maspo_megatron.algorithms.losses.maspo import MaspoHyper
 
 OFFICIAL_COMMIT = "22b468142df78210da85120b193d934de692dd1a"
 OFFICIAL_DEFAULTS = dict(sigma_base=1.0, alpha=0.3, sigma_high=10.0, adv_low=0.1, adv_high=10.0, beta_pos=0.03,
@@ -87,8 +87,8 @@ def _micro_batches(seed, rows_per_micro=(3, 3, 3, 3), dp_size=2):
 
 
 def test_official_defaults_are_ours():
-    assert OFFICIAL_DEFAULTS == {k: v for k, v in vars(MaspoConfig()).items() if k in OFFICIAL_DEFAULTS}
-    assert MaspoConfig().dual_clip_c is None and MaspoConfig().gate_grad == "detached"
+    assert OFFICIAL_DEFAULTS == {k: v for k, v in vars(MaspoHyper()).items() if k in OFFICIAL_DEFAULTS}
+    assert MaspoHyper().dual_clip_c is None and MaspoHyper().gate_grad == "detached"
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -136,3 +136,39 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "algorithm.maspo.alpha: -1.0 must be >= 0" in proc.stderr
+
+
+def test_registry_backed_choices_follow_the_registries():
+    """loss, aggregation, advantage and KL estimator are checked at load against the algorithms registries."""
+    from maspo_megatron.algorithms import ADVANTAGE_ESTIMATORS, AGGREGATION_MODES, KL_ESTIMATORS, loss_names
+
+    for key, names in (("algorithm.loss", loss_names()), ("algorithm.aggregation", AGGREGATION_MODES),
+                       ("algorithm.advantage", ADVANTAGE_ESTIMATORS), ("algorithm.kl_estimator", KL_ESTIMATORS)):
+        for name in names:
+            load_config(None, [f"{key}={name}"])
+        with pytest.raises(ConfigError, match=f"^{key}: 'nope' is not one of \\[.*'{names[-1]}'"):
+            load_config(None, [f"{key}=nope"])
+
+
+def test_engine_and_transport_names_are_the_registries():
+    """config/ cannot read rollout/'s registries (a lower floor): the trainer checks them first thing."""
+    from maspo_megatron.rollout import registry
+    from maspo_megatron.rollout.weight_sync.transports import TRANSPORTS
+
+    for name in registry.engine_names():
+        registry.check_rollout_names(load_config(None, [f"rollout.engine={name}"]).rollout)
+    for name in ("auto", *TRANSPORTS):
+        registry.check_rollout_names(load_config(None, [f"rollout.weight_sync.transport={name}"]).rollout)
+    assert {"local", "sglang"} <= set(registry.engine_names())
+    assert {"local", "tensor", "distributed", "disk"} <= set(TRANSPORTS)
+    with pytest.raises(ValueError, match="^rollout.engine: 'vllm' is not one of \\['local', 'sglang'\\]$"):
+        registry.check_rollout_names(load_config(None, ["rollout.engine=vllm"]).rollout)
+    with pytest.raises(ValueError, match="^rollout.weight_sync.transport: 'ipc' is not one of \\['auto', 'disk'"):
+        registry.check_rollout_names(load_config(None, ["rollout.weight_sync.transport=ipc"]).rollout)
+    # an engine registered later is a valid choice at once
+    registry.register_engine("test_engine", lambda rollout_cfg, **_: None, default_transport=lambda cuda: "disk")
+    try:
+        registry.check_rollout_names(load_config(None, ["rollout.engine=test_engine"]).rollout)
+        assert registry.default_transport("test_engine", cuda=True) == "disk"
+    finally:
+        registry.unregister_engine("test_engine")

@@ -84,13 +84,13 @@ def _broken(log_prob, old_log_prob, advantages, mask):
 @pytest.fixture
 def test_losses():
     """The two hand-written losses in the registry for one test only (other tests list the registry)."""
-    from maspo_megatron.algorithms import POLICY_LOSSES
+    from maspo_megatron.algorithms import unregister_policy_loss
 
     for name, fn in (("test_reference_pg", _reference_pg), ("test_broken_drops_negatives", _broken)):
         register_policy_loss(name, replace=True)(fn)
     yield
     for name in ("test_reference_pg", "test_broken_drops_negatives"):
-        POLICY_LOSSES.pop(name, None)
+        unregister_policy_loss(name)
 
 
 SMALL = dataclasses.replace(BanditConfig(), steps=8)

@@ -15,19 +15,39 @@ more positive tokens with large ratios: both move the balance toward the positiv
 
 "The batch" is whatever the sums cover: by default the tensors given; a distributed caller
 computes `bapo_contribution_sums` on its shard, all-reduces them (one [K+1, 2] tensor) and passes
-`contribution_sums`, so that every rank picks the same bounds. The choice is made on the device
+them as `batch_sums` (the registry's batch-sums input, trainer/loss_terms.py), so that every rank picks the same bounds. The choice is made on the device
 (no host sync).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
 import torch
 
-from maspo_megatron.algorithms.losses.ppo import optional_dual_clip, ppo_clip
+from maspo_megatron.algorithms.hyper import option
+from maspo_megatron.algorithms.losses.ppo import DUAL_CLIP_HELP, optional_dual_clip, ppo_clip
 from maspo_megatron.algorithms.ratio import clamped_log_ratio
 from maspo_megatron.algorithms.registry import register_policy_loss
+
+
+@dataclasses.dataclass
+class BapoHyper:
+    rho_target: float = option(0.5, ge=0, le=1, help="wanted share of the loss carried by A>0 tokens (the paper: 0.5)")
+    low_start: float = option(0.6, gt=0, lt=1)
+    low_max: float = option(0.9, gt=0, lt=1)
+    low_step: float = option(0.05, ge=0, help="the public recipe's step")
+    high_start: float = option(1.2, gt=1)
+    high_max: float = option(3.0, gt=1)
+    high_step: float = option(0.1, ge=0, help="the public recipe's step")
+    dual_clip_c: Optional[float] = option(3.0, gt=1, help=DUAL_CLIP_HELP)
+
+    def validate(self) -> None:
+        if self.low_max < self.low_start:
+            raise ValueError(f"low_max: {self.low_max} must be >= low_start ({self.low_start})")
+        if self.high_max < self.high_start:
+            raise ValueError(f"high_max: {self.high_max} must be >= high_start ({self.high_start})")
 
 
 def bapo_bound_path(low_start: float, low_max: float, low_step: float, high_start: float, high_max: float,
@@ -57,9 +77,9 @@ def _contributions(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
     return torch.stack([p, n], dim=-1)
 
 
-def bapo_contribution_sums(log_prob, old_log_prob, advantages, mask, *, low_start: float = 0.6, low_max: float = 0.9,
-                           low_step: float = 0.05, high_start: float = 1.2, high_max: float = 3.0,
-                           high_step: float = 0.1, **_unused) -> torch.Tensor:
+def bapo_contribution_sums(log_prob, old_log_prob, advantages, mask, *, low_start: float, low_max: float,
+                           low_step: float, high_start: float, high_max: float, high_step: float,
+                           **_unused) -> torch.Tensor:
     """This shard's [K+1, 2] (P_k, N_k) sums in float64, to all-reduce (SUM) across the batch's ranks.
 
     Inputs [B, T]; masked positions may hold anything. Other BAPO keywords are accepted and ignored,
@@ -84,23 +104,21 @@ def bapo_choose(sums: torch.Tensor, rho_target: float) -> torch.Tensor:
     return torch.where(ok.any(), ok.to(torch.int8).argmax(), last)
 
 
-@register_policy_loss("bapo")
-def bapo_loss(log_prob, old_log_prob, advantages, mask, *, rho_target: float = 0.5, low_start: float = 0.6,
-              low_max: float = 0.9, low_step: float = 0.05, high_start: float = 1.2, high_max: float = 3.0,
-              high_step: float = 0.1, dual_clip_c: Optional[float] = 3.0,
-              contribution_sums: Optional[torch.Tensor] = None):
-    """BAPO per-token loss. Inputs [B, T]; metrics per token: ratio, clipped, clip_low, clip_high (chosen bounds)."""
-    if not 0 <= rho_target <= 1:
-        raise ValueError(f"policy_loss 'bapo': rho_target must be in [0, 1], got {rho_target!r}")
+@register_policy_loss("bapo", BapoHyper, batch_sums=bapo_contribution_sums)
+def bapo_loss(log_prob, old_log_prob, advantages, mask, *, rho_target: float, low_start: float, low_max: float,
+              low_step: float, high_start: float, high_max: float, high_step: float, dual_clip_c: Optional[float],
+              batch_sums: Optional[torch.Tensor] = None):
+    """BAPO per-token loss. Inputs [B, T]; batch_sums[K+1, 2]: the all-reduced bapo_contribution_sums (default:
+    this shard's). Metrics per token: ratio, clipped, clip_low, clip_high (chosen bounds)."""
     lows, highs = bapo_bound_path(low_start, low_max, low_step, high_start, high_max, high_step,
                                   dtype=log_prob.dtype, device=log_prob.device)
-    if contribution_sums is None:
+    if batch_sums is None:
         ratio = torch.exp(clamped_log_ratio(log_prob, old_log_prob))
-        contribution_sums = _contributions(ratio, advantages, mask, lows, highs)
-    elif contribution_sums.shape != (lows.numel(), 2):
-        raise ValueError(f"policy_loss 'bapo': contribution_sums must have shape {(lows.numel(), 2)}, "
-                         f"got {tuple(contribution_sums.shape)}")
-    choice = bapo_choose(contribution_sums.detach(), rho_target)
+        batch_sums = _contributions(ratio, advantages, mask, lows, highs)
+    elif batch_sums.shape != (lows.numel(), 2):
+        raise ValueError(f"policy_loss 'bapo': batch_sums must have shape {(lows.numel(), 2)}, "
+                         f"got {tuple(batch_sums.shape)}")
+    choice = bapo_choose(batch_sums.detach(), rho_target)
     low, high = lows[choice], highs[choice]
     ratio, loss, clipped = ppo_clip(log_prob, old_log_prob, advantages, low, high)
     loss, metrics = optional_dual_clip("bapo", loss, clipped, advantages, ratio, dual_clip_c)

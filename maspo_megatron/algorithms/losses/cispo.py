@@ -10,17 +10,24 @@ MiniMax-M1 sets no lower bound in practice: eps_low = 1 makes the lower bound 0,
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from maspo_megatron.algorithms.hyper import option
 from maspo_megatron.algorithms.ratio import clamped_log_ratio
 from maspo_megatron.algorithms.registry import register_policy_loss
 
 
-@register_policy_loss("cispo")
-def cispo_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float = 1.0, eps_high: float = 0.28):
+@dataclasses.dataclass
+class CispoHyper:
+    eps_low: float = option(1.0, gt=0, le=1, help="lower bound 1-eps_low of the IS weight (1: no lower bound)")
+    eps_high: float = option(0.28, gt=0, help="upper bound 1+eps_high of the IS weight")
+
+
+@register_policy_loss("cispo", CispoHyper)
+def cispo_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float, eps_high: float):
     """CISPO per-token loss. Inputs [B, T]; metrics per token: ratio, clipped (the weight was clipped)."""
-    if not (0 < eps_low <= 1 and eps_high > 0):
-        raise ValueError(f"policy_loss 'cispo': need 0 < eps_low <= 1 and eps_high > 0, got {eps_low!r}, {eps_high!r}")
     ratio = torch.exp(clamped_log_ratio(log_prob, old_log_prob)).detach()
     weight = ratio.clamp(1 - eps_low, 1 + eps_high)
     loss = -weight * advantages * log_prob

@@ -12,11 +12,13 @@ alpha = 0.4, kappa = 2 (the paper's GRPO setting as we read it). The entropy is 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
-from maspo_megatron.algorithms.losses.ppo import optional_dual_clip, ppo_clip
+from maspo_megatron.algorithms.hyper import option
+from maspo_megatron.algorithms.losses.ppo import DUAL_CLIP_HELP, optional_dual_clip, ppo_clip
 from maspo_megatron.algorithms.registry import register_policy_loss
 
 
@@ -26,15 +28,21 @@ def entropy_advantage(advantages: torch.Tensor, entropy: torch.Tensor, alpha: fl
     return advantages + bonus
 
 
-@register_policy_loss("entropy_adv")
-def entropy_adv_loss(log_prob, old_log_prob, advantages, mask, *, eps: float = 0.2, dual_clip_c: Optional[float] = 3.0,
-                     alpha: float = 0.4, kappa: float = 2.0, entropy: Optional[torch.Tensor] = None):
+@dataclasses.dataclass
+class EntropyAdvHyper:
+    eps: float = option(0.2, gt=0, lt=1)
+    dual_clip_c: Optional[float] = option(3.0, gt=1, help=DUAL_CLIP_HELP)
+    alpha: float = option(0.4, ge=0, help="entropy bonus scale: A + min(alpha * H, |A| / kappa)")
+    kappa: float = option(2.0, gt=1, help="the bonus never exceeds |A| / kappa")
+
+
+@register_policy_loss("entropy_adv", EntropyAdvHyper)
+def entropy_adv_loss(log_prob, old_log_prob, advantages, mask, *, eps: float, dual_clip_c: Optional[float],
+                     alpha: float, kappa: float, entropy: Optional[torch.Tensor] = None):
     """Inputs [B, T] and entropy[B, T] (required); metrics per token: ratio, clipped, shaped_advantage."""
     if entropy is None or not isinstance(entropy, torch.Tensor) or entropy.shape != log_prob.shape:
         got = tuple(entropy.shape) if isinstance(entropy, torch.Tensor) else type(entropy).__name__
         raise ValueError(f"policy_loss 'entropy_adv': needs entropy of shape {tuple(log_prob.shape)}, got {got}")
-    if not (alpha >= 0 and kappa > 1):
-        raise ValueError(f"policy_loss 'entropy_adv': need alpha >= 0 and kappa > 1, got {alpha!r}, {kappa!r}")
     entropy = torch.where(mask, entropy.detach().to(log_prob.dtype), torch.zeros((), dtype=log_prob.dtype,
                                                                                  device=log_prob.device))
     shaped = entropy_advantage(advantages, entropy, alpha, kappa)

@@ -10,10 +10,12 @@ history: it is detached here, and the result does not depend on how the sequence
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
+from maspo_megatron.algorithms.hyper import option
 from maspo_megatron.algorithms.ratio import LOG_RATIO_LIMIT, clamped_log_ratio, clipped_surrogate
 from maspo_megatron.algorithms.registry import register_policy_loss
 
@@ -26,15 +28,21 @@ def row_mean_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return means.expand_as(log_ratio)
 
 
-@register_policy_loss("gspo")
+@dataclasses.dataclass
+class GspoHyper:
+    eps_low: float = option(3e-4, gt=0, lt=1)
+    eps_high: float = option(4e-4, gt=0)
+
+
+@register_policy_loss("gspo", GspoHyper)
 def gspo_loss(
     log_prob,
     old_log_prob,
     advantages,
     mask,
     *,
-    eps_low: float = 3e-4,
-    eps_high: float = 4e-4,
+    eps_low: float,
+    eps_high: float,
     seq_log_ratio: Optional[torch.Tensor] = None,
 ):
     """GSPO per-token loss. Inputs [B, T]; one sample per row unless seq_log_ratio[B, T] is given.

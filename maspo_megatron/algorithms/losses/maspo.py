@@ -12,13 +12,38 @@ gate=False is the "no soft gate" ablation: the hard PPO clip with clip_eps inste
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
 import torch
 
+from maspo_megatron.algorithms.hyper import option
 from maspo_megatron.algorithms.ratio import clamped_log_ratio, clipped_surrogate, dual_clip_bound
 from maspo_megatron.algorithms.registry import register_policy_loss
+
+
+@dataclasses.dataclass
+class MaspoHyper:
+    """algorithm.maspo; defaults follow ../shared/MASPO.md (the official MASPO code)."""
+
+    sigma_base: float = option(1.0, gt=0, help="base trust-region width of the Gaussian gate")
+    alpha: float = option(0.3, ge=0, help="mass-adaptive exponent: sigma = sigma_base / p_old^alpha; 0 turns it off")
+    sigma_high: float = option(10.0, gt=0, help="upper clamp of the mass-adaptive sigma")
+    adv_low: float = option(0.1, gt=0, help="lower clamp of the asymmetric risk factor")
+    adv_high: float = option(10.0, gt=0, help="upper clamp of the asymmetric risk factor")
+    beta_pos: float = option(0.03, ge=0, help="widening of the region for positive advantages")
+    beta_neg: float = option(0.03, ge=0, help="narrowing of the region for negative advantages")
+    gate_grad: str = option("detached", choices=("detached", "full"), help="gradient through the gate weight or not")
+    gate: bool = option(True, help="false: hard PPO clip instead of the soft gate (ablation)")
+    clip_eps: float = option(0.2, gt=0, help="clip epsilon used when gate=false")
+    dual_clip_c: Optional[float] = option(None, gt=1, help="optional bound of the loss for A<0 and r>1 (off by default)")
+
+    def validate(self) -> None:
+        if self.sigma_high < self.sigma_base:
+            raise ValueError(f"sigma_high: {self.sigma_high} must be >= sigma_base ({self.sigma_base})")
+        if self.adv_high < self.adv_low:
+            raise ValueError(f"adv_high: {self.adv_high} must be >= adv_low ({self.adv_low})")
 
 
 def maspo_sigma(
@@ -68,43 +93,31 @@ def maspo_gate(
     return w, sigma, pos, neg
 
 
-@register_policy_loss("maspo")
+@register_policy_loss("maspo", MaspoHyper)
 def maspo_loss(
     log_prob: torch.Tensor,
     old_log_prob: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    sigma_base: float = 1.0,
-    alpha: float = 0.3,
-    sigma_high: float = 10.0,
-    adv_low: float = 0.1,
-    adv_high: float = 10.0,
-    beta_pos: float = 0.03,
-    beta_neg: float = 0.03,
-    gate_grad: str = "detached",
-    gate: bool = True,
-    clip_eps: float = 0.2,
-    dual_clip_c: Optional[float] = None,
+    sigma_base: float,
+    alpha: float,
+    sigma_high: float,
+    adv_low: float,
+    adv_high: float,
+    beta_pos: float,
+    beta_neg: float,
+    gate_grad: str,
+    gate: bool,
+    clip_eps: float,
+    dual_clip_c: Optional[float],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """MASPO per-token loss (inputs [B, T], prepared by policy_loss). See the module docstring.
+    """MASPO per-token loss (inputs [B, T], prepared by policy_loss; hyperparameters checked against
+    MaspoHyper). See the module docstring.
 
     Metrics (per token [B, T]): ratio, gate_weight, sigma, gated_pos, gated_neg, clipped
     (hard clip with gate=False, or the dual-clip cap, cut the gradient).
     """
-    if gate_grad not in ("detached", "full"):
-        raise ValueError(f"policy_loss 'maspo': gate_grad must be 'detached' or 'full', got {gate_grad!r}")
-    for key, value, ok in (
-        ("sigma_base", sigma_base, sigma_base > 0),
-        ("sigma_high", sigma_high, sigma_high >= sigma_base),
-        ("alpha", alpha, alpha >= 0),
-        ("adv_low", adv_low, adv_low > 0),
-        ("adv_high", adv_high, adv_high >= adv_low),
-    ):
-        if not ok:
-            raise ValueError(f"policy_loss 'maspo': {key}={value!r} is out of range (see MaspoConfig)")
-    if dual_clip_c is not None and not dual_clip_c > 1:
-        raise ValueError(f"policy_loss 'maspo': dual_clip_c must be > 1 or None, got {dual_clip_c!r}")
     ratio = torch.exp(clamped_log_ratio(log_prob, old_log_prob))
     mass, sigma_pos, sigma_neg = maspo_sigma(
         old_log_prob, advantages, sigma_base=sigma_base, alpha=alpha, sigma_high=sigma_high,

@@ -11,12 +11,41 @@ loss always does (`clip_ratio_c = 3.0`); `dual_clip_c=None` turns it off.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
+from maspo_megatron.algorithms.hyper import option
 from maspo_megatron.algorithms.ratio import clamped_log_ratio, clipped_surrogate, dual_clip_bound
 from maspo_megatron.algorithms.registry import register_policy_loss
+
+DUAL_CLIP_HELP = "cap -A c on the loss of A<0 tokens (verl's GRPO always applies c=3); null turns it off"
+
+
+@dataclasses.dataclass
+class GrpoHyper:
+    eps: float = option(0.2, gt=0, lt=1)
+    dual_clip_c: Optional[float] = option(3.0, gt=1, help=DUAL_CLIP_HELP)
+
+
+@dataclasses.dataclass
+class ClipHigherHyper:
+    eps_low: float = option(0.2, gt=0, lt=1)
+    eps_high: float = option(0.28, gt=0)
+    dual_clip_c: Optional[float] = option(3.0, gt=1, help=DUAL_CLIP_HELP)
+
+
+@dataclasses.dataclass
+class DualClipHyper:
+    eps: float = option(0.2, gt=0, lt=1)
+    c: float = option(3.0, gt=1)
+
+
+@dataclasses.dataclass
+class DacHyper:
+    eps_low: float = option(0.16, gt=0, lt=1)
+    eps_high: float = option(0.2, gt=0)
 
 
 def ppo_clip(log_prob, old_log_prob, advantages, low, high):
@@ -30,32 +59,28 @@ def optional_dual_clip(name: str, loss, clipped, advantages, ratio, c: Optional[
     """The dual-clip cap when c is given: (loss[B, T], metrics {ratio, clipped, dual_clipped})."""
     if c is None:
         return loss, {"ratio": ratio, "clipped": clipped.to(ratio.dtype)}
-    if not c > 1:
-        raise ValueError(f"policy_loss {name!r}: dual_clip_c must be > 1 or None, got {c!r}")
     loss, capped = dual_clip_bound(loss, advantages, c)
     return loss, {"ratio": ratio, "clipped": (clipped | capped).to(ratio.dtype), "dual_clipped": capped.to(ratio.dtype)}
 
 
-@register_policy_loss("grpo")
-def grpo_loss(log_prob, old_log_prob, advantages, mask, *, eps: float = 0.2, dual_clip_c: Optional[float] = 3.0):
+@register_policy_loss("grpo", GrpoHyper)
+def grpo_loss(log_prob, old_log_prob, advantages, mask, *, eps: float, dual_clip_c: Optional[float]):
     """GRPO/PPO clip (+ dual clip). Inputs [B, T]; metrics per token: ratio, clipped[, dual_clipped]."""
     ratio, loss, clipped = ppo_clip(log_prob, old_log_prob, advantages, 1 - eps, 1 + eps)
     return optional_dual_clip("grpo", loss, clipped, advantages, ratio, dual_clip_c)
 
 
-@register_policy_loss("clip_higher")
-def clip_higher_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float = 0.2, eps_high: float = 0.28,
-                     dual_clip_c: Optional[float] = 3.0):
+@register_policy_loss("clip_higher", ClipHigherHyper)
+def clip_higher_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float, eps_high: float,
+                     dual_clip_c: Optional[float]):
     """DAPO's decoupled clip (+ dual clip). Inputs [B, T]; metrics per token: ratio, clipped[, dual_clipped]."""
     ratio, loss, clipped = ppo_clip(log_prob, old_log_prob, advantages, 1 - eps_low, 1 + eps_high)
     return optional_dual_clip("clip_higher", loss, clipped, advantages, ratio, dual_clip_c)
 
 
-@register_policy_loss("dual_clip")
-def dual_clip_loss(log_prob, old_log_prob, advantages, mask, *, eps: float = 0.2, c: float = 3.0):
+@register_policy_loss("dual_clip", DualClipHyper)
+def dual_clip_loss(log_prob, old_log_prob, advantages, mask, *, eps: float, c: float):
     """Dual-clip PPO. Inputs [B, T]; metrics per token: ratio, clipped (either clip), dual_clipped."""
-    if not c > 1:
-        raise ValueError(f"policy_loss 'dual_clip': c must be > 1, got {c!r}")
     ratio, loss, clipped = ppo_clip(log_prob, old_log_prob, advantages, 1 - eps, 1 + eps)
     loss, capped = dual_clip_bound(loss, advantages, c)
     return loss, {
@@ -77,8 +102,8 @@ def dac_bounds(old_log_prob: torch.Tensor, eps_low: float, eps_high: float) -> t
     return low, high
 
 
-@register_policy_loss("dac")
-def dac_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float = 0.16, eps_high: float = 0.2):
+@register_policy_loss("dac", DacHyper)
+def dac_loss(log_prob, old_log_prob, advantages, mask, *, eps_low: float, eps_high: float):
     """Dynamic adaptive clipping (DCPO). Inputs [B, T]; metrics per token: ratio, clipped.
 
     The bounds themselves are not metrics: the upper one grows like p_old^-1/2 (inf for p_old = 0),

@@ -7,17 +7,24 @@ is the plain policy gradient -A, and it decays smoothly as r moves away from 1.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from maspo_megatron.algorithms.hyper import option
 from maspo_megatron.algorithms.ratio import clamped_log_ratio
 from maspo_megatron.algorithms.registry import register_policy_loss
 
 
-@register_policy_loss("sapo")
-def sapo_loss(log_prob, old_log_prob, advantages, mask, *, tau_pos: float = 1.0, tau_neg: float = 1.05):
+@dataclasses.dataclass
+class SapoHyper:
+    tau_pos: float = option(1.0, gt=0)
+    tau_neg: float = option(1.05, gt=0)
+
+
+@register_policy_loss("sapo", SapoHyper)
+def sapo_loss(log_prob, old_log_prob, advantages, mask, *, tau_pos: float, tau_neg: float):
     """SAPO per-token loss. Inputs [B, T]; metrics per token: ratio, gate_weight (f'(r), 1 at r = 1)."""
-    if not (tau_pos > 0 and tau_neg > 0):
-        raise ValueError(f"policy_loss 'sapo': tau_pos and tau_neg must be > 0, got {tau_pos!r}, {tau_neg!r}")
     ratio = torch.exp(clamped_log_ratio(log_prob, old_log_prob))
     tau = torch.where(
         advantages > 0,

@@ -41,6 +41,25 @@ def load_hf_causal_lm(path: Union[str, Path]) -> torch.nn.Module:
     return transformers.AutoModelForCausalLM.from_config(config).float()
 
 
+def local_engine_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """`rollout.local_dtype` on this device: auto = bf16 on a GPU, fp32 on the CPU."""
+    if choice == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
+
+
+def hf_causal_lm_for_sync(hf_config, device: torch.device, dtype_choice: str, tokenizer, seed: int) -> torch.nn.Module:
+    """A fresh HF model of the policy's architecture on `device` (weights seeded; the first weight sync sets
+    them, so engine and trainer start from the same parameters), ending generation at the tokenizer's EOS."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).to(device, local_engine_dtype(dtype_choice, device))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 class LocalEngine:
     """Rollout engine over an in-process HF model (on its device and dtype; the model object is used, not copied).
 

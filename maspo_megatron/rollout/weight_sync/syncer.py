@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch.distributed as dist
 
+from maspo_megatron.rollout.registry import engine_names
 from maspo_megatron.rollout.weight_sync import verify
 from maspo_megatron.rollout.weight_sync.bucket_writer import BucketBuffers, iter_export_buckets
 from maspo_megatron.rollout.weight_sync.bucketing import bucket_nbytes, iter_buckets
@@ -49,8 +50,8 @@ class WeightSyncer:
 
     def __init__(self, cfg, chunks: Sequence[Any], wmap, dims, *, engine: Optional[Any] = None,
                  engine_kind: str = "local") -> None:
-        if engine_kind not in ("local", "sglang"):
-            raise WeightSyncError(f"rollout.engine: {engine_kind!r} is not one of ['local', 'sglang']")
+        if engine_kind not in engine_names():
+            raise WeightSyncError(f"rollout.engine: {engine_kind!r} is not one of {list(engine_names())}")
         if dist.get_rank() == 0 and engine is None:
             raise WeightSyncError("WeightSyncer: rank 0 (the driver) needs the rollout engine")
         self.cfg = cfg
