@@ -169,10 +169,10 @@ def test_encoded_requests_are_the_documented_bodies():
 def test_sample_budget_is_fifo_and_cancel_safe():
     import asyncio
 
-    from maspo_megatron.rollout.sglang.client import _SampleBudget
+    from maspo_megatron.rollout.sglang.client import SampleBudget
 
     async def scenario():
-        budget = _SampleBudget(4)
+        budget = SampleBudget(4)
         await budget.acquire(3)
         big = asyncio.ensure_future(budget.acquire(2))
         small = asyncio.ensure_future(budget.acquire(1))

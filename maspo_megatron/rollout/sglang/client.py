@@ -41,7 +41,7 @@ class EndpointMissing(RolloutError):
     """The server answered 404: it has no such endpoint (e.g. an SGLang older than the feature)."""
 
 
-class _SampleBudget:
+class SampleBudget:
     """A counting semaphore acquired k units at a time, first come first served (a group of k
     samples takes k of the `max_concurrency` places at once, so partial holds cannot deadlock)."""
 
@@ -138,7 +138,7 @@ class SGLangClient:
         self.down_cooldown_s = down_cooldown_s
         self.abort_grace_s = abort_grace_s
         self._session: Optional[aiohttp.ClientSession] = None
-        self._budget: Optional[_SampleBudget] = None
+        self._budget: Optional[SampleBudget] = None
         self._calls: set[_Call] = set()
         self._round_robin = 0
         self.weight_update_session_supported: Optional[bool] = None
@@ -147,7 +147,7 @@ class SGLangClient:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=0, force_close=False)
             self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
-            self._budget = _SampleBudget(self.max_concurrency)
+            self._budget = SampleBudget(self.max_concurrency)
         return self._session
 
     async def close(self) -> None:
