@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMe
 
 from maspo_megatron.checkpoint.byte_copy import RowMap
 from maspo_megatron.checkpoint.errors import CheckpointError
-from maspo_megatron.checkpoint.guard import SafeFileSystemReader, verify_checkpoint_is_data
+from maspo_megatron.checkpoint.guard import FileView, SafeFileSystemReader, verify_checkpoint_is_data
 from maspo_megatron.checkpoint.hf_reader import read_exact_into
 
 
@@ -95,35 +95,7 @@ class DistCheckpointReader:
         return targets
 
 
-class _FileView(io.RawIOBase):
-    """A read-only window [offset, offset + length) of an open binary file (one DCP item)."""
-
-    def __init__(self, handle, offset: int, length: int):
-        self._handle, self._offset, self._length, self._pos = handle, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self._pos = {0: pos, 1: self._pos + pos, 2: self._length + pos}[whence]
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        count = max(0, min(len(view), self._length - self._pos))
-        self._handle.seek(self._offset + self._pos)
-        got = self._handle.readinto(view[:count]) if count else 0
-        self._pos += got
-        return got
-
-
-def _chunk_data_offset(view: _FileView, nbytes: int, where: str) -> int:
+def _chunk_data_offset(view: FileView, nbytes: int, where: str) -> int:
     """Offset inside one torch.save item (a zip archive) of its single tensor's raw bytes."""
     with zipfile.ZipFile(view) as archive:
         records = [i for i in archive.infolist() if "/data/" in i.filename and not i.filename.endswith("/")]
@@ -175,7 +147,7 @@ def _locate_chunks(reader: DistCheckpointReader, key: str, layer: Optional[int])
             path = reader.dir / info.relative_path
             if info.relative_path not in handles:
                 handles[info.relative_path] = open(path, "rb", buffering=0)
-            view = _FileView(handles[info.relative_path], info.offset, info.length)
+            view = FileView(handles[info.relative_path], info.offset, info.length)
             where = f"{path} ({key} at {info.offset})"
             try:
                 with torch.serialization.skip_data():

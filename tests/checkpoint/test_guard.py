@@ -221,6 +221,18 @@ def test_function_of_a_metadata_module_is_refused(real_step, tmp_path):
                                " (a checkpoint must hold data only)")
 
 
+def test_truncated_item_names_file_and_key(real_step, tmp_path):
+    step = _copy(real_step, tmp_path)
+    metadata = read_metadata(step)
+    index = next(i for i in sorted(metadata.storage_data, key=lambda i: i.fqn) if i.fqn.startswith("rng_state/"))
+    info = metadata.storage_data[index]
+    distcp = step / info.relative_path
+    os.truncate(distcp, info.offset + info.length - 1)
+    with pytest.raises(CheckpointError) as info_error:
+        verify_checkpoint_is_data(step)
+    assert str(info_error.value) == f"{distcp} ({index.fqn}): truncated (item of {info.length} bytes at offset {info.offset})"
+
+
 def test_entry_point_refuses_on_resume_in_one_line_exit_2(real_step, tmp_path):
     """`python -m maspo_megatron.train` resuming from a crafted `latest`: one line on stderr, exit 2."""
     step = _copy(real_step, tmp_path)
