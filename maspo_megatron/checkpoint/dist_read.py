@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Iterable, Optional
@@ -89,9 +90,12 @@ class DistCheckpointReader:
             targets.append(sh.data if layer is None else sh.data[0])  # filled in place
         sharded, _, _ = _replace_state_dict_keys_with_sharded_keys(state)
         pyt_state = mcore_to_pyt_state_dict(sharded, True)
-        # no_dist: each process reads its own slices; DCP must not pair up calls across ranks
-        dcp.load(pyt_state, storage_reader=SafeFileSystemReader(str(self.dir), self.metadata), planner=MCoreLoadPlanner(),
-                 no_dist=True)
+        # no_dist: each process reads its own slices; DCP must not pair up calls across ranks. DCP warns
+        # on every no_dist load that it "assumes a single process": that is the intent here, not news.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(pyt_state, storage_reader=SafeFileSystemReader(str(self.dir), self.metadata),
+                     planner=MCoreLoadPlanner(), no_dist=True)
         return targets
 
 
