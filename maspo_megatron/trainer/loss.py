@@ -34,6 +34,10 @@ from maspo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs_entro
 from maspo_megatron.trainer.batch import PackedMicroBatch
 from maspo_megatron.trainer.loss_terms import extra_loss_inputs, micro_batch_token_count, rollout_correction
 
+# Sums of maspo_statistics over the tokens with A != 0 only: tokens of a group whose rewards are all
+# equal (A = 0) can never be clipped or gated, so these say how hard the gate acts where it can act.
+ACTIVE_PREFIX = "stats_active"
+
 
 @dataclasses.dataclass
 class LossSettings:
@@ -109,8 +113,9 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
     for key, value in token_metrics.items():
         if value.shape == full_mask.shape:
             sums[f"{settings.loss}/{key}_sum"] = value[full_mask].double().sum()
-    sums.update({f"stats/{k}": v.double() for k, v in maspo_statistics(
-        log_prob.detach(), batch.old_log_probs, batch.advantages, full_mask, **settings.maspo_stats_hyper).items()})
+    for prefix, where in (("stats", full_mask), (ACTIVE_PREFIX, full_mask & (batch.advantages != 0))):
+        sums.update({f"{prefix}/{k}": v.double() for k, v in maspo_statistics(
+            log_prob.detach(), batch.old_log_probs, batch.advantages, where, **settings.maspo_stats_hyper).items()})
     return contribution, sums
 
 
@@ -140,9 +145,14 @@ def finalize_metrics(sums: Optional[dict[str, float]]) -> Optional[dict[str, flo
     if "kl_sum" in sums:
         out["train/kl"] = sums["kl_sum"] / tokens if tokens else math.nan
     for key, value in sums.items():
-        if "/" in key and not key.startswith("stats/"):
+        if "/" in key and not key.startswith(("stats/", f"{ACTIVE_PREFIX}/")):
             out[f"train/{key.removesuffix('_sum')}_mean"] = value / tokens if tokens else math.nan
     stats = {key.removeprefix("stats/"): torch.tensor(value) for key, value in sums.items() if key.startswith("stats/")}
     if stats:
         out.update(finalize_statistics(stats))
+    active = {key.split("/", 1)[1]: torch.tensor(value) for key, value in sums.items()
+              if key.startswith(f"{ACTIVE_PREFIX}/")}
+    if active:  # the same statistics on the tokens with A != 0 only (maspo_active/...)
+        out.update({f"maspo_active/{key.removeprefix('maspo/')}": value
+                    for key, value in finalize_statistics(active).items()})
     return out
