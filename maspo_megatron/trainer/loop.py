@@ -200,7 +200,7 @@ class Trainer:
         sync_started = time.perf_counter()
         self.metrics.phase(step, "sync")
         self._hand_gpus_back()
-        report = self.syncer.sync(weight_version=step)
+        report = self.syncer.sync(weight_version=step) if self._sync_due(step) else None
         if self.is_driver:
             memory_handover(self.ctx.engine, "after_weight_sync")  # colocated: SGLang maps its KV cache again
         timings["time/sync_s"] = time.perf_counter() - sync_started
@@ -209,6 +209,15 @@ class Trainer:
         timings["time/step_s"] = time.perf_counter() - started
         metrics.update(timings)
         return metrics
+
+    def _sync_due(self, step: int) -> bool:
+        """Every `weight_sync.every_steps`-th step, and any step whose evaluation, checkpoint or export
+        must see the trained weights (the local engine's are what evaluation and export read). A
+        resumed run syncs at start, so a stop between syncs loses no staleness bookkeeping."""
+        trainer = self.cfg.trainer
+        return any(every and step % every == 0 for every in (
+            self.cfg.rollout.weight_sync.every_steps, trainer.eval_every, trainer.save_every,
+            trainer.hf_export_every)) or step >= trainer.total_steps
 
     def _hand_gpus_back(self) -> None:
         """Every rank returns its cached CUDA blocks before the colocated servers map their weights again."""
