@@ -284,7 +284,7 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         out.append(f"| {labels[name]} | {describe_difference(paired_differences(ref['avg'], info['avg']))} | "
                    f"{describe_difference(paired_differences(ref['reward_last'], info['reward_last']))} | "
                    f"{describe_difference(paired_differences(ref['entropy_all'], info['entropy_all']))} |")
-    out += _hard_clip_check(runs_by_method)
+    out += hard_clip_check(runs_by_method)
     out += [
         "", "With 3 seeds a difference whose sign is mixed across seeds, or small against the seed spread in the",
         "table above, is not evidence either way.",
@@ -335,7 +335,7 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
     return out
 
 
-def _hard_clip_check(runs_by_method: Dict[str, List[RunData]]) -> List[str]:
+def hard_clip_check(runs_by_method: Dict[str, List[RunData]]) -> List[str]:
     """With gate=false MASPO's loss IS the PPO clip at 0.2 (alpha and beta then act on nothing), so
     `maspo_hard_clip` must repeat `grpo` step for step on each seed: a check of run determinism."""
     hard = {run.seed: run for run in runs_by_method.get("maspo_hard_clip", [])}

@@ -105,3 +105,25 @@ def test_verdict_only_when_preconditions_hold(tmp_path):
     sweep, runs, warm = _sweep_runs(clip=0.01, maspo_gain=0.05)  # GRPO hardly clips: no verdict
     _, summary = evidence_section(sweep, runs, warm, tmp_path, ".")
     assert summary["paired"][f"maspo - grpo @ {rate}"]["verdict"] == "inconclusive (preconditions fail)"
+
+
+def test_preconditions_on_tokens_with_nonzero_advantage_decide_when_logged(tmp_path):
+    """GRPO clips 3 % of all tokens but 8 % of the A != 0 ones: the verdict uses the latter, and both
+    tables are printed; the training-reward band is drawn from rollout/reward_mean."""
+    sweep, runs, warm = _sweep_runs(clip=0.03, maspo_gain=0.05)
+    for arm_runs in runs.values():
+        for run in arm_runs:
+            for record in run.records:
+                record.update({key.replace("maspo/", "maspo_active/"): value for key, value in record.items()
+                               if key.startswith("maspo/")})
+                record["maspo_active/token_count"] = 60.0
+                record["maspo_active/ppo_clip_frac"] = 0.08
+                record["rollout/reward_mean"] = 0.4
+    lines, summary = evidence_section(sweep, runs, warm, tmp_path, ".")
+    rate = f"{sweep.learning_rates[0]:g}"
+    assert summary["paired"][f"maspo - grpo @ {rate}"]["verdict"] == "higher"
+    assert not summary["preconditions_all_tokens"][str(sweep.learning_rates[0])][0]["ok"]
+    assert summary["arms"][f"grpo @ {rate}"]["prefix"] == "maspo_active"
+    assert summary["arms"][f"grpo @ {rate}"]["ppo_clip_frac"] == pytest.approx(0.08)
+    text = "\n".join(lines)
+    assert "on the tokens with A != 0:" in text and "on every response token" in text
