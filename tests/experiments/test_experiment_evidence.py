@@ -28,7 +28,7 @@ def test_evidence_base_config_is_the_harder_start():
 
     sweep = load_sweep(EVIDENCE)
     cfg = load_config(sweep.base, [])
-    assert (cfg.algorithm.mini_batches, cfg.algorithm.ppo_epochs) == (8, 2)
+    assert (cfg.algorithm.mini_batches, cfg.algorithm.ppo_epochs) == (8, 4)
     assert cfg.rollout.temperature == 1.0 and sweep.heldout_prompts >= 256
 
 
@@ -36,7 +36,7 @@ def test_bad_learning_rates_name_the_key(tmp_path):
     text = EVIDENCE.read_text().replace("base: evidence_base.yaml", f"base: {EVIDENCE.parent / 'evidence_base.yaml'}")
     for bad in ("[0.001, 0.001]", "[-1.0]", "0.001"):
         path = tmp_path / "s.yaml"
-        path.write_text(text.replace("learning_rates: [2.0e-4, 5.0e-4]", f"learning_rates: {bad}"))
+        path.write_text(text.replace("learning_rates: [3.0e-4, 5.0e-4]", f"learning_rates: {bad}"))
         with pytest.raises(SweepError, match="learning_rates"):
             load_sweep(path)
 
