@@ -226,7 +226,7 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         "|---|---|",
     ]
     out += [f"| {key} | {value} |" for key, value in _setting_rows(sweep, root, extra)]
-    out += [
+    out += [] if sweep.learning_rates else [  # the evidence sweep's reasons are in docs/experiments.md
         "", "Why this setting (the CPU default, `examples/cpu_tiny.yaml`, takes 5-8 minutes per run and its",
         "single-digit task has only 100 problems, so nothing could be held out):",
         "",
@@ -243,6 +243,8 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         "  ~0.4-0.5. At 2e-4 with 4 updates both rose to ~0.7 but the gate barely acted (|log r| ~ 0.008,",
         "  gate weight 0.999); 2e-4 with 8 updates (used here) was stable with more off-policy movement.",
         f"  Per-step data of those pilots: `{rel}/pilots.csv` (committed by hand, not rebuilt by the script).",
+    ]
+    out += [
         "",
         "Methods (overrides on top of the base config):", "",
     ]
@@ -286,8 +288,8 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
                    f"{describe_difference(paired_differences(ref['entropy_all'], info['entropy_all']))} |")
     out += hard_clip_check(runs_by_method)
     out += [
-        "", "With 3 seeds a difference whose sign is mixed across seeds, or small against the seed spread in the",
-        "table above, is not evidence either way.",
+        "", f"With {len(sweep.seeds)} seeds a difference whose sign is mixed across seeds, or small against the seed "
+        "spread in the table above, is not evidence either way.",
         "", "### Training reward", "", f"![reward vs step]({rel}/reward_vs_step.png)", "",
         "### Entropy", "",
         "The paper reports that MASPO keeps the policy entropy higher than the clipped baselines.", "",
@@ -298,9 +300,9 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         "baselines they say what MASPO's gate *would* have done to the same updates; `ppo_clip_frac` is the",
         "fraction of tokens a PPO clip at 0.2 would clip.",
         "",
-        "The mean gate weight on gated tokens alone is derived as 1 − (1 − mean weight) / (gated fraction), per",
-        "step: the trainer's own `maspo/gate_weight_mean_gated` averages its per-update values, and the first",
-        "update of each batch (r == 1, nothing gated) makes that average NaN.",
+        "The mean gate weight on gated tokens alone is derived per step as 1 − (1 − mean weight) / (gated",
+        "fraction) (the trainer pools every optimizer step of an RL step, so this equals its",
+        "`maspo/gate_weight_mean_gated`), then averaged over the steps that gated anything.",
         "",
         "| method | " + " | ".join(title for _, title in MASPO_KEYS) + " | gate weight on gated tokens (derived) |",
         "|---|" + "---|" * (len(MASPO_KEYS) + 1),
