@@ -221,8 +221,9 @@ def evidence_section(sweep: Sweep, runs_by_method: Dict[str, List[RunData]], war
             "Top: training reward per RL step; bottom: held-out Avg@k (step 0 = the warm-up). Mean over seeds "
             "with its 95 % t band.", "",
             "Per arm (every step of every seed pooled, token-weighted; A != 0 tokens where logged): the "
-            "statistics of MASPO's gate are computed for every loss with MASPO's default hyperparameters, so for "
-            "GRPO and unclipped PG they say what the gate would have done to the same updates.", "",
+            "statistics of MASPO's gate are computed for every loss with the arm's `algorithm.maspo` settings "
+            "(the defaults for GRPO, so there they say what MASPO's gate would have done to GRPO's updates; "
+            "sigma 1e6 for unclipped PG, whose gate weight is therefore 1).", "",
             "| arm | lr | Avg@k start → final (mean) | AUC (mean) | entropy (nats/token) | mean abs log r | "
             "clip frac (PPO 0.2) | gated frac | gate weight on gated | p_old < 0.01 | 0.01 <= p_old < 0.1 |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
