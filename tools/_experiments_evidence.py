@@ -112,7 +112,24 @@ def reward_curve(run: RunData) -> Tuple[List[int], List[float]]:
     return steps, [points[s] for s in steps]
 
 
-def _band(ax, curves: Dict[int, tuple], label: str) -> None:
+def paired_curves(per_run: Dict[str, Dict[float, Dict[int, tuple]]]) -> Dict[str, Dict[float, Dict[int, tuple]]]:
+    """curve(arm) − curve(GRPO) per seed and lr, at the steps both have; GRPO itself left out."""
+    out: Dict[str, Dict[float, Dict[int, tuple]]] = {}
+    reference = per_run.get(REFERENCE, {})
+    for base, by_lr in per_run.items():
+        if base == REFERENCE:
+            continue
+        for rate, by_seed in by_lr.items():
+            for seed, (steps, values) in by_seed.items():
+                ref = dict(zip(*reference.get(rate, {}).get(seed, ([], [])), strict=True))
+                pairs = [(s, v - ref[s]) for s, v in zip(steps, values, strict=True) if s in ref]
+                if pairs:
+                    out.setdefault(base, {}).setdefault(rate, {})[seed] = ([p[0] for p in pairs],
+                                                                           [p[1] for p in pairs])
+    return out
+
+
+def _band(ax, curves: Dict[int, tuple], label: str, color: str) -> None:
     """Mean over seeds and its 95 % t band at every step any seed has."""
     steps = sorted({s for steps, _ in curves.values() for s in steps})
     means, lows, highs = [], [], []
@@ -123,8 +140,9 @@ def _band(ax, curves: Dict[int, tuple], label: str) -> None:
         lows.append(diff["low"])
         highs.append(diff["high"])
     if steps:
-        ax.plot(steps, means, marker="o" if len(steps) < 12 else None, label=f"{label} (n={len(curves)})")
-        ax.fill_between(steps, lows, highs, alpha=0.15)
+        ax.plot(steps, means, marker="o" if len(steps) < 12 else None, label=f"{label} (n={len(curves)})",
+                color=color)
+        ax.fill_between(steps, lows, highs, alpha=0.15, color=color)
 
 
 def _plot(path: Path, rows: List[Tuple[str, Dict[str, Dict[float, Dict[int, tuple]]]]], rates: List[float],
@@ -137,13 +155,18 @@ def _plot(path: Path, rows: List[Tuple[str, Dict[str, Dict[float, Dict[int, tupl
 
     fig, axes = plt.subplots(len(rows), len(rates), figsize=(4.5 * len(rates), 3.4 * len(rows)), squeeze=False,
                              sharex=True)
+    colors = {base: f"C{i}" for i, base in enumerate(rows[0][1])}  # one color per arm in every panel
     for row, (ylabel, per_run) in enumerate(rows):
         for col, rate in enumerate(rates):
             ax = axes[row][col]
             for base, by_lr in per_run.items():
-                _band(ax, by_lr.get(rate, {}), labels.get(base, base))
+                _band(ax, by_lr.get(rate, {}), labels.get(base, base), colors.get(base, "k"))
             ax.set_title(f"lr {rate:g}")
             ax.grid(alpha=0.3)
+            if row < 2:  # rates in [0, 1]; a t band may overshoot them
+                ax.set_ylim(-0.05, 1.05)
+            else:
+                ax.axhline(0.0, color="black", linewidth=0.8)
         axes[row][0].set_ylabel(ylabel)
     for col in range(len(rates)):
         axes[-1][col].set_xlabel("RL step")
@@ -176,7 +199,9 @@ def evidence_section(sweep: Sweep, runs_by_method: Dict[str, List[RunData]], war
                           for seed, curve in by_seed.items()} for lr, by_seed in by_lr.items()}
               for base, by_lr in per_run.items()}
     _plot(figures / "heldout_vs_step.png", [("training reward", rewards), (f"held-out Avg@k ({HELDOUT_NAME})",
-                                                                            per_run)], rates, labels)
+                                                                            per_run),
+                                             ("held-out Avg@k, arm − GRPO (paired)", paired_curves(per_run))],
+          rates, labels)
     out = ["## Evidence: preconditions, then paired differences against GRPO", ""]
     checks, checks_all = {}, {}
     for rate in rates:
@@ -218,8 +243,9 @@ def evidence_section(sweep: Sweep, runs_by_method: Dict[str, List[RunData]], war
     out += ["", "The best lr of a method is the one with the highest mean AUC over its seeds (chosen on the same "
             "runs it is compared on: an optimistic choice, the same for every method).", "",
             f"![reward and held-out Avg vs step]({rel}/heldout_vs_step.png)", "",
-            "Top: training reward per RL step; bottom: held-out Avg@k (step 0 = the warm-up). Mean over seeds "
-            "with its 95 % t band.", "",
+            "Top: training reward per RL step; middle: held-out Avg@k (step 0 = the warm-up); bottom: held-out "
+            "Avg@k minus GRPO's on the same seed. Mean over seeds with its 95 % t band (cut at [0, 1] in the "
+            "top rows).", "",
             "Per arm (every step of every seed pooled, token-weighted; A != 0 tokens where logged): the "
             "statistics of MASPO's gate are computed for every loss with the arm's `algorithm.maspo` settings "
             "(the defaults for GRPO, so there they say what MASPO's gate would have done to GRPO's updates; "

@@ -4,7 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
-from _experiments_evidence import evidence_section, heldout_curve, pooled_gate_statistics
+from _experiments_evidence import evidence_section, heldout_curve, paired_curves, pooled_gate_statistics
 from _experiments_plan import SweepError, load_sweep
 from _experiments_stats import RunData
 
@@ -127,3 +127,14 @@ def test_preconditions_on_tokens_with_nonzero_advantage_decide_when_logged(tmp_p
     assert summary["arms"][f"grpo @ {rate}"]["ppo_clip_frac"] == pytest.approx(0.08)
     text = "\n".join(lines)
     assert "on the tokens with A != 0:" in text and "on every response token" in text
+
+
+def test_paired_curves_subtract_grpo_of_the_same_seed_at_shared_steps():
+    per_run = {"grpo": {0.1: {1: ([0, 6, 12], [0.2, 0.3, 0.5]), 2: ([0, 6], [0.1, 0.1])}},
+               "maspo": {0.1: {1: ([0, 6, 12], [0.2, 0.4, 0.25]), 2: ([0, 12], [0.1, 0.9]), 3: ([0], [0.5])}}}
+    out = paired_curves(per_run)
+    assert set(out) == {"maspo"}
+    steps, values = out["maspo"][0.1][1]
+    assert steps == [0, 6, 12] and values == pytest.approx([0.0, 0.1, -0.25])
+    assert out["maspo"][0.1][2] == ([0], [0.0])  # step 12 has no GRPO value on seed 2
+    assert 3 not in out["maspo"][0.1]  # no GRPO run on seed 3
