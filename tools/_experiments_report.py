@@ -84,6 +84,8 @@ def _setting_rows(sweep: Sweep, root: Path, extra: List[str]) -> List[tuple]:
     cfg = load_config(sweep.base, seed_overrides(sweep, sweep.seeds[0]) + extra)
     warm = load_config(sweep.base, seed_overrides(sweep, sweep.seeds[0]) + sweep.warmup_overrides + extra)
     m, t, a, r, s = cfg.model, cfg.trainer, cfg.algorithm, cfg.rollout, cfg.data.synthetic
+    lr_text = " / ".join(f"{rate:g}" for rate in sweep.learning_rates) + " (each method at each)" \
+        if sweep.learning_rates else f"{t.lr:g}"
     return [
         ("policy", f"tiny Qwen2-shaped: {m.tiny_layers} layers, hidden {m.tiny_hidden}, {m.tiny_heads} heads "
                    f"({m.tiny_kv_heads} KV), FFN {m.tiny_ffn}, character tokenizer, fp32, TP1/PP1, 1 process"),
@@ -94,13 +96,14 @@ def _setting_rows(sweep: Sweep, root: Path, extra: List[str]) -> List[tuple]:
         ("warm-up (once per seed)", f"{warm.trainer.sft_warmup_steps} supervised steps x {warm.trainer.sft_batch_size} "
                                     f"reference answers, lr {warm.trainer.sft_lr:g}; every method starts RL from it"),
         ("RL", f"{t.total_steps} steps x {t.prompts_per_step} prompts x {r.n_samples_per_prompt} samples "
-               f"(T={r.temperature:g}, <= {r.max_new_tokens} new tokens), Adam lr {t.lr:g} constant, grad clip {t.grad_clip:g}"),
+               f"(T={r.temperature:g}, <= {r.max_new_tokens} new tokens), Adam lr {lr_text} constant, grad clip {t.grad_clip:g}"),
         ("where the gate acts", f"{a.mini_batches} mini-batches x {a.ppo_epochs} PPO epochs = "
                                 f"{a.mini_batches * a.ppo_epochs} optimizer steps per rollout batch; "
                                 f"old log-probs from the trainer, so r == 1 only on the first"),
         ("loss aggregation", f"{a.aggregation} over the global batch; advantages {a.advantage}; no KL, no entropy bonus"),
         ("evaluation", f"held-out set of {sweep.heldout_prompts} problems no seed trains on; "
-                       f"{t.eval_n_samples} samples each at T={r.temperature:g} after the last step: Avg@{t.eval_n_samples} "
+                       f"{t.eval_n_samples} samples each at T={r.temperature:g} after the last step"
+                       + (f" and every {t.eval_every} steps" if t.eval_every else "") + f": Avg@{t.eval_n_samples} "
                        f"(mean correctness) and Pass@{t.eval_n_samples} (any of {t.eval_n_samples} correct)"),
         ("seeds", f"{sweep.seeds} (a seed sets the model init, the warm-up, the data order and the sampling; "
                   "methods of one seed share the warm-up, so differences are paired by seed)"),
@@ -144,7 +147,8 @@ def build_report(sweep: Sweep, root: Path, report_path: Path, figures: Path, ext
     status = json.loads((root / "status.json").read_text()) if (root / "status.json").is_file() else {}
     baselines = [n for n, m in sweep.methods.items() if not m.ablation]
     ablations = [n for n, m in sweep.methods.items() if m.ablation]
-    reference = "maspo" if "maspo" in sweep.methods else baselines[0]
+    maspos = [n for n, m in sweep.methods.items() if n == "maspo" or m.base == "maspo"]  # with a grid: maspo_lr0
+    reference = maspos[0] if maspos else baselines[0]
     panels = [("MASPO vs baselines", baselines)]
     if ablations:
         panels.append(("MASPO vs its ablations", [reference] + ablations))
@@ -276,8 +280,9 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
             f"{len(reached)}/{len(info['seeds'])} | {_fmt(*mean_std(info['reward_last'].values()))} | "
             f"{_fmt(*mean_std(info['entropy_last'].values()))} | "
             + ", ".join(f"{v:.3f}" for _, v in sorted(info["avg"].items())) + " |")
-    out += ["", "### Paired differences against MASPO (same seed = same warm-up start and data order)", "",
-            f"| method | Δ Avg@{k} (MASPO − method) | Δ train reward, last {window} | Δ entropy, whole run |",
+    ref_label = labels.get(reference, reference)  # MASPO (with a learning-rate grid: at the first lr)
+    out += ["", f"### Paired differences against {ref_label} (same seed = same warm-up start and data order)", "",
+            f"| method | Δ Avg@{k} ({ref_label} − method) | Δ train reward, last {window} | Δ entropy, whole run |",
             "|---|---|---|---|"]
     ref = per_method.get(reference)
     for name, info in per_method.items():
