@@ -213,7 +213,7 @@ class Trainer:
     def _sync_due(self, step: int) -> bool:
         """Every `weight_sync.every_steps`-th step, and any step whose evaluation, checkpoint or export
         must see the trained weights (the local engine's are what evaluation and export read). A
-        resumed run syncs at start, so a stop between syncs loses no staleness bookkeeping."""
+        resumed run syncs at start: its engine is fresh, whatever its staleness before the stop."""
         trainer = self.cfg.trainer
         return any(every and step % every == 0 for every in (
             self.cfg.rollout.weight_sync.every_steps, trainer.eval_every, trainer.save_every,
