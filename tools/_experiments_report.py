@@ -84,6 +84,8 @@ def _setting_rows(sweep: Sweep, root: Path, extra: List[str]) -> List[tuple]:
     cfg = load_config(sweep.base, seed_overrides(sweep, sweep.seeds[0]) + extra)
     warm = load_config(sweep.base, seed_overrides(sweep, sweep.seeds[0]) + sweep.warmup_overrides + extra)
     m, t, a, r, s = cfg.model, cfg.trainer, cfg.algorithm, cfg.rollout, cfg.data.synthetic
+    lr_text = " / ".join(f"{rate:g}" for rate in sweep.learning_rates) + " (each method at each)" \
+        if sweep.learning_rates else f"{t.lr:g}"
     return [
         ("policy", f"tiny Qwen2-shaped: {m.tiny_layers} layers, hidden {m.tiny_hidden}, {m.tiny_heads} heads "
                    f"({m.tiny_kv_heads} KV), FFN {m.tiny_ffn}, character tokenizer, fp32, TP1/PP1, 1 process"),
@@ -94,13 +96,14 @@ def _setting_rows(sweep: Sweep, root: Path, extra: List[str]) -> List[tuple]:
         ("warm-up (once per seed)", f"{warm.trainer.sft_warmup_steps} supervised steps x {warm.trainer.sft_batch_size} "
                                     f"reference answers, lr {warm.trainer.sft_lr:g}; every method starts RL from it"),
         ("RL", f"{t.total_steps} steps x {t.prompts_per_step} prompts x {r.n_samples_per_prompt} samples "
-               f"(T={r.temperature:g}, <= {r.max_new_tokens} new tokens), Adam lr {t.lr:g} constant, grad clip {t.grad_clip:g}"),
+               f"(T={r.temperature:g}, <= {r.max_new_tokens} new tokens), Adam lr {lr_text} constant, grad clip {t.grad_clip:g}"),
         ("where the gate acts", f"{a.mini_batches} mini-batches x {a.ppo_epochs} PPO epochs = "
                                 f"{a.mini_batches * a.ppo_epochs} optimizer steps per rollout batch; "
                                 f"old log-probs from the trainer, so r == 1 only on the first"),
         ("loss aggregation", f"{a.aggregation} over the global batch; advantages {a.advantage}; no KL, no entropy bonus"),
         ("evaluation", f"held-out set of {sweep.heldout_prompts} problems no seed trains on; "
-                       f"{t.eval_n_samples} samples each at T={r.temperature:g} after the last step: Avg@{t.eval_n_samples} "
+                       f"{t.eval_n_samples} samples each at T={r.temperature:g} after the last step"
+                       + (f" and every {t.eval_every} steps" if t.eval_every else "") + f": Avg@{t.eval_n_samples} "
                        f"(mean correctness) and Pass@{t.eval_n_samples} (any of {t.eval_n_samples} correct)"),
         ("seeds", f"{sweep.seeds} (a seed sets the model init, the warm-up, the data order and the sampling; "
                   "methods of one seed share the warm-up, so differences are paired by seed)"),
@@ -144,7 +147,8 @@ def build_report(sweep: Sweep, root: Path, report_path: Path, figures: Path, ext
     status = json.loads((root / "status.json").read_text()) if (root / "status.json").is_file() else {}
     baselines = [n for n, m in sweep.methods.items() if not m.ablation]
     ablations = [n for n, m in sweep.methods.items() if m.ablation]
-    reference = "maspo" if "maspo" in sweep.methods else baselines[0]
+    maspos = [n for n, m in sweep.methods.items() if n == "maspo" or m.base == "maspo"]  # with a grid: maspo_lr0
+    reference = maspos[0] if maspos else baselines[0]
     panels = [("MASPO vs baselines", baselines)]
     if ablations:
         panels.append(("MASPO vs its ablations", [reference] + ablations))
@@ -226,7 +230,7 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         "|---|---|",
     ]
     out += [f"| {key} | {value} |" for key, value in _setting_rows(sweep, root, extra)]
-    out += [
+    out += [] if sweep.learning_rates else [  # the evidence sweep's reasons are in docs/experiments.md
         "", "Why this setting (the CPU default, `examples/cpu_tiny.yaml`, takes 5-8 minutes per run and its",
         "single-digit task has only 100 problems, so nothing could be held out):",
         "",
@@ -243,6 +247,8 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         "  ~0.4-0.5. At 2e-4 with 4 updates both rose to ~0.7 but the gate barely acted (|log r| ~ 0.008,",
         "  gate weight 0.999); 2e-4 with 8 updates (used here) was stable with more off-policy movement.",
         f"  Per-step data of those pilots: `{rel}/pilots.csv` (committed by hand, not rebuilt by the script).",
+    ]
+    out += [
         "",
         "Methods (overrides on top of the base config):", "",
     ]
@@ -274,8 +280,9 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
             f"{len(reached)}/{len(info['seeds'])} | {_fmt(*mean_std(info['reward_last'].values()))} | "
             f"{_fmt(*mean_std(info['entropy_last'].values()))} | "
             + ", ".join(f"{v:.3f}" for _, v in sorted(info["avg"].items())) + " |")
-    out += ["", "### Paired differences against MASPO (same seed = same warm-up start and data order)", "",
-            f"| method | Δ Avg@{k} (MASPO − method) | Δ train reward, last {window} | Δ entropy, whole run |",
+    ref_label = labels.get(reference, reference)  # MASPO (with a learning-rate grid: at the first lr)
+    out += ["", f"### Paired differences against {ref_label} (same seed = same warm-up start and data order)", "",
+            f"| method | Δ Avg@{k} ({ref_label} − method) | Δ train reward, last {window} | Δ entropy, whole run |",
             "|---|---|---|---|"]
     ref = per_method.get(reference)
     for name, info in per_method.items():
@@ -284,10 +291,10 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         out.append(f"| {labels[name]} | {describe_difference(paired_differences(ref['avg'], info['avg']))} | "
                    f"{describe_difference(paired_differences(ref['reward_last'], info['reward_last']))} | "
                    f"{describe_difference(paired_differences(ref['entropy_all'], info['entropy_all']))} |")
-    out += _hard_clip_check(runs_by_method)
+    out += hard_clip_check(runs_by_method)
     out += [
-        "", "With 3 seeds a difference whose sign is mixed across seeds, or small against the seed spread in the",
-        "table above, is not evidence either way.",
+        "", f"With {len(sweep.seeds)} seeds a difference whose sign is mixed across seeds, or small against the seed "
+        "spread in the table above, is not evidence either way.",
         "", "### Training reward", "", f"![reward vs step]({rel}/reward_vs_step.png)", "",
         "### Entropy", "",
         "The paper reports that MASPO keeps the policy entropy higher than the clipped baselines.", "",
@@ -298,9 +305,9 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         "baselines they say what MASPO's gate *would* have done to the same updates; `ppo_clip_frac` is the",
         "fraction of tokens a PPO clip at 0.2 would clip.",
         "",
-        "The mean gate weight on gated tokens alone is derived as 1 − (1 − mean weight) / (gated fraction), per",
-        "step: the trainer's own `maspo/gate_weight_mean_gated` averages its per-update values, and the first",
-        "update of each batch (r == 1, nothing gated) makes that average NaN.",
+        "The mean gate weight on gated tokens alone is derived per step as 1 − (1 − mean weight) / (gated",
+        "fraction) (the trainer pools every optimizer step of an RL step, so this equals its",
+        "`maspo/gate_weight_mean_gated`), then averaged over the steps that gated anything.",
         "",
         "| method | " + " | ".join(title for _, title in MASPO_KEYS) + " | gate weight on gated tokens (derived) |",
         "|---|" + "---|" * (len(MASPO_KEYS) + 1),
@@ -335,7 +342,7 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
     return out
 
 
-def _hard_clip_check(runs_by_method: Dict[str, List[RunData]]) -> List[str]:
+def hard_clip_check(runs_by_method: Dict[str, List[RunData]]) -> List[str]:
     """With gate=false MASPO's loss IS the PPO clip at 0.2 (alpha and beta then act on nothing), so
     `maspo_hard_clip` must repeat `grpo` step for step on each seed: a check of run determinism."""
     hard = {run.seed: run for run in runs_by_method.get("maspo_hard_clip", [])}

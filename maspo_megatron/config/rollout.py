@@ -56,6 +56,9 @@ class WeightSyncConfig:
     transport: str = option("auto",
                             help="auto: local for the CPU engine, tensor (CUDA) or disk for SGLang")
     bucket_bytes: int = option(512 * 1024**2, ge=1, help="HF tensors per transfer; a fused group is never split")
+    every_steps: int = option(1, ge=1, help="sync after every k-th RL step; k > 1 leaves the engine up to k - 1 "
+                              "steps stale (off-policy experiments, docs/experiments.md); a step that evaluates, "
+                              "saves, exports or ends the run always syncs")
     verify_weights: bool = option(False, help="checksum what the engine holds after each sync")
     verify_rows: int = option(100, ge=1, help="rows per tensor compared on SGLang (/get_weights_by_name truncate_size)")
     disk_dir: Optional[str] = option(None, help="shared directory for the disk transport")

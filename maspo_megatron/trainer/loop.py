@@ -209,7 +209,7 @@ class Trainer:
         self.metrics.phase(step, "sync")
         self.offload.offload(OPTIMIZER, GRADS)  # the sync needs the parameters only
         self._hand_gpus_back()
-        report = self.syncer.sync(weight_version=step)
+        report = self.syncer.sync(weight_version=step) if self._sync_due(step) else None
         self._leave_gpus_to_rollout(PARAMS, engine_resumes=True)
         timings["time/sync_s"] = time.perf_counter() - sync_started
         if report is not None:
@@ -217,6 +217,15 @@ class Trainer:
         timings["time/step_s"] = time.perf_counter() - started
         metrics.update(timings)
         return metrics
+
+    def _sync_due(self, step: int) -> bool:
+        """Every `weight_sync.every_steps`-th step, and any step whose evaluation, checkpoint or export
+        must see the trained weights (the local engine's are what evaluation and export read). A
+        resumed run syncs at start: its engine is fresh, whatever its staleness before the stop."""
+        trainer = self.cfg.trainer
+        return any(every and step % every == 0 for every in (
+            self.cfg.rollout.weight_sync.every_steps, trainer.eval_every, trainer.save_every,
+            trainer.hf_export_every)) or step >= trainer.total_steps
 
     def _leave_gpus_to_rollout(self, *kinds: str, engine_resumes: bool) -> None:
         """After a sync: the trainer's `kinds` leave the GPUs on every rank (rollout.colocated_offload), then

@@ -34,6 +34,10 @@ from maspo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs_entro
 from maspo_megatron.trainer.batch import PackedMicroBatch
 from maspo_megatron.trainer.loss_terms import loss_inputs, micro_batch_token_count, rollout_correction
 
+# Sums of maspo_statistics over the tokens with A != 0 only: tokens of a group whose rewards are all
+# equal (A = 0) can never be clipped or gated, so these say how hard the gate acts where it can act.
+ACTIVE_PREFIX = "stats_active"
+
 
 @dataclasses.dataclass
 class LossSettings:
@@ -113,9 +117,11 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
         if value.shape == full_mask.shape:
             sums[f"{settings.loss}/{key}_sum"] = value[full_mask].double().sum()
     if settings.statistics is not None:
-        statistics = STATISTICS[settings.statistics].sums(log_prob.detach(), batch.old_log_probs, batch.advantages,
-                                                          full_mask, **settings.statistics_hyper)
-        sums.update({f"stats/{settings.statistics}/{k}": v.double() for k, v in statistics.items()})
+        spec = STATISTICS[settings.statistics]
+        for prefix, where in (("stats", full_mask), (ACTIVE_PREFIX, full_mask & (batch.advantages != 0))):
+            statistics = spec.sums(log_prob.detach(), batch.old_log_probs, batch.advantages, where,
+                                   **settings.statistics_hyper)
+            sums.update({f"{prefix}/{settings.statistics}/{k}": v.double() for k, v in statistics.items()})
     return contribution, sums
 
 
@@ -145,13 +151,18 @@ def finalize_metrics(sums: Optional[dict[str, float]]) -> Optional[dict[str, flo
     if "kl_sum" in sums:
         out["train/kl"] = sums["kl_sum"] / tokens if tokens else math.nan
     for key, value in sums.items():
-        if "/" in key and not key.startswith("stats/"):
+        if "/" in key and not key.startswith(("stats/", f"{ACTIVE_PREFIX}/")):
             out[f"train/{key.removesuffix('_sum')}_mean"] = value / tokens if tokens else math.nan
-    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    by_prefix: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for key, value in sums.items():
-        if key.startswith("stats/"):
-            name, stat_key = key.removeprefix("stats/").split("/", 1)
-            by_name.setdefault(name, {})[stat_key] = torch.tensor(value)
-    for name, stats in by_name.items():
+        prefix, _, rest = key.partition("/")
+        if prefix in ("stats", ACTIVE_PREFIX):
+            name, stat_key = rest.split("/", 1)
+            by_prefix.setdefault(prefix, {}).setdefault(name, {})[stat_key] = torch.tensor(value)
+    for name, stats in by_prefix.get("stats", {}).items():
         out.update(STATISTICS[name].finalize(stats))
+    for name, stats in by_prefix.get(ACTIVE_PREFIX, {}).items():  # the same on the A != 0 tokens only
+        section = STATISTICS[name].section
+        out.update({f"{section}_active/{key.removeprefix(section + '/')}": value
+                    for key, value in STATISTICS[name].finalize(stats).items()})
     return out

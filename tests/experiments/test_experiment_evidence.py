@@ -4,7 +4,7 @@ import math
 from pathlib import Path
 
 import pytest
-from _experiments_evidence import evidence_section, heldout_curve, pooled_gate_statistics
+from _experiments_evidence import evidence_section, heldout_curve, paired_curves, pooled_gate_statistics
 from _experiments_plan import SweepError, load_sweep
 from _experiments_stats import RunData
 
@@ -28,7 +28,7 @@ def test_evidence_base_config_is_the_harder_start():
 
     sweep = load_sweep(EVIDENCE)
     cfg = load_config(sweep.base, [])
-    assert (cfg.algorithm.mini_batches, cfg.algorithm.ppo_epochs) == (8, 2)
+    assert (cfg.algorithm.mini_batches, cfg.algorithm.ppo_epochs) == (8, 4)
     assert cfg.rollout.temperature == 1.0 and sweep.heldout_prompts >= 256
 
 
@@ -36,7 +36,7 @@ def test_bad_learning_rates_name_the_key(tmp_path):
     text = EVIDENCE.read_text().replace("base: evidence_base.yaml", f"base: {EVIDENCE.parent / 'evidence_base.yaml'}")
     for bad in ("[0.001, 0.001]", "[-1.0]", "0.001"):
         path = tmp_path / "s.yaml"
-        path.write_text(text.replace("learning_rates: [2.0e-4, 5.0e-4]", f"learning_rates: {bad}"))
+        path.write_text(text.replace("learning_rates: [3.0e-4, 5.0e-4]", f"learning_rates: {bad}"))
         with pytest.raises(SweepError, match="learning_rates"):
             load_sweep(path)
 
@@ -105,3 +105,36 @@ def test_verdict_only_when_preconditions_hold(tmp_path):
     sweep, runs, warm = _sweep_runs(clip=0.01, maspo_gain=0.05)  # GRPO hardly clips: no verdict
     _, summary = evidence_section(sweep, runs, warm, tmp_path, ".")
     assert summary["paired"][f"maspo - grpo @ {rate}"]["verdict"] == "inconclusive (preconditions fail)"
+
+
+def test_preconditions_on_tokens_with_nonzero_advantage_decide_when_logged(tmp_path):
+    """GRPO clips 3 % of all tokens but 8 % of the A != 0 ones: the verdict uses the latter, and both
+    tables are printed; the training-reward band is drawn from rollout/reward_mean."""
+    sweep, runs, warm = _sweep_runs(clip=0.03, maspo_gain=0.05)
+    for arm_runs in runs.values():
+        for run in arm_runs:
+            for record in run.records:
+                record.update({key.replace("maspo/", "maspo_active/"): value for key, value in record.items()
+                               if key.startswith("maspo/")})
+                record["maspo_active/token_count"] = 60.0
+                record["maspo_active/ppo_clip_frac"] = 0.08
+                record["rollout/reward_mean"] = 0.4
+    lines, summary = evidence_section(sweep, runs, warm, tmp_path, ".")
+    rate = f"{sweep.learning_rates[0]:g}"
+    assert summary["paired"][f"maspo - grpo @ {rate}"]["verdict"] == "higher"
+    assert not summary["preconditions_all_tokens"][str(sweep.learning_rates[0])][0]["ok"]
+    assert summary["arms"][f"grpo @ {rate}"]["prefix"] == "maspo_active"
+    assert summary["arms"][f"grpo @ {rate}"]["ppo_clip_frac"] == pytest.approx(0.08)
+    text = "\n".join(lines)
+    assert "on the tokens with A != 0:" in text and "on every response token" in text
+
+
+def test_paired_curves_subtract_grpo_of_the_same_seed_at_shared_steps():
+    per_run = {"grpo": {0.1: {1: ([0, 6, 12], [0.2, 0.3, 0.5]), 2: ([0, 6], [0.1, 0.1])}},
+               "maspo": {0.1: {1: ([0, 6, 12], [0.2, 0.4, 0.25]), 2: ([0, 12], [0.1, 0.9]), 3: ([0], [0.5])}}}
+    out = paired_curves(per_run)
+    assert set(out) == {"maspo"}
+    steps, values = out["maspo"][0.1][1]
+    assert steps == [0, 6, 12] and values == pytest.approx([0.0, 0.1, -0.25])
+    assert out["maspo"][0.1][2] == ([0], [0.0])  # step 12 has no GRPO value on seed 2
+    assert 3 not in out["maspo"][0.1]  # no GRPO run on seed 3

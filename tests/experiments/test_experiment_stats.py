@@ -103,7 +103,7 @@ def test_gate_weight_on_gated_tokens_from_the_all_token_mean():
 
 
 def test_hard_clip_ablation_is_checked_against_grpo_seed_by_seed():
-    from _experiments_report import _hard_clip_check
+    from _experiments_report import hard_clip_check
 
     final = {"eval/heldout/avg@4": 0.5}
     grpo = [_run(1, [0.1, 0.2], "grpo"), _run(2, [0.3, 0.4], "grpo")]
@@ -112,9 +112,9 @@ def test_hard_clip_ablation_is_checked_against_grpo_seed_by_seed():
     hard = [_run(1, [0.1, 0.2], "maspo_hard_clip"), _run(2, [0.3, 0.45], "maspo_hard_clip")]
     for run in hard:
         run.final_eval = final
-    text = " ".join(_hard_clip_check({"grpo": grpo, "maspo_hard_clip": hard}))
+    text = " ".join(hard_clip_check({"grpo": grpo, "maspo_hard_clip": hard}))
     assert "on 1/2 seeds" in text and "not bit-reproducible" in text
     hard[1] = _run(2, [0.3, 0.4], "maspo_hard_clip")
     hard[1].final_eval = final
-    assert "on 2/2 seeds." in " ".join(_hard_clip_check({"grpo": grpo, "maspo_hard_clip": hard}))
-    assert _hard_clip_check({"grpo": grpo}) == []
+    assert "on 2/2 seeds." in " ".join(hard_clip_check({"grpo": grpo, "maspo_hard_clip": hard}))
+    assert hard_clip_check({"grpo": grpo}) == []

@@ -73,3 +73,19 @@ def test_all_groups_dropped_trains_nothing_and_says_so(tmp_path):
         assert record["train/no_data"] == 1
         assert record["rollout/dropped_groups"] > 0
         assert "train/loss" not in record
+
+
+def test_engine_synced_every_k_steps_samples_from_stale_weights_in_between(tmp_path):
+    """rollout.weight_sync.every_steps=2 over 3 steps: step 1 is not synced, so step 2 samples from the
+    step-0 weights (its engine log-probs differ from the trainer's); step 2 syncs (every 2nd step) and
+    step 3 (the last) too, so step 3 samples from the trained weights again."""
+    out = tmp_path / "run"
+    result = run_distributed(cases.train, 1, str(out), [
+        "rollout.weight_sync.every_steps=2", "trainer.total_steps=3", "trainer.eval_at_end=false"], timeout_s=240)[0]
+    assert result["code"] == 0
+    records = result["metrics"]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    drift = [r["rollout/logprob_diff_abs_max"] for r in records]
+    assert drift[0] < 1e-4 and drift[2] < 1e-4, drift
+    assert drift[1] > 1e-3, drift
+    assert ["sync/bytes" in r for r in records] == [False, True, True]

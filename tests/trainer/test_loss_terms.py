@@ -116,3 +116,37 @@ def test_token_mean_microbatch_is_the_official_normaliser_and_differs_from_token
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
     global_mean, _, _ = _ours(batches, logits, cfg)
     assert abs(official - global_mean) > 1e-3 * abs(global_mean)
+
+
+def test_statistics_on_tokens_with_nonzero_advantage_count_only_those():
+    """maspo_active/... : the MASPO statistics over the tokens with A != 0 (what the gate can act on)."""
+    from maspo_megatron.trainer.loss import finalize_metrics
+
+    batches, logits = _batches()
+    for batch in batches:  # as if from groups whose rewards were all equal: A = 0 on the first half of each row
+        columns = torch.arange(batch.advantages.shape[1]).expand_as(batch.advantages)
+        half = batch.advantages.shape[1] // 2
+        batch.advantages = torch.where(columns < half, torch.zeros_like(batch.advantages), batch.advantages)
+    gen = torch.Generator().manual_seed(5)
+    for batch, raw in zip(batches, logits, strict=True):  # ratios spread around 1: some clipped, some gated
+        lp = torch.log_softmax(raw, -1).gather(-1, batch.target[..., None])[..., 0].float()
+        batch.old_log_probs = torch.where(batch.loss_mask, lp + 0.5 * torch.randn(lp.shape, generator=gen),
+                                          batch.old_log_probs)
+    _, _, sums = _ours(batches, logits, RolloutCorrectionConfig())
+    total = {key: sum(float(s[key]) for s in sums) for key in sums[0]}
+    metrics = finalize_metrics(total)
+    tokens = active = clipped = 0
+    for batch, raw in zip(batches, logits, strict=True):
+        lp = torch.log_softmax(raw, -1).gather(-1, batch.target[..., None])[..., 0]
+        for r, t in batch.loss_mask.nonzero().tolist():
+            adv, ratio = float(batch.advantages[r, t]), math.exp(float(lp[r, t]) - float(batch.old_log_probs[r, t]))
+            tokens += 1
+            active += adv != 0
+            clipped += (adv > 0 and ratio > 1.2) or (adv < 0 and ratio < 0.8)
+    assert 0 < active < tokens and clipped > 0
+    assert metrics["maspo/token_count"] == tokens and metrics["maspo_active/token_count"] == active
+    assert metrics["maspo/ppo_clip_frac"] == pytest.approx(clipped / tokens)
+    assert metrics["maspo_active/ppo_clip_frac"] == pytest.approx(clipped / active)
+    # only A != 0 tokens are ever gated: the mean gate weight on gated tokens is the same in both
+    assert metrics["maspo_active/gate_weight_mean_gated"] == pytest.approx(metrics["maspo/gate_weight_mean_gated"])
+    assert not any(key.startswith("train/stats_active") for key in metrics)
