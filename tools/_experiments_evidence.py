@@ -170,7 +170,8 @@ def _plot(path: Path, rows: List[Tuple[str, Dict[str, Dict[float, Dict[int, tupl
         axes[row][0].set_ylabel(ylabel)
     for col in range(len(rates)):
         axes[-1][col].set_xlabel("RL step")
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:  # a test's one-arm figure may have nothing to label
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
