@@ -14,7 +14,7 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
-from maspo_megatron.config.fields import check_bounds
+from maspo_megatron.config.fields import check_fields
 
 _FLOAT_RE = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -98,22 +98,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, value in data.items():
-        key = prefix + name
-        kwargs[name] = coerce(value, hints[name], key)
-        problem = check_bounds(key, kwargs[name], dict(fields[name].metadata))
-        if problem:
-            raise ConfigError(problem)
-    instance = cls(**kwargs)
-    validate = getattr(instance, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ConfigError as exc:
-            raise ConfigError(f"{prefix}{exc}") from None
-        except ValueError as exc:
-            raise ConfigError(f"{prefix}{exc}") from None
+    instance = cls(**{name: coerce(value, hints[name], prefix + name) for name, value in data.items()})
+    try:  # bounds/choices of every field, then the section's own cross-field validate()
+        check_fields(instance, prefix)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return instance
 
 
