@@ -144,8 +144,8 @@ class TrainerOffload:
                 seen.add(storage._cdata)
                 stores.append(_Storage(tensor, keep))
             self._away[kind] = stores
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if any(s.storage.device.type == "cuda" for stores in self._away.values() for s in stores):
+            torch.cuda.empty_cache()  # the freed blocks go back to the driver, for the colocated servers
         self._record("offload " + "+".join(kinds))
 
     @torch.no_grad()
