@@ -180,14 +180,11 @@ class TensorTransport(Transport):
                 if item[0] != index:
                     raise WeightSyncError(f"weight_sync 'tensor': rank {index} sent the payload of rank {item[0]}")
                 made_by[item[0]] = item[1]
-        payloads, producers = {}, {}
         for url, ranks in self._routes.items():
             missing = [r for r in ranks if r not in made_by]
             if missing:
                 raise WeightSyncError(f"weight_sync 'tensor': no payload from rank(s) {missing} for {url}")
-            chosen = [(r, made_by[r]) for r in ranks]
-            payloads[url] = [payload for _, payload in chosen]
-            producers[url] = [r for r, _ in chosen]
-        self.last_post = producers
+        self.last_post = {url: list(ranks) for url, ranks in self._routes.items()}
+        payloads = {url: [made_by[r] for r in ranks] for url, ranks in self._routes.items()}
         self.engine.load_serialized_buckets(payloads, self._version, LOAD_FORMAT)
 
