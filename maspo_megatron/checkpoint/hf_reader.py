@@ -216,14 +216,11 @@ class HFCheckpointReader:
 
     def locate(self, name: str) -> Optional[tuple[str, int, tuple[int, ...], torch.dtype]]:
         """(file, offset of its first byte, shape, dtype) of a safetensors tensor; None for .bin files."""
-        path = self.file_of(name)
-        if path.suffix != ".safetensors":
+        file = self._safe_entry(name)
+        if file is None:
             return None
-        file = self._safe_file(path)
-        if name not in file.entries:
-            raise CheckpointError(f"{path}: tensor {name} listed in the index is not in the file")
         shape, dtype, begin, _ = file.entries[name]
-        return str(path), file.data_start + begin, shape, dtype
+        return str(file.path), file.data_start + begin, shape, dtype
 
     def _safe_entry(self, name: str) -> Optional[SafetensorsFile]:
         """The safetensors file holding `name` (None for .bin files)."""
