@@ -16,7 +16,10 @@ class SyntheticTaskConfig:
     min_operand: int = option(0, ge=0, help="smallest operand value")
     operations: List[str] = option(factory=lambda: ["+"], help="subset of '+', '-', '*'; a '-' never yields a negative")
     templates: str = option("symbolic", choices=("symbolic", "words", "mixed"), help="phrasing: '3+4=', 'What is 3 plus 4?', or both")
-    answer_format: str = option("boxed", choices=("boxed", "hash"), help="what the model should answer: \\boxed{7} or #### 7")
+    answer_format: str = option(
+        "boxed", choices=("boxed", "hash", "plain"),
+        help="what the model should answer: \\boxed{7}, #### 7, or 7 alone (plain: set reward.answer_pattern, e.g. '^\\s*(\\d+)\\s*$')",
+    )
 
     def validate(self) -> None:
         bad = [op for op in self.operations if op not in ("+", "-", "*")]

@@ -25,3 +25,9 @@ class Config:
     def validate(self) -> None:
         if self.algorithm.aggregation == "seq-mean-token-sum-norm" and self.algorithm.norm_length is None:
             self.algorithm.norm_length = self.rollout.max_new_tokens
+        synthetic = not self.data.train_files
+        if synthetic and self.data.synthetic.answer_format == "plain" and self.reward.name == "math" and self.reward.answer_pattern is None:
+            raise ValueError(
+                "data.synthetic.answer_format: 'plain' answers carry no \\boxed{} or ####, so the math reward needs "
+                "reward.answer_pattern (e.g. '^\\s*(\\d+)\\s*$'); without it every response scores unparsable"
+            )

@@ -19,12 +19,16 @@ _MAX_RETRIES = 100
 
 
 def format_answer(answer: Any, answer_format: str) -> str:
-    """The response text the task expects: `\\boxed{7}` or `#### 7`."""
+    """The response text the task expects: `\\boxed{7}`, `#### 7` or `7` (plain: score it with an
+    anchored `reward.answer_pattern` such as `^\\s*(\\d+)\\s*$`, since math-verify's extraction
+    looks for a boxed or `####` answer)."""
     if answer_format == "boxed":
         return "\\boxed{" + str(answer) + "}"
     if answer_format == "hash":
         return "#### " + str(answer)
-    raise ValueError(f"answer_format: {answer_format!r} is not 'boxed' or 'hash'")
+    if answer_format == "plain":
+        return str(answer)
+    raise ValueError(f"answer_format: {answer_format!r} is not 'boxed', 'hash' or 'plain'")
 
 
 class ArithmeticTask:

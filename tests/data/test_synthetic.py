@@ -74,3 +74,17 @@ def test_bad_config_is_named():
         load_config(overrides=["data.synthetic.operations=['/']"])
     with pytest.raises(ConfigError, match="data.synthetic.min_operand: 5 must be <= max_operand"):
         load_config(overrides=["data.synthetic.min_operand=5", "data.synthetic.max_operand=3"])
+
+
+def test_plain_answers_score_with_an_anchored_pattern():
+    pattern = r"^\s*(\d+)\s*$"
+    for item in task(answer_format="plain", max_operand=49).generate(20):
+        response = reference_response(item)
+        assert response == item.ground_truth  # the number alone: every response token is a digit
+        assert math_reward(response, item.ground_truth, answer_pattern=pattern).reason == "correct"
+        assert math_reward(str(int(response) + 1), item.ground_truth, answer_pattern=pattern).reason == "wrong"
+        assert math_reward(response + " 7", item.ground_truth, answer_pattern=pattern).reason.startswith("unparsable")
+    with pytest.raises(ConfigError, match="data.synthetic.answer_format: 'plain' .* reward.answer_pattern"):
+        load_config(overrides=["data.synthetic.answer_format=plain"])
+    config = load_config(overrides=["data.synthetic.answer_format=plain", r"reward.answer_pattern=^\s*(\d+)\s*$"])
+    assert config.reward.answer_pattern == r"^\s*(\d+)\s*$"
