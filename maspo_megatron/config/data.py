@@ -21,6 +21,13 @@ class SyntheticTaskConfig:
         help="what the model should answer: \\boxed{7}, #### 7, or 7 alone (plain: set reward.answer_pattern, e.g. '^\\s*(\\d+)\\s*$')",
     )
 
+    reference_noise: float = option(
+        0.0, ge=0.0, lt=1.0,
+        help="fraction of TRAIN problems whose warm-up reference has one answer digit replaced by another "
+             "(imperfect demonstrations: the warmed-up policy keeps a thin tail on wrong digits); rewards "
+             "and held-out references are never noisy",
+    )
+
     def validate(self) -> None:
         bad = [op for op in self.operations if op not in ("+", "-", "*")]
         if bad or not self.operations:

@@ -61,18 +61,31 @@ class ArithmeticTask:
     def generate(self, count: int, split: str = "train") -> list[RawPrompt]:
         """`count` problems of `split` ("train", "val", ...); the same (seed, split, config) gives the same list."""
         rng = random.Random(f"maspo-arithmetic:{self.seed}:{split}")
+        # its own stream, so the problems are the same with and without noise
+        noise_rng = random.Random(f"maspo-arithmetic-noise:{self.seed}:{split}")
+        noise = self.config.reference_noise if split == "train" else 0.0
         raws = []
         for i in range(count):
             operands, operations, answer = self._problem(rng)
             text = self._phrase(operands, operations, rng)
+            shown = _one_digit_wrong(answer, noise_rng) if noise_rng.random() < noise else answer
             metadata = {
                 "task": "arithmetic",
                 "operands": operands,
                 "operations": operations,
-                "reference": format_answer(answer, self.config.answer_format),
+                "reference": format_answer(shown, self.config.answer_format),
             }
             raws.append(RawPrompt(text, str(answer), metadata, f"synthetic:{split}:{i}"))
         return raws
+
+
+def _one_digit_wrong(answer: int, rng: random.Random) -> int:
+    """`answer` with one digit replaced by a different one (never a leading zero)."""
+    digits = list(str(answer))
+    position = rng.randrange(len(digits))
+    lowest = 1 if position == 0 and len(digits) > 1 else 0
+    digits[position] = rng.choice([d for d in "0123456789"[lowest:] if d != digits[position]])
+    return int("".join(digits))
 
 
 def _evaluate(operands: list[int], operations: list[str]) -> int:

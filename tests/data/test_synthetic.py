@@ -88,3 +88,21 @@ def test_plain_answers_score_with_an_anchored_pattern():
         load_config(overrides=["data.synthetic.answer_format=plain"])
     config = load_config(overrides=["data.synthetic.answer_format=plain", r"reward.answer_pattern=^\s*(\d+)\s*$"])
     assert config.reward.answer_pattern == r"^\s*(\d+)\s*$"
+
+
+def test_reference_noise_changes_one_digit_of_train_references_only():
+    clean = task(max_operand=49, answer_format="plain").generate(2000)
+    noisy = task(max_operand=49, answer_format="plain", reference_noise=0.2).generate(2000)
+    changed = 0
+    for a, b in zip(clean, noisy, strict=True):
+        assert (a.prompt, a.ground_truth) == (b.prompt, b.ground_truth)  # same problems, same rewards
+        ref, truth = b.metadata["reference"], b.ground_truth
+        if ref != truth:
+            changed += 1
+            assert len(ref) == len(truth) and sum(x != y for x, y in zip(ref, truth)) == 1, (ref, truth)
+            assert len(ref) == 1 or ref[0] != "0"
+    assert 0.17 < changed / 2000 < 0.23  # binomial(2000, 0.2): sd 0.009
+    held_out = task(max_operand=49, answer_format="plain", reference_noise=0.2).generate(200, split="val")
+    assert all(r.metadata["reference"] == r.ground_truth for r in held_out)
+    with pytest.raises(ConfigError, match="data.synthetic.reference_noise"):
+        load_config(overrides=["data.synthetic.reference_noise=1.0"])
