@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -208,7 +209,7 @@ def write_task_files(sweep: Sweep, root: Path, extra: List[str], draws: int = _T
     order, the init and the sampling). Raises if the task is too small for the split.
     """
     from maspo_megatron.config import load_config
-    from maspo_megatron.data.synthetic import ArithmeticTask, format_answer
+    from maspo_megatron.data.synthetic import ArithmeticTask, format_answer, noisy_answer
 
     cfg = load_config(sweep.base, seed_overrides(sweep, sweep.seeds[0]) + extra)
     task = cfg.data.synthetic
@@ -220,11 +221,17 @@ def write_task_files(sweep: Sweep, root: Path, extra: List[str], draws: int = _T
     if len(distinct) < 2 * sweep.heldout_prompts:
         raise SweepError(f"{sweep.path}: heldout.num_prompts: the task has only {len(distinct)} distinct problems; "
                          f"hold out at most half ({len(distinct) // 2}) or make it larger (data.synthetic.*)")
-    rows = [{"question": raw.prompt, "answer": raw.ground_truth,
-             "reference": format_answer(raw.ground_truth, task.answer_format)} for raw in distinct]
+    noise_rng = random.Random(f"reference-noise:{sweep.heldout_seed}")
+
+    def row(raw, noise: float) -> dict:
+        shown = noisy_answer(int(raw.ground_truth), noise, noise_rng)  # data.synthetic.reference_noise
+        return {"question": raw.prompt, "answer": raw.ground_truth, "reference": format_answer(shown, task.answer_format)}
+
+    held_out = [row(raw, 0.0) for raw in distinct[: sweep.heldout_prompts]]
+    train = [row(raw, task.reference_noise) for raw in distinct[sweep.heldout_prompts:]]
     root.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, part in (("train", rows[sweep.heldout_prompts:]), (HELDOUT_NAME, rows[: sweep.heldout_prompts])):
+    for name, part in (("train", train), (HELDOUT_NAME, held_out)):
         path = root / f"{name}.jsonl"
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in part))

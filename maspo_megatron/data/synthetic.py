@@ -68,7 +68,7 @@ class ArithmeticTask:
         for i in range(count):
             operands, operations, answer = self._problem(rng)
             text = self._phrase(operands, operations, rng)
-            shown = _one_digit_wrong(answer, noise_rng) if noise_rng.random() < noise else answer
+            shown = noisy_answer(answer, noise, noise_rng)
             metadata = {
                 "task": "arithmetic",
                 "operands": operands,
@@ -79,8 +79,11 @@ class ArithmeticTask:
         return raws
 
 
-def _one_digit_wrong(answer: int, rng: random.Random) -> int:
-    """`answer` with one digit replaced by a different one (never a leading zero)."""
+def noisy_answer(answer: int, noise: float, rng: random.Random) -> int:
+    """`answer`, or with probability `noise` the same with one digit replaced by a different one (never
+    a leading zero): an imperfect demonstration (`reference_noise`). Draws from `rng` either way."""
+    if rng.random() >= noise:
+        return answer
     digits = list(str(answer))
     position = rng.randrange(len(digits))
     lowest = 1 if position == 0 and len(digits) > 1 else 0

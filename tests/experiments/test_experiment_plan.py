@@ -90,6 +90,22 @@ def test_task_split_is_disjoint_and_covers_every_distinct_problem(tmp_path):
     assert again[1].read_text() == heldout.read_text()
 
 
+def test_reference_noise_reaches_the_warm_up_rows_and_never_the_held_out_ones(tmp_path):
+    sweep, _ = _sweep(tmp_path)
+    extra = ["data.synthetic.max_operand=49", "data.synthetic.answer_format=plain", r"reward.answer_pattern=^(\d+)$",
+             "data.synthetic.reference_noise=0.5"]
+    train, heldout = write_task_files(sweep, tmp_path / "out", extra, draws=20000)
+    train_rows = [json.loads(line) for line in train.read_text().splitlines()]
+    wrong = [r for r in train_rows if r["reference"] != r["answer"]]
+    assert 0.45 < len(wrong) / len(train_rows) < 0.55  # 2490 rows, binomial sd 0.01
+    for r in wrong:  # one digit off, same length; the rewarded answer is untouched
+        a, b = r["question"].rstrip("=").split("+")
+        assert r["answer"] == str(int(a) + int(b))
+        assert len(r["reference"]) == len(r["answer"]) and sum(x != y for x, y in zip(r["reference"], r["answer"])) == 1
+    held_rows = [json.loads(line) for line in heldout.read_text().splitlines()]
+    assert all(r["reference"] == r["answer"] for r in held_rows)
+
+
 def test_task_too_small_for_the_split_is_refused(tmp_path):
     sweep, _ = _sweep(tmp_path)
     with pytest.raises(SweepError, match="heldout.num_prompts: the task has only 9 distinct problems"):
