@@ -24,7 +24,7 @@ from maspo_megatron.rollout.registry import check_rollout_names
 from maspo_megatron.rollout.types import memory_handover
 from maspo_megatron.trainer.evaluation import eval_metrics
 from maspo_megatron.trainer.metrics import MetricsLogger
-from maspo_megatron.trainer.offload import GRADS, OPTIMIZER, PARAMS, TrainerOffload
+from maspo_megatron.trainer.offload import GRADS, OPTIMIZER, PARAMS, REFERENCE, TrainerOffload
 from maspo_megatron.trainer.rollout_phase import DriverContext, generate_groups, run_rollout, step_seed
 from maspo_megatron.trainer.sample_handoff import broadcast_samples
 from maspo_megatron.trainer.signals import EXIT_CODE_REQUEUE, StopRequest
@@ -99,9 +99,6 @@ class Trainer:
         self.policy = build_policy(cfg, self.dims, self.tokenizer)
         self.optimizer = build_optimizer(cfg, self.policy.chunks)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        # colocated: the trainer's memory leaves the GPUs while SGLang generates (trainer/offload.py)
-        self.offload = TrainerOffload(self.policy.chunks, self.optimizer, enabled=cfg.rollout.colocated_offload,
-                                      rank=self.dims.rank)
         self.step = 0
         self.counters = {"samples_generated": 0, "prompts_served": 0, "skipped_steps": 0}
         self.ctx: Optional[DriverContext] = None
@@ -135,8 +132,14 @@ class Trainer:
             from maspo_megatron.trainer.reference import build_reference
 
             self.reference = build_reference(cfg, self.dims, self.tokenizer, self.policy, self.output_dir, resumed)
+        # colocated: the trainer's memory leaves the GPUs while SGLang generates (trainer/offload.py), the
+        # KL reference's too unless algorithm.kl_reference_offload already keeps it in host memory
+        reference_chunks = () if self.reference is None or cfg.algorithm.kl_reference_offload else self.reference.chunks
+        self.offload = TrainerOffload(self.policy.chunks, self.optimizer, enabled=cfg.rollout.colocated_offload,
+                                      rank=self.dims.rank, reference_chunks=reference_chunks)
         self.syncer.sync(weight_version=self.step)  # engine <- trainer weights (fresh, warmed up or resumed)
-        self._leave_gpus_to_rollout(OPTIMIZER, GRADS, PARAMS, engine_resumes=False)  # its memory was never released
+        self._leave_gpus_to_rollout(OPTIMIZER, GRADS, PARAMS, REFERENCE,  # its memory was never released
+                                    engine_resumes=False)
 
     # ---- construction ---------------------------------------------------------------------------
     def _build_driver(self) -> None:
@@ -207,7 +210,7 @@ class Trainer:
         timings["time/train_s"] = time.perf_counter() - train_started
         sync_started = time.perf_counter()
         self.metrics.phase(step, "sync")
-        self.offload.offload(OPTIMIZER, GRADS)  # the sync needs the parameters only
+        self.offload.offload(OPTIMIZER, GRADS, REFERENCE)  # the sync needs the parameters only
         self._hand_gpus_back()
         report = self.syncer.sync(weight_version=step) if self._sync_due(step) else None
         self._leave_gpus_to_rollout(PARAMS, engine_resumes=True)

@@ -6,7 +6,8 @@
     metrics = finalize_metrics(reduce_sums(losses_reduced, dims))     # dict on global rank 0
 
 Per micro-batch (on the last pipeline stage): fused vocab-parallel log-probs + entropy ->
-rollout correction (trainer vs engine; loss_terms.py) -> `policy_loss` (any registry loss) ->
+rollout correction (trainer vs engine; loss_terms.py; the tokens it rejects also leave the
+token counts, `kept`, counted once per mini-batch by loss_terms.kept_tokens) -> `policy_loss` (any registry loss) ->
 `aggregate_loss` with the GLOBAL normalisers of the micro-batch (PackedMicroBatch), plus the
 entropy bonus and the KL penalty to `batch.ref_log_probs` -> this shard's contribution c, where
 the sum of c over every micro-batch and every DP x CP rank is exactly the global-batch loss L
@@ -32,7 +33,13 @@ import torch
 from maspo_megatron.algorithms import STATISTICS, aggregate_loss, kl_penalty, loss_statistics, policy_loss
 from maspo_megatron.parallel.vocab_parallel import vocab_parallel_logprobs_entropy
 from maspo_megatron.trainer.batch import PackedMicroBatch
-from maspo_megatron.trainer.loss_terms import loss_inputs, micro_batch_token_count, rollout_correction
+from maspo_megatron.trainer.loss_terms import (
+    KeptTokens,
+    loss_inputs,
+    micro_batch_token_count,
+    rejects,
+    rollout_correction,
+)
 
 # Sums of maspo_statistics over the tokens with A != 0 only: tokens of a group whose rewards are all
 # equal (A = 0) can never be clipped or gated, so these say how hard the gate acts where it can act.
@@ -70,17 +77,19 @@ class LossSettings:
 
 
 def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSettings, tp_group=None,
-                 cp_group=None, cp_size: int = 1, *, dp_cp_group=None,
-                 micro_batch_count: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 cp_group=None, cp_size: int = 1, *, dp_cp_group=None, micro_batch_count: int = 1,
+                 kept: Optional[KeptTokens] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(contribution to the global loss, {metric: SUM}) for one (CP-sharded) micro-batch.
 
     logits[R, S, V/TP] (this rank's vocab shard). The contribution is NOT rescaled for Megatron
     (see `megatron_loss_func`); it is what a single-process reference sums over micro-batches.
     dp_cp_group: the group whose ranks hold the other parts of this micro-batch's batch (BAPO's
     bound choice); micro_batch_count: micro-batches of the optimizer step over all DP ranks
-    (token-mean-microbatch).
+    (token-mean-microbatch); kept: the mini-batch's token counts after rejection
+    (loss_terms.kept_tokens), required when the correction rejects (rs_level set).
     Loss = aggregate(policy loss [x IS weights]) - entropy_coef aggregate(H) + kl_coef aggregate(KL),
-    all over the loss mask minus the tokens rejected by the rollout correction.
+    all over the loss mask minus the tokens rejected by the rollout correction, divided by counts of
+    the tokens that are left (rejected tokens leave the denominators too, as in verl).
     """
     log_prob, entropy = vocab_parallel_logprobs_entropy(
         logits, batch.target, tp_group, temperature=settings.temperature, chunk_size=settings.chunk_size,
@@ -97,8 +106,13 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
                        global_sample_count=max(batch.global_sample_count, 1), sample_index=batch.sample_index,
                        sample_token_count=batch.sample_token_count, norm_length=settings.norm_length,
                        micro_batch_count=micro_batch_count)
+    if rejects(settings.correction):  # count only the tokens left in the loss
+        if kept is None:
+            raise ValueError("compute_loss: algorithm.rollout_correction.rs_level rejects tokens, so the loss needs "
+                             "the mini-batch's kept-token counts (kept=loss_terms.kept_tokens(...))")
+        normalisers.update(global_token_count=kept.token_count.clamp(min=1), sample_token_count=kept.sample_token_count)
     if settings.aggregation == "token-mean-microbatch":
-        normalisers["micro_batch_token_count"] = micro_batch_token_count(batch, cp_group, cp_size)
+        normalisers["micro_batch_token_count"] = micro_batch_token_count(mask, cp_group, cp_size)
     contribution = aggregate_loss(loss_tok, mask, settings.aggregation, **normalisers)
     full_mask = batch.loss_mask
     sums = dict(corrected.sums)
@@ -126,14 +140,16 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
 
 
 def megatron_loss_func(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, settings: LossSettings, dims,
-                       num_microbatches: int):
+                       num_microbatches: int, kept: Optional[KeptTokens] = None):
     """Megatron's loss_func(output_tensor) -> (scaled loss, num_tokens, {metric: SUM}); see the module doc.
 
-    num_microbatches: micro-batches of this optimizer step on this rank.
+    num_microbatches: micro-batches of this optimizer step on this rank; kept: see compute_loss.
+    The Megatron rescale uses the token counts BEFORE rejection (what `finalize_model_grads` sums),
+    whatever the aggregation divided by: it is undone exactly, and never divides by 0.
     """
     contribution, sums = compute_loss(output_tensor, batch, settings, dims.tp_group, dims.cp_group, dims.cp,
                                       dp_cp_group=dims.dp_cp_group if dims.dp * dims.cp > 1 else None,
-                                      micro_batch_count=num_microbatches * dims.dp)
+                                      micro_batch_count=num_microbatches * dims.dp, kept=kept)
     return contribution * float(max(batch.global_token_count, 1)), batch.local_token_count, sums
 
 

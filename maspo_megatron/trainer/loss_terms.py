@@ -6,13 +6,15 @@
   so that e.g. BAPO picks the same bounds on every rank);
 - the trainer-vs-engine rollout correction (algorithms/rollout_correction.py) from
   `batch.old_log_probs` (pi_old, the trainer's) and `batch.rollout_log_probs` (the engine's);
+- the token normalisers left after its rejection (`kept_tokens`, once per mini-batch, before the
+  update: rejected tokens leave the token counts, as in verl).
 All tensors stay on the logits' device; the only collectives are over the CP group (per-sample
 sums) and the DP x CP group (batch sums), each one small all-reduce per micro-batch.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,10 +41,10 @@ def sample_token_counts(batch: PackedMicroBatch, dtype: torch.dtype) -> torch.Te
     return torch.where(batch.loss_mask, counts, torch.ones_like(counts)).clamp(min=1)
 
 
-def micro_batch_token_count(batch: PackedMicroBatch, cp_group, cp_size: int) -> torch.Tensor:
-    """Response tokens of the whole micro-batch (all CP shards), at least 1: the official normaliser's
-    denominator, as a 0-dim tensor on the batch's device (no host sync)."""
-    count = batch.local_token_count.to(torch.float64).reshape(1)
+def micro_batch_token_count(mask: torch.Tensor, cp_group, cp_size: int) -> torch.Tensor:
+    """Tokens of mask[R, S] over the whole micro-batch (all CP shards), at least 1: the official
+    normaliser's denominator, as a 0-dim fp64 tensor on the mask's device (no host sync)."""
+    count = mask.sum(dtype=torch.float64).reshape(1)
     if cp_size > 1:
         dist.all_reduce(count, group=cp_group)
     return count.clamp(min=1).reshape(())
@@ -107,3 +109,44 @@ def rollout_correction(batch: PackedMicroBatch, correction_cfg, cp_group, cp_siz
         sums["mismatch/rejected_frac_sum"] = (mask & ~keep).double().sum()
         mask = keep
     return Correction(mask, advantages, weights, sums)
+
+
+def rejects(correction_cfg) -> bool:
+    """Whether cfg.algorithm.rollout_correction drops tokens from the loss (rs_level set)."""
+    return correction_cfg is not None and correction_cfg.rs_level is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptTokens:
+    """The token normalisers of one mini-batch (all micro-batches, all DP x CP ranks) after rejection.
+
+    Rejected tokens leave the token counts, as in verl: `compute_rollout_correction_and_add_to_batch`
+    (verl/trainer/ppo/rollout_corr_helper.py) overwrites `response_mask` with the rejected tokens
+    zeroed, and `agg_loss` (verl/trainer/ppo/core_algos.py) divides by that mask's global sum
+    (token-mean) and each sample's kept tokens (seq-mean-token-mean). Sample counts are unchanged.
+    """
+
+    token_count: torch.Tensor         # 0-dim fp64: kept response tokens of the whole mini-batch
+    sample_token_count: torch.Tensor  # [N] fp64: kept response tokens of each of its N samples
+
+
+def kept_tokens(micro_batches: Sequence[PackedMicroBatch], correction_cfg, cp_group=None, cp_size: int = 1,
+                dp_cp_group=None) -> Optional[KeptTokens]:
+    """Collective (CP per micro-batch, then one DP x CP all-reduce). None without rejection (rs_level unset).
+
+    micro_batches: this rank's (CP-sharded) micro-batches of one mini-batch, old log-probs filled.
+    The rejection depends on pi_old and pi_rollout only, so it is fixed for the whole update.
+    """
+    if not rejects(correction_cfg):
+        return None
+    if not micro_batches:
+        raise ValueError("kept_tokens: a mini-batch without micro-batches (the packer pads every rank)")
+    first = micro_batches[0]
+    per_sample = torch.zeros(first.sample_token_count.numel(), dtype=torch.float64, device=first.loss_mask.device)
+    for batch in micro_batches:
+        keep = rollout_correction(batch, correction_cfg, cp_group, cp_size).mask
+        # sample_index is 0 where masked, where keep is False: those add nothing
+        per_sample.index_add_(0, batch.sample_index.reshape(-1).long(), keep.reshape(-1).to(torch.float64))
+    if dp_cp_group is not None:
+        dist.all_reduce(per_sample, group=dp_cp_group)
+    return KeptTokens(per_sample.sum(), per_sample)

@@ -8,6 +8,8 @@ What is moved, as verl does for its colocated Megatron workers (`offload_megatro
     grads       the DDP gradient buffers (`buffer.grad_data`): dropped, not copied (every optimizer step
                 zeroes them first: train_step.ppo_update calls `zero_grad_buffer`)
     params      the DDP parameter buffers (`buffer.param_data`, which every model parameter views): copied
+    reference   the frozen KL reference model's parameters and buffers (`reference_chunks`; algorithm.kl_coef
+                > 0, unless algorithm.kl_reference_offload already keeps it in host memory): copied
 
 Each tensor keeps its identity: its storage is resized to 0 bytes and back (every view, e.g. a
 parameter of a DDP buffer or `param.main_grad`, sees the memory again), so Megatron's optimizer, DDP
@@ -15,10 +17,10 @@ and checkpointing hold the same objects throughout. On a GPU the host copies are
 
 One step (trainer/loop.py), next to SGLang's own release/resume (docs/rollout.md, "Colocated mode"):
 
-    rollout             trainer: optimizer, grads, params on the host
+    rollout             trainer: optimizer, grads, params (and the KL reference) on the host
     before_train        SGLang releases all -> every rank: `reload()` (after the sample broadcast)
-    train
-    `offload(OPTIMIZER, GRADS)`, empty cache, barrier -> after_train: SGLang maps its weights
+    train               (the KL reference's forward pass first: it came back with the rest)
+    `offload(OPTIMIZER, GRADS, REFERENCE)`, empty cache, barrier -> after_train: SGLang maps its weights
     weight sync         (needs the parameters and the bucket buffers)
     `offload(PARAMS)`, barrier -> after_weight_sync: SGLang maps its KV cache -> next rollout
 
@@ -33,8 +35,8 @@ from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
-OPTIMIZER, GRADS, PARAMS = "optimizer", "grads", "params"
-KINDS = (OPTIMIZER, GRADS, PARAMS)
+OPTIMIZER, GRADS, PARAMS, REFERENCE = "optimizer", "grads", "params", "reference"
+KINDS = (OPTIMIZER, GRADS, PARAMS, REFERENCE)
 
 
 def _inner_optimizers(optimizer) -> List:
@@ -98,12 +100,15 @@ class _Storage:
 
 
 class TrainerOffload:
-    """Moves the trainer's optimizer state, gradient buffers and parameters off its device and back.
-    `enabled=False` makes every call a no-op (the default: nothing is offloaded)."""
+    """Moves the trainer's optimizer state, gradient buffers, parameters and the frozen reference model's
+    weights (`reference_chunks`, none by default) off its device and back. `enabled=False` makes every
+    call a no-op (the default: nothing is offloaded)."""
 
-    def __init__(self, chunks: Sequence[torch.nn.Module], optimizer, enabled: bool, rank: int = 0) -> None:
+    def __init__(self, chunks: Sequence[torch.nn.Module], optimizer, enabled: bool, rank: int = 0,
+                 reference_chunks: Sequence[torch.nn.Module] = ()) -> None:
         self.chunks = list(chunks)
         self.optimizer = optimizer
+        self.reference_chunks = list(reference_chunks)
         self.enabled = bool(enabled)
         self.rank = rank
         self._away: Dict[str, List[_Storage]] = {}
@@ -115,6 +120,8 @@ class TrainerOffload:
             return [(t, True) for t in optimizer_tensors(self.optimizer)]
         if kind == GRADS:
             return [(b.grad_data, False) for b in ddp_buffers(self.chunks)]
+        if kind == REFERENCE:  # frozen, no DDP: its own parameter and buffer tensors
+            return [(t, True) for chunk in self.reference_chunks for t in (*chunk.parameters(), *chunk.buffers())]
         return [(b.param_data, True) for b in ddp_buffers(self.chunks)]
 
     @property
@@ -127,13 +134,18 @@ class TrainerOffload:
 
     @torch.no_grad()
     def offload(self, *kinds: str) -> None:
-        """Takes `kinds` (of KINDS) off the device; those already away are left as they are."""
+        """Takes `kinds` (of KINDS) off the device; those already away are left as they are, REFERENCE is
+        skipped without reference chunks."""
         if not self.enabled:
             return
-        seen = {s.storage._cdata for stores in self._away.values() for s in stores}  # storage identity
         for kind in kinds:
             if kind not in KINDS:
                 raise ValueError(f"TrainerOffload.offload: {kind!r} is not one of {KINDS}")
+        kinds = tuple(kind for kind in kinds if kind != REFERENCE or self.reference_chunks)
+        if not kinds:
+            return
+        seen = {s.storage._cdata for stores in self._away.values() for s in stores}  # storage identity
+        for kind in kinds:
             if kind in self._away:
                 continue
             stores = []

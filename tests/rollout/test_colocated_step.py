@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from maspo_megatron.utils.ports import free_port
 from tests.helpers.loop_cases import EXAMPLE, tiny_overrides
 
@@ -47,7 +49,10 @@ def _train_two_steps(output_dir: str, model_dir: str, *rollout_overrides: str) -
     return result
 
 
-def test_colocated_step_hands_memory_over_in_order_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("kl_reference", [False, True], ids=["no-kl", "kl-reference"])
+def test_colocated_step_hands_memory_over_in_order_and_exits_cleanly(tmp_path, kl_reference):
+    """kl-reference: algorithm.kl_coef > 0 builds the frozen KL reference, which must leave the GPUs with the
+    rest of the trainer (it would otherwise sit there through every rollout)."""
     from tests.helpers.sglang_standin import StandinServer
 
     output_dir = str(tmp_path / "run")
@@ -55,7 +60,7 @@ def test_colocated_step_hands_memory_over_in_order_and_exits_cleanly(tmp_path):
     server = StandinServer(model_dir, enable_memory_saver=True).start()
     try:
         _train_two_steps(output_dir, model_dir, f"rollout.sglang.urls=[{server.url}]", "rollout.sglang.colocated=true",
-                         "rollout.colocated_offload=true")
+                         "rollout.colocated_offload=true", *(["algorithm.kl_coef=0.05"] if kl_reference else []))
         events = server.call(lambda: list(server.memory_events))
         times = server.call(lambda: list(server.memory_event_times))
         paths = server.call(lambda: [path for _, path, _ in server.requests_seen])
@@ -75,10 +80,10 @@ def test_colocated_step_hands_memory_over_in_order_and_exits_cleanly(tmp_path):
         assert {e for e in step[1:step.index(("resume", ()))]} == {("load_weights", ("cuda_graph", "kv_cache"))}
         step = step[step.index(("resume", ())) + 1:]
     assert paths.count("/destroy_weights_update_group") == 1 and groups == {}  # the syncer closed first
-    _check_trainer_offload_against_server(Path(output_dir) / "memory_handover.jsonl", events, times)
+    _check_trainer_offload_against_server(Path(output_dir) / "memory_handover.jsonl", events, times, kl_reference)
 
 
-def _check_trainer_offload_against_server(timeline_path: Path, events: list, times: list) -> None:
+def _check_trainer_offload_against_server(timeline_path: Path, events: list, times: list, kl_reference: bool) -> None:
     """rollout.colocated_offload: the trainer's own timeline (its offload/reload, wall clock) merged with the
     server's memory events: the server generates only while the trainer holds nothing on the GPU, maps its
     weights again only once the optimizer state and gradients are gone (the sync needs the parameters),
@@ -88,9 +93,10 @@ def _check_trainer_offload_against_server(timeline_path: Path, events: list, tim
     import json
 
     trainer = [json.loads(line) for line in timeline_path.read_text().splitlines()]
-    # start-up offload of everything, then per step: reload, offload optimizer+grads, offload params
-    assert [e["event"] for e in trainer] == ["offload optimizer+grads+params"] + [
-        "reload", "offload optimizer+grads", "offload params"] * 2
+    # start-up offload of everything, then per step: reload, offload optimizer+grads(+reference), offload params
+    reference = "+reference" if kl_reference else ""
+    assert [e["event"] for e in trainer] == [f"offload optimizer+grads+params{reference}"] + [
+        "reload", f"offload optimizer+grads{reference}", "offload params"] * 2
     assert all(e["host_bytes"] > 0 for e in trainer if e["event"] != "reload")
     trainer_times = [e["time"] for e in trainer]
 
@@ -98,7 +104,7 @@ def _check_trainer_offload_against_server(timeline_path: Path, events: list, tim
         index = bisect.bisect_right(trainer_times, at) - 1
         return set(trainer[index]["offloaded"]) if index >= 0 else set()
 
-    everything = {"optimizer", "grads", "params"}
+    everything = {"optimizer", "grads", "params"} | ({"reference"} if kl_reference else set())
     checked = {"/generate": 0, "weights": 0, "kv_cache": 0}
     for (event, released), at in zip(events, times, strict=True):
         if event == "/generate" and at > trainer_times[0]:

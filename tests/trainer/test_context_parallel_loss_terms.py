@@ -48,6 +48,7 @@ def _cp_case():
     from maspo_megatron.parallel import destroy_distributed, init_distributed
     from maspo_megatron.trainer.batch import pack_micro_batches
     from maspo_megatron.trainer.loss import compute_loss
+    from maspo_megatron.trainer.loss_terms import kept_tokens
 
     dims = init_distributed(ParallelConfig(tp=2, cp=CP), seed=0)
     results = {}
@@ -60,22 +61,26 @@ def _cp_case():
             settings = _settings(case)
             leaves = [x.clone().requires_grad_() for x in full_logits]
             ref_total, ref_rejected = 0.0, 0.0
+            kept = kept_tokens(batches, settings.correction)
             for leaf, batch in zip(leaves, batches, strict=True):
-                contribution, sums = compute_loss(leaf, batch, settings, micro_batch_count=len(batches))
+                contribution, sums = compute_loss(leaf, batch, settings, micro_batch_count=len(batches), kept=kept)
                 ref_total = ref_total + contribution
                 ref_rejected += float(sums["mismatch/rejected_frac_sum"])
             ref_total.backward()
             split_leaves = [x.clone().requires_grad_() for x in full_logits]
             total, rejected = 0.0, 0.0
-            for leaf, batch in zip(split_leaves, batches, strict=True):
+            shards = [b.cp_shard(CP, dims.cp_rank, per_sample=per_sample) for b in batches]
+            split_kept = kept_tokens(shards, settings.correction, dims.cp_group, dims.cp, dims.dp_cp_group)
+            assert torch.equal(split_kept.sample_token_count, kept.sample_token_count)
+            for leaf, batch, shard_batch in zip(split_leaves, batches, shards, strict=True):
                 if per_sample:
                     index = packed_zigzag_indices(batch.segment_bounds(0), CP, dims.cp_rank)
                 else:
                     index = zigzag_indices(batch.tokens.shape[1], CP, dims.cp_rank)
                 shard = leaf.index_select(1, index).chunk(dims.tp, dim=-1)[dims.tp_rank]
-                contribution, sums = compute_loss(shard, batch.cp_shard(CP, dims.cp_rank, per_sample=per_sample),
-                                                  settings, dims.tp_group, dims.cp_group, dims.cp,
-                                                  dp_cp_group=dims.dp_cp_group, micro_batch_count=len(batches))
+                contribution, sums = compute_loss(shard, shard_batch, settings, dims.tp_group, dims.cp_group, dims.cp,
+                                                  dp_cp_group=dims.dp_cp_group, micro_batch_count=len(batches),
+                                                  kept=split_kept)
                 total = total + contribution
                 rejected += float(sums["mismatch/rejected_frac_sum"])
             total.backward()

@@ -15,6 +15,7 @@ import torch
 from maspo_megatron.config.algorithm import AlgorithmConfig, RolloutCorrectionConfig
 from maspo_megatron.trainer.batch import TrainSample, pack_micro_batches
 from maspo_megatron.trainer.loss import LossSettings, compute_loss
+from maspo_megatron.trainer.loss_terms import kept_tokens
 from tests.helpers import loss_reference as ref
 
 VOCAB = 17
@@ -40,18 +41,26 @@ def _batches(row_tokens=20):
 
 
 def _reference(batches, logits, *, is_threshold=None, rs=None, adv_cap=None, kl_coef=0.0, mode="token-mean"):
-    """(loss, d loss / d logits per micro-batch) in float64 for GRPO (eps 0.2, c = 3)."""
+    """(loss, d loss / d logits per micro-batch) in float64 for GRPO (eps 0.2, c = 3).
+
+    Rejected tokens carry no loss and no KL and leave the token counts (verl's modified response_mask).
+    """
+    def log_ratio(batch, r, t):
+        return min(max(float(batch.old_log_probs[r, t]) - float(batch.rollout_log_probs[r, t]), -20.0), 20.0)
+
+    def kept(batch):
+        return [(r, t) for r, t in batch.loss_mask.nonzero().tolist()
+                if rs is None or rs[0] <= math.exp(log_ratio(batch, r, t)) <= rs[1]]
+
+    global_kept = sum(len(kept(batch)) for batch in batches)
     total, grads = 0.0, []
     for batch, raw in zip(batches, logits, strict=True):
         leaf = raw.clone().requires_grad_()
         lp = torch.log_softmax(leaf, -1).gather(-1, batch.target[..., None])[..., 0]
         coeff = torch.zeros_like(lp)
-        n_micro = int(batch.loss_mask.sum())
-        norm = batch.global_token_count if mode == "token-mean" else n_micro * len(batches)
-        for r, t in batch.loss_mask.nonzero().tolist():
-            x = min(max(float(batch.old_log_probs[r, t]) - float(batch.rollout_log_probs[r, t]), -20.0), 20.0)
-            if rs is not None and not rs[0] <= math.exp(x) <= rs[1]:
-                continue  # rejected: no loss, no KL (still in the token count)
+        norm = global_kept if mode == "token-mean" else len(kept(batch)) * len(batches)
+        for r, t in kept(batch):
+            x = log_ratio(batch, r, t)
             weight = min(math.exp(x), is_threshold) if is_threshold is not None else 1.0
             adv = float(batch.advantages[r, t]) * (min(math.exp(x), adv_cap) if adv_cap is not None else 1.0)
             value, slope = ref.grpo(float(lp.detach()[r, t]), float(batch.old_log_probs[r, t]), adv)
@@ -71,8 +80,9 @@ def _ours(batches, logits, correction, *, kl_coef=0.0, mode="token-mean"):
     settings = LossSettings.from_config(algorithm)
     total, sums = 0.0, []
     leaves = [x.clone().requires_grad_() for x in logits]
+    kept = kept_tokens(batches, correction)
     for leaf, batch in zip(leaves, batches, strict=True):
-        contribution, metric_sums = compute_loss(leaf, batch, settings, micro_batch_count=len(batches))
+        contribution, metric_sums = compute_loss(leaf, batch, settings, micro_batch_count=len(batches), kept=kept)
         total = total + contribution
         sums.append(metric_sums)
     total.backward()
