@@ -29,7 +29,8 @@ from _experiments_plan import HELDOUT_NAME, Sweep
 from _experiments_stats import RunData, eval_key
 
 REFERENCE = "grpo"
-COMPARED = ("maspo", "pg_unclipped", "maspo_alpha0")
+COMPARED = ("maspo", "pg_unclipped", "maspo_alpha0", "clip_higher", "sapo")  # against GRPO, those the sweep has
+ABLATIONS = ("pg_unclipped", "maspo_alpha0")  # against MASPO
 ALL_TOKENS, ACTIVE_TOKENS = "maspo", "maspo_active"  # metric prefixes: every response token / tokens with A != 0
 REWARD_KEY = "rollout/reward_mean"
 
@@ -240,6 +241,17 @@ def evidence_section(sweep: Sweep, runs_by_method: Dict[str, List[RunData]], war
             verdict = ci_verdict(auc) if hold else "inconclusive (preconditions fail)"
             summary["paired"][f"{base} - {REFERENCE} @ {name}"] = {"auc": auc, "final": final, "verdict": verdict}
             out.append(f"| {labels.get(base, base)} − GRPO | {name} | {describe_ci(auc)} | {describe_ci(final)} | "
+                       f"{verdict} |")
+    # MASPO against its own ablations: does the gate's shape (vs no gate) or the mass term (vs alpha = 0) matter?
+    for base in ABLATIONS:
+        if base not in metric or "maspo" not in metric:
+            continue
+        for rate in rates:
+            auc = paired_difference(column("maspo", rate, "auc"), column(base, rate, "auc"))
+            final = paired_difference(column("maspo", rate, "final"), column(base, rate, "final"))
+            verdict = ci_verdict(auc) if all_hold(checks[rate]) else "inconclusive (preconditions fail)"
+            summary["paired"][f"maspo - {base} @ {rate:g}"] = {"auc": auc, "final": final, "verdict": verdict}
+            out.append(f"| MASPO − {labels.get(base, base)} | {rate:g} | {describe_ci(auc)} | {describe_ci(final)} | "
                        f"{verdict} |")
     out += ["", "The best lr of a method is the one with the highest mean AUC over its seeds (chosen on the same "
             "runs it is compared on: an optimistic choice, the same for every method).", "",

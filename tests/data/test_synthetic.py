@@ -99,7 +99,7 @@ def test_reference_noise_changes_one_digit_of_train_references_only():
         ref, truth = b.metadata["reference"], b.ground_truth
         if ref != truth:
             changed += 1
-            assert len(ref) == len(truth) and sum(x != y for x, y in zip(ref, truth)) == 1, (ref, truth)
+            assert len(ref) == len(truth) and sum(x != y for x, y in zip(ref, truth, strict=True)) == 1, (ref, truth)
             assert len(ref) == 1 or ref[0] != "0"
     assert 0.17 < changed / 2000 < 0.23  # binomial(2000, 0.2): sd 0.009
     held_out = task(max_operand=49, answer_format="plain", reference_noise=0.2).generate(200, split="val")

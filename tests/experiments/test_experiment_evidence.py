@@ -16,7 +16,7 @@ def test_evidence_sweep_expands_every_method_per_learning_rate():
     sweep = load_sweep(EVIDENCE)
     assert len(sweep.learning_rates) >= 2 and len(sweep.seeds) >= 10
     bases = {m.base for m in sweep.methods.values()}
-    assert bases == {"grpo", "maspo", "pg_unclipped", "maspo_alpha0"}
+    assert bases == {"grpo", "maspo", "pg_unclipped", "maspo_alpha0", "clip_higher", "sapo"}
     assert len(sweep.methods) == len(bases) * len(sweep.learning_rates)
     method = sweep.methods["maspo_lr1"]
     assert method.lr == sweep.learning_rates[1]
@@ -30,13 +30,16 @@ def test_evidence_base_config_is_the_harder_start():
     cfg = load_config(sweep.base, [])
     assert (cfg.algorithm.mini_batches, cfg.algorithm.ppo_epochs) == (8, 4)
     assert cfg.rollout.temperature == 1.0 and sweep.heldout_prompts >= 256
+    # plain answers scored by an anchored pattern, imperfect demonstrations (the re-design of 2026-12-04)
+    assert cfg.data.synthetic.answer_format == "plain" and cfg.data.synthetic.reference_noise > 0
+    assert cfg.reward.answer_pattern is not None
 
 
 def test_bad_learning_rates_name_the_key(tmp_path):
     text = EVIDENCE.read_text().replace("base: evidence_base.yaml", f"base: {EVIDENCE.parent / 'evidence_base.yaml'}")
     for bad in ("[0.001, 0.001]", "[-1.0]", "0.001"):
         path = tmp_path / "s.yaml"
-        path.write_text(text.replace("learning_rates: [3.0e-4, 5.0e-4]", f"learning_rates: {bad}"))
+        path.write_text(text.replace("learning_rates: [5.0e-4, 1.0e-3]", f"learning_rates: {bad}"))
         with pytest.raises(SweepError, match="learning_rates"):
             load_sweep(path)
 

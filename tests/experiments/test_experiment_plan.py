@@ -101,7 +101,7 @@ def test_reference_noise_reaches_the_warm_up_rows_and_never_the_held_out_ones(tm
     for r in wrong:  # one digit off, same length; the rewarded answer is untouched
         a, b = r["question"].rstrip("=").split("+")
         assert r["answer"] == str(int(a) + int(b))
-        assert len(r["reference"]) == len(r["answer"]) and sum(x != y for x, y in zip(r["reference"], r["answer"])) == 1
+        assert len(r["reference"]) == len(r["answer"]) and sum(x != y for x, y in zip(r["reference"], r["answer"], strict=True)) == 1
     held_rows = [json.loads(line) for line in heldout.read_text().splitlines()]
     assert all(r["reference"] == r["answer"] for r in held_rows)
 
