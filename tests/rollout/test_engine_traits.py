@@ -13,6 +13,7 @@ from maspo_megatron.config import load_config
 from maspo_megatron.launch.memory import ClusterShape, PlanError, plan_memory
 from maspo_megatron.models.meta import model_meta
 from maspo_megatron.rollout.registry import EngineTraits, engine_traits, register_engine, unregister_engine
+from tests.helpers import loop_cases
 from tests.helpers.multiproc import run_distributed
 from tests.helpers.sglang_standin.process import PACKAGE_DIR as STANDIN_SCRIPT
 
@@ -82,3 +83,47 @@ def test_trainer_launches_servers_by_trait(tmp_path):
     (result,) = run_distributed(_fleet_case, 1, str(tmp_path), timeout_s=240)
     assert len(result["scratch_servers"]) == 1  # rollout.sglang.num_servers=1: one stand-in launched
     assert result["scratch_plain"] is None
+
+
+def _export_case(output_dir: str, holds_hf_model: bool) -> dict:
+    """Two RL steps and the end-of-run HF export with the CPU engine registered under another name."""
+    from maspo_megatron.rollout.registry import build_engine
+
+    def cpu_engine(rollout_cfg, **facts):
+        return build_engine(dataclasses.replace(rollout_cfg, engine="local"), **facts)
+
+    register_engine("scratch_cpu", cpu_engine, default_transport=lambda cuda: "local",
+                    traits=EngineTraits(holds_hf_model=holds_hf_model, reads_back_whole_tensors=True))
+    try:
+        return loop_cases.train(output_dir, ["rollout.engine=scratch_cpu", "trainer.eval_at_end=false"])
+    finally:
+        unregister_engine("scratch_cpu")
+
+
+def _hf_tensors(hf_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def test_export_hf_saves_the_engine_model_by_trait(tmp_path):
+    import torch
+
+    from maspo_megatron.checkpoint.convert import HF_CONFIG_SUBDIR
+
+    latest = {}
+    for holds in (True, False):
+        out = tmp_path / f"holds_hf_model_{holds}"
+        (result,) = run_distributed(_export_case, 1, str(out), holds, timeout_s=240)
+        assert result["code"] == 0
+        latest[holds] = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    # The converter path reads the latest dist checkpoint and puts the policy's HF config beside it;
+    # saving the engine's model leaves the checkpoint alone.
+    assert not (latest[True] / HF_CONFIG_SUBDIR).exists()
+    assert (latest[False] / HF_CONFIG_SUBDIR).is_dir()
+    saved, converted = (_hf_tensors(tmp_path / f"holds_hf_model_{holds}" / "hf") for holds in (True, False))
+    assert saved and set(saved) == set(converted)
+    assert all(torch.equal(saved[name], converted[name]) for name in saved)  # both paths: the same weights
