@@ -68,9 +68,11 @@ def plan_main(argv) -> int:
         print("maspo plan: --gpu-mem-gib must exceed --reserve-gib and --rollout-nodes must be >= 0", file=sys.stderr)
         return 2
     from maspo_megatron.launch.memory import ClusterShape, PlanError, format_plan, plan_memory, suggestion
+    from maspo_megatron.rollout.registry import check_rollout_names
 
     try:
         cfg = load_config(args.config, args.overrides)
+        check_rollout_names(cfg.rollout)  # the plan asks the engine's traits (rollout/registry.py)
         source, where = resolve_hf_config(cfg.model.hf_config, args.hf_config)
         from maspo_megatron.models.meta import model_meta
 

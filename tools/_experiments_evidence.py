@@ -53,7 +53,8 @@ def heldout_curve(run: RunData, warm: Optional[dict]) -> Tuple[List[int], List[f
 
 
 def _number(record: dict, key: str, missing: float = math.nan) -> float:
-    """record[key] as a float; metrics.jsonl writes a NaN statistic (nothing gated in a step) as "nan"."""
+    """record[key] as a float; NaN for a non-finite statistic (nothing gated in a step), which metrics.jsonl
+    writes as null (files before 2026-12-05: the string "nan")."""
     value = record.get(key, missing)
     try:
         return float(value)

@@ -114,8 +114,8 @@ def eval_key(record: Optional[dict], dataset: str, metric: str) -> Tuple[Optiona
         return None, math.nan
     prefix = f"eval/{dataset}/{metric}@"
     for key, value in record.items():
-        if key.startswith(prefix):
-            return key, float(value)
+        if key.startswith(prefix):  # null: a non-finite value (metrics.jsonl writes NaN as null)
+            return key, math.nan if value is None else float(value)
     return None, math.nan
 
 

@@ -25,7 +25,7 @@ def fifths(metrics_path: Path) -> tuple[float, float, int]:
     rewards = []
     for line in metrics_path.read_text().splitlines():
         record = json.loads(line)
-        if "rollout/reward_mean" in record:
+        if record.get("rollout/reward_mean") is not None:  # null: a non-finite mean, read as missing
             rewards.append(float(record["rollout/reward_mean"]))
     if len(rewards) < 5:
         raise ValueError(f"{metrics_path}: {len(rewards)} steps with rollout/reward_mean; need at least 5")

@@ -60,7 +60,8 @@ class WeightSyncConfig:
                               "steps stale (off-policy experiments, docs/experiments.md); a step that evaluates, "
                               "saves, exports or ends the run always syncs")
     verify_weights: bool = option(False, help="checksum what the engine holds after each sync")
-    verify_rows: int = option(100, ge=1, help="rows per tensor compared on SGLang (/get_weights_by_name truncate_size)")
+    verify_rows: int = option(100, ge=1, help="rows per tensor compared on an engine that reads back the first "
+                              "rows only (SGLang: /get_weights_by_name truncate_size)")
     disk_dir: Optional[str] = option(None, help="shared directory for the disk transport")
     fp8: bool = option(False, help="blockwise FP8 (e4m3) linear weights + weight_scale_inv, for FP8 engines")
     fp8_block_size: int = option(128, ge=1, help="FP8 scale block edge (HF weight_block_size [b, b])")

@@ -21,7 +21,8 @@ with these stated assumptions (bytes per parameter unless said otherwise):
                (max_prompt_tokens + max_new_tokens); fewer than the wanted concurrent sequences
                (min(max_concurrency, a server's share of prompts_per_step x n_samples)) only queue.
 
-Phases: colocated GPUs hold the training state during rollout (SGLang's memory is released
+The rollout terms count for an engine whose registry traits say `sglang_servers` (rollout/registry.py);
+any other engine adds nothing here (mode "local"). Phases: colocated GPUs hold the training state during rollout (SGLang's memory is released
 during training when enable_memory_saver); disaggregated rollout GPUs hold only SGLang.
 The layer count of the heaviest pipeline stage is ceil(layers / PP).
 """
@@ -32,6 +33,7 @@ import math
 from typing import Optional
 
 from maspo_megatron.config.schema import Config
+from maspo_megatron.rollout.registry import engine_traits
 
 GIB = 1024**3
 
@@ -140,7 +142,7 @@ def _kv_bytes_per_elem(cfg: Config) -> int:
 
 
 def _mode(cfg: Config, shape: ClusterShape) -> str:
-    if cfg.rollout.engine != "sglang":
+    if not engine_traits(cfg.rollout.engine).sglang_servers:
         return "local"
     if cfg.rollout.sglang.urls:
         return "external"
@@ -165,7 +167,8 @@ def check_layout(meta, cfg: Config, shape: ClusterShape) -> int:
     sgl = cfg.rollout.sglang
     if _mode(cfg, shape) in ("colocated", "disaggregated") and sgl.tp_size > shape.gpus_per_node:
         raise PlanError(f"rollout.sglang.tp_size: {sgl.tp_size} is more than the {shape.gpus_per_node} GPUs of a node")
-    if meta.num_kv_heads % sgl.tp_size and sgl.tp_size % meta.num_kv_heads and cfg.rollout.engine == "sglang":
+    kv_split = meta.num_kv_heads % sgl.tp_size and sgl.tp_size % meta.num_kv_heads
+    if kv_split and engine_traits(cfg.rollout.engine).sglang_servers:
         raise PlanError(f"rollout.sglang.tp_size: {sgl.tp_size} and num_key_value_heads ({meta.num_kv_heads}) "
                         "must divide one another")
     return shape.trainer_gpus // model_parallel

@@ -1,31 +1,58 @@
 """Engines by name: `build_engine(cfg.rollout, ...)` returns the engine `cfg.rollout.engine` names.
 
-    register_engine("my_engine", factory, default_transport)  # factory(rollout_cfg, **kwargs) -> RolloutEngine
+    register_engine("my_engine", factory, default_transport, EngineTraits(...))  # factory(rollout_cfg, **kwargs)
     default_transport("sglang", cuda=True)  -> the weight transport `weight_sync.transport: auto` picks
+    engine_traits("sglang")                 -> what the trainer, the syncer and the planner may assume
 
-Each engine names its default weight transport (known on every rank, without building the engine).
+Each engine names its default weight transport and declares its traits here, once: both are known on
+every rank without building the engine, and code outside the engine's package asks for a trait,
+never for an engine's name.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Optional
 
 from maspo_megatron.rollout.types import RolloutEngine
 
+
+@dataclasses.dataclass(frozen=True)
+class EngineTraits:
+    """What code outside an engine's package may assume about it (all False: a plain remote engine).
+
+    holds_hf_model: the engine object's `.model` is a `transformers` model holding exactly the synced HF
+        weights; `export_hf` saves it directly instead of converting the latest dist checkpoint.
+    reads_back_whole_tensors: a weight read back for `weight_sync.verify_weights` is the whole tensor;
+        otherwise only its first `weight_sync.verify_rows` rows are compared.
+    sglang_servers: it generates on SGLang servers set by `rollout.sglang`: the trainer launches them on the
+        training GPUs unless `rollout.sglang.urls` is given, and the memory planner counts their weights
+        and KV pool and checks their TP size against the KV heads.
+    """
+
+    holds_hf_model: bool = False
+    reads_back_whole_tensors: bool = False
+    sglang_servers: bool = False
+
+
 _ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
 _DEFAULT_TRANSPORTS: dict[str, Callable[[bool], str]] = {}
+_TRAITS: dict[str, EngineTraits] = {}
 
 
 def register_engine(name: str, factory: Callable[..., RolloutEngine],
-                    default_transport: Callable[[bool], str] = lambda cuda: "disk") -> None:
+                    default_transport: Callable[[bool], str] = lambda cuda: "disk",
+                    traits: EngineTraits = EngineTraits()) -> None:
     """`default_transport(cuda)`: the transport `auto` means for this engine, with or without CUDA."""
     _ENGINES[name] = factory
     _DEFAULT_TRANSPORTS[name] = default_transport
+    _TRAITS[name] = traits
 
 
 def unregister_engine(name: str) -> None:
     """Removes an engine (tests register stand-ins for one test only)."""
     _ENGINES.pop(name, None)
     _DEFAULT_TRANSPORTS.pop(name, None)
+    _TRAITS.pop(name, None)
 
 
 def engine_names() -> tuple[str, ...]:
@@ -37,6 +64,13 @@ def default_transport(engine_name: str, cuda: bool) -> str:
     if engine_name not in _DEFAULT_TRANSPORTS:
         raise ValueError(f"rollout.engine: {engine_name!r} is not one of {sorted(_ENGINES)}")
     return _DEFAULT_TRANSPORTS[engine_name](cuda)
+
+
+def engine_traits(engine_name: str) -> EngineTraits:
+    """The traits `engine_name` registered with (one-line error naming rollout.engine for an unknown name)."""
+    if engine_name not in _TRAITS:
+        raise ValueError(f"rollout.engine: {engine_name!r} is not one of {sorted(_ENGINES)}")
+    return _TRAITS[engine_name]
 
 
 def _build_local(rollout_cfg: Any, *, model: Any = None, hf_config: Any = None, device: Any = None,
@@ -66,8 +100,10 @@ def _sglang_default_transport(cuda: bool) -> str:
     return "tensor" if cuda else "disk"
 
 
-register_engine("local", _build_local, default_transport=lambda cuda: "local")
-register_engine("sglang", _build_sglang, default_transport=_sglang_default_transport)
+register_engine("local", _build_local, default_transport=lambda cuda: "local",
+                traits=EngineTraits(holds_hf_model=True, reads_back_whole_tensors=True))
+register_engine("sglang", _build_sglang, default_transport=_sglang_default_transport,
+                traits=EngineTraits(sglang_servers=True))
 
 
 def check_rollout_names(rollout_cfg: Any) -> None:

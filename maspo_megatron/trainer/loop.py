@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from maspo_megatron.checkpoint import trainer_state
 from maspo_megatron.config import Config, to_dict
-from maspo_megatron.rollout.registry import check_rollout_names
+from maspo_megatron.rollout.registry import check_rollout_names, engine_traits
 from maspo_megatron.rollout.types import memory_handover
 from maspo_megatron.trainer.evaluation import eval_metrics
 from maspo_megatron.trainer.metrics import MetricsLogger
@@ -352,10 +352,10 @@ class Trainer:
     def export_hf(self, out_dir: Path) -> None:
         """A HF checkpoint (config, safetensors, tokenizer) of the current policy, written atomically.
 
-        The weights come from the engine after the last sync when it is the local engine (it holds
-        exactly the HF tensors); otherwise from the latest dist checkpoint through the converter.
+        The weights come from the engine after the last sync when it holds them as a HF model (trait
+        `holds_hf_model`, rollout/registry.py); otherwise from the latest dist checkpoint through the converter.
         """
-        if self.cfg.rollout.engine == "local":
+        if engine_traits(self.cfg.rollout.engine).holds_hf_model:
             if self.is_driver:
                 tmp = out_dir.with_name(out_dir.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)

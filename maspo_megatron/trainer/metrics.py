@@ -5,7 +5,7 @@ nothing, so callers never branch on the rank.
 
 The console shows every `console_every`-th step (trainer.log_every), the last one, and any step
 with a skipped optimizer step; `<output_dir>/metrics.jsonl` holds one JSON object per step, with at least `step` and
-`rollout/reward_mean`. On resume from step k the file is cut back to the lines with step <= k, so
+`rollout/reward_mean`; a NaN or infinite metric is written as `null`. On resume from step k the file is cut back to the lines with step <= k, so
 that a run killed after logging but before checkpointing does not log those steps twice.
 """
 from __future__ import annotations
@@ -40,10 +40,11 @@ def _scalar(value: Any) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
-    """floats stay floats (NaN/inf as strings so that every line is strict JSON), tensors -> float."""
+    """floats stay floats, tensors -> float; NaN/inf -> None, written as JSON null (every line stays strict
+    JSON, and a numeric reader meets no string: it reads null as a missing value)."""
     value = _scalar(value)
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return None
     return value
 
 

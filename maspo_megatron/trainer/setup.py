@@ -10,6 +10,7 @@ from typing import Any, List, Optional
 import torch
 
 from maspo_megatron.config import Config
+from maspo_megatron.rollout.registry import engine_traits
 
 
 @dataclasses.dataclass
@@ -141,13 +142,14 @@ def _load_hf_into(chunks, wmap, hf_dir: str, dims) -> None:
 
 def start_rollout_fleet(cfg: Config, dims) -> Optional[Any]:
     """Collective: the colocated SGLang servers of EVERY node, each launched by its node's first rank
-    (rollout/sglang/fleet.py), or None when the run uses the local engine or servers given by URL.
+    (rollout/sglang/fleet.py), or None when the engine runs no SGLang servers (trait `sglang_servers`,
+    rollout/registry.py) or they are given by URL.
 
     Call it before the policy allocates GPU memory: SGLang sizes its static memory from what the
     GPU has free when it starts.
     """
     sglang = cfg.rollout.sglang
-    if cfg.rollout.engine != "sglang" or sglang.urls:
+    if not engine_traits(cfg.rollout.engine).sglang_servers or sglang.urls:
         return None
     from maspo_megatron.rollout.sglang.fleet import start_colocated_fleet
 

@@ -61,8 +61,8 @@ def test_pooled_gate_statistics_weights_steps_by_tokens():
     b = {"step": 2, "maspo/token_count": 300.0, "maspo/ppo_clip_frac": 0.02, "maspo/gated_pos_frac": 0.1,
          "maspo/gated_neg_frac": 0.0, "maspo/gate_weight_mean_gated": 0.5, "maspo/p_lt_0.01/token_frac": 0.1,
          "maspo/p_0.01_0.1/token_frac": 0.0}
-    # a step where nothing was gated: the trainer logs its NaN gate weight as the string "nan"
-    c = {"step": 4, "maspo/token_count": 0.0, "maspo/gate_weight_mean_gated": "nan"}
+    # a step where nothing was gated: the trainer logs its NaN gate weight as null ("nan" before 2026-12-05)
+    c = {"step": 4, "maspo/token_count": 0.0, "maspo/gate_weight_mean_gated": None}
     d = {"step": 5, "maspo/token_count": 100.0, "maspo/ppo_clip_frac": 0.0, "maspo/gated_pos_frac": 0.0,
          "maspo/gated_neg_frac": 0.0, "maspo/gate_weight_mean_gated": "nan", "maspo/p_lt_0.01/token_frac": 0.0,
          "maspo/p_0.01_0.1/token_frac": 0.0}

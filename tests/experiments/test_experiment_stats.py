@@ -61,7 +61,9 @@ def test_across_seeds_aligns_by_step_and_counts_seeds():
 
 
 def test_series_skips_missing_and_non_finite_values():
-    run = RunData("m", 1, [{"step": 1, "x": 1.0}, {"step": 2}, {"step": 3, "x": "nan"}, {"step": 4, "x": 3.0}], None)
+    # null: how metrics.jsonl writes a non-finite value; "nan": how it did before 2026-12-05
+    run = RunData("m", 1, [{"step": 1, "x": 1.0}, {"step": 2}, {"step": 3, "x": "nan"}, {"step": 4, "x": 3.0},
+                           {"step": 5, "x": None}], None)
     assert run.series("x") == ([1, 4], [1.0, 3.0])
     assert tail_mean(run, "x", 1) == 3.0
     assert tail_mean(run, "x", 10) == 2.0
@@ -78,6 +80,8 @@ def test_read_metrics_skips_cut_lines_and_keeps_the_last_record_of_a_step(tmp_pa
 def test_eval_key_finds_the_k():
     record = {"step": 60, "eval/heldout/avg@16": 0.25, "eval/heldout/pass@16": 0.75, "eval/other/avg@4": 1.0}
     assert eval_key(record, "heldout", "avg") == ("eval/heldout/avg@16", 0.25)
+    key, value = eval_key({"step": 3, "eval/heldout/avg@16": None}, "heldout", "avg")  # a non-finite value: null
+    assert key == "eval/heldout/avg@16" and math.isnan(value)
     assert eval_key(record, "heldout", "pass") == ("eval/heldout/pass@16", 0.75)
     assert eval_key(None, "heldout", "avg")[0] is None
 

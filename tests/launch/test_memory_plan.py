@@ -106,6 +106,11 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
     assert err.startswith("maspo plan: model.hf_config: /nowhere/Unknown-Model-9B does not exist") and "\n" not in err
     assert main(["plan", "--config", str(config), "--nodes", "0", "--gpus-per-node", "8"]) == 2
     assert main(["nonsense"]) == 2
+    capsys.readouterr()
+    # the plan asks the engine's registered traits: an unregistered engine is a one-line error, not a traceback
+    config.write_text("rollout:\n  engine: vllm\n")
+    assert main(["plan", "--config", str(config), "--nodes", "1", "--gpus-per-node", "8"]) == 2
+    assert capsys.readouterr().err.strip() == "maspo plan: rollout.engine: 'vllm' is not one of ['local', 'sglang']"
 
 
 def test_hf_config_flag_and_tiny_model(tmp_path, capsys):

@@ -8,6 +8,30 @@ from maspo_megatron.trainer.metrics import MetricsLogger, format_summary
 from maspo_megatron.trainer.signals import EXIT_CODE_REQUEUE, StopRequest
 
 
+def _strict_json(line: str):
+    """json.loads refusing the non-standard NaN / Infinity / -Infinity tokens Python writes by default."""
+    def refuse(token):
+        raise ValueError(f"non-standard JSON constant {token} in {line!r}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_non_finite_metrics_are_written_as_null(tmp_path):
+    """NaN and +-inf (Python floats, 0-dim tensors) become JSON null: strict JSON, no strings among the numbers."""
+    import torch
+
+    log = MetricsLogger(tmp_path, 2, tensorboard=False, stream=io.StringIO())
+    log.log(1, {"rollout/reward_mean": 0.5, "maspo/gate_weight_mean_gated": float("nan"),
+                "train/grad_norm": float("inf"), "train/loss": float("-inf"), "train/entropy": torch.tensor(float("nan")),
+                "train/lr": torch.tensor(0.25), "rollout/dropped_groups": 3})
+    log.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert "nan" not in line.lower() and "infinity" not in line.lower()
+    assert _strict_json(line) == {"step": 1, "rollout/reward_mean": 0.5, "maspo/gate_weight_mean_gated": None,
+                                  "train/grad_norm": None, "train/loss": None, "train/entropy": None,
+                                  "train/lr": 0.25, "rollout/dropped_groups": 3}
+
+
 def test_jsonl_lines_and_resume_truncation(tmp_path):
     stream = io.StringIO()
     log = MetricsLogger(tmp_path, 5, tensorboard=True, stream=stream)
@@ -15,9 +39,9 @@ def test_jsonl_lines_and_resume_truncation(tmp_path):
         log.log(step, {"rollout/reward_mean": step / 10, "train/grad_norm": float("nan")})
     log.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]  # strict JSON: NaN is written as a string
+    records = [_strict_json(line) for line in lines]
     assert [r["step"] for r in records] == [1, 2, 3]
-    assert records[1]["rollout/reward_mean"] == 0.2 and records[0]["train/grad_norm"] == "nan"
+    assert records[1]["rollout/reward_mean"] == 0.2 and records[0]["train/grad_norm"] is None
     assert "step 3/5" in stream.getvalue() and "reward 0.300" in stream.getvalue()
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
     # A run resumed from step 2 must not keep step 3 (logged after the checkpoint it resumes from).

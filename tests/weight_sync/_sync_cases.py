@@ -202,10 +202,10 @@ def case_local(tied: bool, fp8: bool = False) -> dict:
 
 
 class _CorruptingEngine:
-    """A CPU engine that silently damages one tensor on load: verify_weights must notice."""
+    """A CPU engine that silently damages one tensor (its flat element `index`) on load: verify_weights must notice."""
 
-    def __init__(self, engine, victim: str):
-        self._engine, self._victim = engine, victim
+    def __init__(self, engine, victim: str, index: int = 3):
+        self._engine, self._victim, self._index = engine, victim, index
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
@@ -214,7 +214,7 @@ class _CorruptingEngine:
         self._engine.load_hf_state_dict(state_dict, weight_version)
         if self._victim in state_dict:
             with torch.no_grad():
-                dict(self._engine.model.named_parameters())[self._victim].view(-1)[3] += 1e-3
+                dict(self._engine.model.named_parameters())[self._victim].view(-1)[self._index] += 1e-3
 
 
 def case_corrupted(dims, chunks, wmap, victim: str) -> str:
@@ -231,6 +231,31 @@ def case_corrupted(dims, chunks, wmap, victim: str) -> str:
     except WeightSyncError as exc:
         return str(exc)
     return ""
+
+
+def case_verify_rows_follow_the_trait(victim: str) -> dict:
+    """One process (TP1 x PP1), two throwaway engines (the CPU engine under other names) whose sync damages the
+    LAST element of `victim`, compared with verify_rows=1: {engine name: the sync's error, "" if none}."""
+    from maspo_megatron.rollout.registry import EngineTraits, register_engine, unregister_engine
+    from maspo_megatron.rollout.weight_sync.syncer import WeightSyncer
+    from maspo_megatron.rollout.weight_sync.transports import WeightSyncError
+
+    dims, chunks, wmap = build_policy(False, tp=1, pp=1)
+    out = {}
+    for name, traits in (("scratch_whole", EngineTraits(reads_back_whole_tensors=True)),
+                         ("scratch_rows", EngineTraits())):
+        register_engine(name, lambda rollout_cfg, **_: None, default_transport=lambda cuda: "local", traits=traits)
+        try:
+            engine = _CorruptingEngine(_engine(False), victim, index=-1)
+            syncer = WeightSyncer(weight_sync_cfg(transport="local", verify_rows=1), chunks, wmap, dims,
+                                  engine=engine, engine_kind=name)
+            syncer.sync(weight_version=1)
+            out[name] = ""
+        except WeightSyncError as exc:
+            out[name] = str(exc)
+        finally:
+            unregister_engine(name)
+    return out
 
 
 def gather_paths_agree(dims, chunks, wmap) -> dict:

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch.distributed as dist
 
-from maspo_megatron.rollout.registry import engine_names
+from maspo_megatron.rollout.registry import engine_names, engine_traits
 from maspo_megatron.rollout.weight_sync import verify
 from maspo_megatron.rollout.weight_sync.bucket_writer import BucketBuffers, iter_export_buckets
 from maspo_megatron.rollout.weight_sync.bucketing import bucket_nbytes, iter_buckets
@@ -46,7 +46,8 @@ class SyncReport:
 class WeightSyncer:
     """cfg: `WeightSyncConfig`; chunks: this rank's model chunks; wmap: `WeightMap` of the policy;
     dims: `ParallelDims`; engine: the rollout engine on global rank 0 (None elsewhere);
-    engine_kind: "local" | "sglang" (known on every rank, from `rollout.engine`)."""
+    engine_kind: the engine's registry name (known on every rank, from `rollout.engine`): its default transport
+    and traits (rollout/registry.py) come from there."""
 
     def __init__(self, cfg, chunks: Sequence[Any], wmap, dims, *, engine: Optional[Any] = None,
                  engine_kind: str = "local") -> None:
@@ -62,8 +63,8 @@ class WeightSyncer:
         self.engine_kind = engine_kind
         self.transport_name = resolve_transport_name(cfg.transport, engine_kind)
         self.transport = TRANSPORTS[self.transport_name](cfg, dims, self.engine)
-        # the CPU engine exposes whole tensors; SGLang returns the first rows only
-        self.verify_rows = None if engine_kind == "local" else cfg.verify_rows
+        # an in-process engine exposes whole tensors; servers return the first rows only
+        self.verify_rows = None if engine_traits(engine_kind).reads_back_whole_tensors else cfg.verify_rows
         # reused bucket memory of the fast path (bucket_writer.py); FP8 goes through the general path
         self._buffers = None if cfg.fp8 else BucketBuffers(cfg.bucket_bytes, device=_params_device(self.chunks))
         self._startup_checks()
