@@ -23,7 +23,7 @@ from maspo_megatron.config import Config, to_dict
 from maspo_megatron.rollout.registry import check_rollout_names, engine_traits
 from maspo_megatron.rollout.types import memory_handover
 from maspo_megatron.trainer.evaluation import eval_metrics
-from maspo_megatron.trainer.metrics import MetricsLogger
+from maspo_megatron.trainer.metrics import MetricsLogger, write_json_atomically
 from maspo_megatron.trainer.offload import GRADS, OPTIMIZER, PARAMS, REFERENCE, TrainerOffload
 from maspo_megatron.trainer.rollout_phase import DriverContext, generate_groups, run_rollout, step_seed
 from maspo_megatron.trainer.sample_handoff import broadcast_samples
@@ -344,10 +344,7 @@ class Trainer:
         return EXIT_CODE_REQUEUE
 
     def _append_final_eval(self, final: dict) -> None:
-        import json
-
-        with open(self.output_dir / "final_eval.json", "w") as handle:
-            json.dump({"step": self.step, **final}, handle, indent=1, sort_keys=True)
+        write_json_atomically(self.output_dir / "final_eval.json", {"step": self.step, **final})
 
     def export_hf(self, out_dir: Path) -> None:
         """A HF checkpoint (config, safetensors, tokenizer) of the current policy, written atomically.

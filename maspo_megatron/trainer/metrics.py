@@ -39,13 +39,21 @@ def _scalar(value: Any) -> Any:
     return value.item() if hasattr(value, "item") and callable(value.item) else value
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """floats stay floats, tensors -> float; NaN/inf -> None, written as JSON null (every line stays strict
     JSON, and a numeric reader meets no string: it reads null as a missing value)."""
     value = _scalar(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def write_json_atomically(path: Path, record: dict) -> None:
+    """`record` as one strict-JSON file (values through `jsonable`), written to a temporary name and
+    renamed, so a reader never sees half a file (the sweep runner takes final_eval.json as "run done")."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({k: jsonable(v) for k, v in record.items()}, indent=1, sort_keys=True))
+    tmp.replace(path)
 
 
 def format_summary(step: int, total_steps: int, metrics: Dict[str, Any]) -> str:
@@ -146,7 +154,7 @@ class MetricsLogger:
     def log(self, step: int, metrics: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: jsonable(v) for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record, sort_keys=True) + "\n")
         self._jsonl.flush()
         if self._tb is not None:

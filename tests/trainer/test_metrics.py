@@ -4,7 +4,7 @@ import json
 import os
 import signal
 
-from maspo_megatron.trainer.metrics import MetricsLogger, format_summary
+from maspo_megatron.trainer.metrics import MetricsLogger, format_summary, write_json_atomically
 from maspo_megatron.trainer.signals import EXIT_CODE_REQUEUE, StopRequest
 
 
@@ -30,6 +30,18 @@ def test_non_finite_metrics_are_written_as_null(tmp_path):
     assert _strict_json(line) == {"step": 1, "rollout/reward_mean": 0.5, "maspo/gate_weight_mean_gated": None,
                                   "train/grad_norm": None, "train/loss": None, "train/entropy": None,
                                   "train/lr": 0.25, "rollout/dropped_groups": 3}
+
+
+def test_final_eval_file_is_strict_json_written_whole(tmp_path):
+    """final_eval.json (the sweep runner's "run done" marker) goes through the same NaN -> null rule, and
+    is renamed into place: no temporary file is left, and a reader finds the old file or the new one."""
+    import torch
+
+    path = tmp_path / "final_eval.json"
+    path.write_text("{}")
+    write_json_atomically(path, {"step": 3, "eval/x/avg@4": torch.tensor(float("nan")), "eval/x/pass@4": 0.5})
+    assert _strict_json(path.read_text()) == {"step": 3, "eval/x/avg@4": None, "eval/x/pass@4": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_eval.json"]
 
 
 def test_jsonl_lines_and_resume_truncation(tmp_path):
