@@ -94,11 +94,14 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
     log_prob, entropy = vocab_parallel_logprobs_entropy(
         logits, batch.target, tp_group, temperature=settings.temperature, chunk_size=settings.chunk_size,
         vocab_size=settings.vocab_size)
+    if rejects(settings.correction) and kept is None:
+        raise ValueError("compute_loss: algorithm.rollout_correction.rs_level rejects tokens, so the loss needs "
+                         "the mini-batch's kept-token counts (kept=loss_terms.kept_tokens(...))")
     corrected = rollout_correction(batch, settings.correction, cp_group, cp_size)
     mask, advantages = corrected.mask, corrected.advantages
     hyper = dict(settings.hyper)
     hyper.update(loss_inputs(settings.loss, settings.hyper, log_prob, entropy, advantages, mask, batch,
-                                   cp_group=cp_group, cp_size=cp_size, dp_cp_group=dp_cp_group))
+                                   cp_group=cp_group, cp_size=cp_size, dp_cp_group=dp_cp_group, kept=kept))
     loss_tok, token_metrics = policy_loss(settings.loss, log_prob, batch.old_log_probs, advantages, mask, **hyper)
     if corrected.weights is not None:
         loss_tok = loss_tok * corrected.weights
@@ -106,10 +109,7 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
                        global_sample_count=max(batch.global_sample_count, 1), sample_index=batch.sample_index,
                        sample_token_count=batch.sample_token_count, norm_length=settings.norm_length,
                        micro_batch_count=micro_batch_count)
-    if rejects(settings.correction):  # count only the tokens left in the loss
-        if kept is None:
-            raise ValueError("compute_loss: algorithm.rollout_correction.rs_level rejects tokens, so the loss needs "
-                             "the mini-batch's kept-token counts (kept=loss_terms.kept_tokens(...))")
+    if kept is not None:  # count only the tokens left in the loss
         normalisers.update(global_token_count=kept.token_count.clamp(min=1), sample_token_count=kept.sample_token_count)
     if settings.aggregation == "token-mean-microbatch":
         normalisers["micro_batch_token_count"] = micro_batch_token_count(mask, cp_group, cp_size)

@@ -25,19 +25,25 @@ from maspo_megatron.algorithms.ratio import clamped_log_ratio
 from maspo_megatron.trainer.batch import PackedMicroBatch
 
 
-def sample_sums(values: torch.Tensor, batch: PackedMicroBatch, cp_group, cp_size: int) -> torch.Tensor:
-    """[R, S]: for each token, the sum of values[R, S] over its WHOLE sample (all CP shards), detached."""
+def sample_sums(values: torch.Tensor, batch: PackedMicroBatch, cp_group, cp_size: int,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[R, S]: for each token, the sum of values[R, S] over its WHOLE sample (all CP shards), detached;
+    over the tokens of `mask` (default: the loss mask)."""
+    mask = batch.loss_mask if mask is None else mask
     count = batch.sample_token_count.numel()
     sums = torch.zeros(count, dtype=torch.float64, device=values.device)
-    sums.index_add_(0, batch.sample_index[batch.loss_mask], values.detach()[batch.loss_mask].double())
+    sums.index_add_(0, batch.sample_index[mask], values.detach()[mask].double())
     if cp_size > 1:
         dist.all_reduce(sums, group=cp_group)
     return sums[batch.sample_index].to(values.dtype)
 
 
-def sample_token_counts(batch: PackedMicroBatch, dtype: torch.dtype) -> torch.Tensor:
-    """[R, S]: each token's whole-sample response length (1 where masked)."""
-    counts = batch.sample_token_count.to(device=batch.loss_mask.device, dtype=dtype)[batch.sample_index]
+def sample_token_counts(batch: PackedMicroBatch, dtype: torch.dtype,
+                        per_sample: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[R, S]: each token's whole-sample response length (1 where masked); `per_sample` [N] replaces the
+    lengths (the kept-token counts after rejection, KeptTokens.sample_token_count)."""
+    per_sample = batch.sample_token_count if per_sample is None else per_sample
+    counts = per_sample.to(device=batch.loss_mask.device, dtype=dtype)[batch.sample_index]
     return torch.where(batch.loss_mask, counts, torch.ones_like(counts)).clamp(min=1)
 
 
@@ -52,17 +58,21 @@ def micro_batch_token_count(mask: torch.Tensor, cp_group, cp_size: int) -> torch
 
 def loss_inputs(loss: str, hyper: dict, log_prob: torch.Tensor, entropy: torch.Tensor,
                 advantages: torch.Tensor, mask: torch.Tensor, batch: PackedMicroBatch, *, cp_group=None,
-                cp_size: int = 1, dp_cp_group=None) -> dict:
+                cp_size: int = 1, dp_cp_group=None, kept: Optional[KeptTokens] = None) -> dict:
     """The LOSS_INPUTS (algorithms/registry.py) the registered loss `loss` asks for, by key.
 
-    log_prob, entropy, advantages, mask: [R, S] of this shard (advantages/mask after the rollout correction).
+    log_prob, entropy, advantages, mask: [R, S] of this shard (advantages/mask after the rollout correction);
+    kept: the kept-token counts when the correction rejects tokens. A sample's mean log-ratio
+    (`seq_log_ratio`, GSPO) is taken over its kept tokens, as verl's GSPO loss averages over the
+    response mask its rollout correction modified.
     """
     spec = loss_spec(loss)
     extra = {}
     if "seq_log_ratio" in spec.inputs:
         log_ratio = clamped_log_ratio(log_prob.detach(), batch.old_log_probs)
-        sums = sample_sums(log_ratio, batch, cp_group, cp_size)
-        extra["seq_log_ratio"] = sums / sample_token_counts(batch, sums.dtype)
+        sums = sample_sums(log_ratio, batch, cp_group, cp_size, mask=mask)
+        counts = sample_token_counts(batch, sums.dtype, None if kept is None else kept.sample_token_count)
+        extra["seq_log_ratio"] = sums / counts
     if "entropy" in spec.inputs:
         extra["entropy"] = entropy.detach()
     if "batch_sums" in spec.inputs:

@@ -90,3 +90,29 @@ def test_kept_counts_per_sample_and_a_loss_without_them_is_refused():
         loss="grpo", rollout_correction=RolloutCorrectionConfig(rs_level="token")))
     with pytest.raises(ValueError, match="rs_level"):
         compute_loss(logits[0], batches[0], settings)
+
+
+def test_gspo_sequence_ratio_is_the_mean_over_kept_tokens():
+    """GSPO's whole-sample log-ratio averages over the tokens the correction kept (verl's GSPO loss takes
+    its mean over the modified response mask). Sample 0's rejected first token is made off-policy
+    (log pi_theta - log pi_old = 0.6 there, 0 on its two kept tokens): its mean over kept tokens is 0;
+    over all three tokens it would be 0.2."""
+    from maspo_megatron.trainer.loss_terms import loss_inputs, rollout_correction
+
+    batches, logits = _micro_batches("one micro-batch")
+    batch, raw = batches[0], logits[0]
+    log_prob = torch.log_softmax(raw, -1).gather(-1, batch.target[..., None])[..., 0].float()
+    first = batch.loss_mask & (batch.sample_index == 0)
+    row, col = first.nonzero()[0].tolist()
+    batch.old_log_probs[row, col] -= 0.6
+    batch.rollout_log_probs[row, col] = batch.old_log_probs[row, col] - 1.0  # still rejected: ratio e > 2
+    correction = RolloutCorrectionConfig(rs_level="token", rs_upper=2.0)
+    corrected = rollout_correction(batch, correction, None, 1)
+    assert int(corrected.mask.sum()) == 4 and not corrected.mask[row, col]
+    kept = kept_tokens(batches, correction)
+    extra = loss_inputs("gspo", {}, log_prob, log_prob, corrected.advantages, corrected.mask, batch, kept=kept)
+    seq = extra["seq_log_ratio"][corrected.mask]
+    assert torch.allclose(seq, torch.zeros_like(seq), atol=1e-6), seq
+    # without rejection the same sample averages over all 3 tokens: 0.6 / 3
+    full = loss_inputs("gspo", {}, log_prob, log_prob, batch.advantages, batch.loss_mask, batch)["seq_log_ratio"]
+    assert float(full[row, col]) == pytest.approx(0.2, abs=1e-6)
