@@ -80,6 +80,7 @@ def _count_lines(path: Path) -> int:
 
 def _setting_rows(sweep: Sweep, root: Path, extra: List[str]) -> List[tuple]:
     from maspo_megatron.config import load_config
+    from maspo_megatron.data.synthetic import format_answer
 
     cfg = load_config(sweep.base, seed_overrides(sweep, sweep.seeds[0]) + extra)
     warm = load_config(sweep.base, seed_overrides(sweep, sweep.seeds[0]) + sweep.warmup_overrides + extra)
@@ -90,11 +91,17 @@ def _setting_rows(sweep: Sweep, root: Path, extra: List[str]) -> List[tuple]:
         ("policy", f"tiny Qwen2-shaped: {m.tiny_layers} layers, hidden {m.tiny_hidden}, {m.tiny_heads} heads "
                    f"({m.tiny_kv_heads} KV), FFN {m.tiny_ffn}, character tokenizer, fp32, TP1/PP1, 1 process"),
         ("task", f"synthetic arithmetic: {s.num_operands} operands in [{s.min_operand}, {s.max_operand}], ops "
-                 f"{' '.join(s.operations)}, answers `\\boxed{{n}}`; its distinct problems split once into "
-                 f"{_count_lines(root / 'train.jsonl')} training and {_count_lines(root / 'heldout.jsonl')} held-out (disjoint)"),
-        ("reward", "math-verify: 1 correct, 0 otherwise"),
+                 f"{' '.join(s.operations)}, answers `{format_answer('n', s.answer_format)}` ({s.answer_format}); its distinct problems split "
+                 f"once into {_count_lines(root / 'train.jsonl')} training and {_count_lines(root / 'heldout.jsonl')} "
+                 "held-out (disjoint)"),
+        ("reward", "math-verify: 1 correct, 0 otherwise"
+                   + (f", on the answer that `reward.answer_pattern` `{cfg.reward.answer_pattern}` extracts"
+                      if cfg.reward.answer_pattern else "")),
         ("warm-up (once per seed)", f"{warm.trainer.sft_warmup_steps} supervised steps x {warm.trainer.sft_batch_size} "
-                                    f"reference answers, lr {warm.trainer.sft_lr:g}; every method starts RL from it"),
+                                    f"reference answers, lr {warm.trainer.sft_lr:g}"
+                                    + (f", {s.reference_noise:.0%} of the training references with one digit wrong "
+                                       "(`data.synthetic.reference_noise`)" if s.reference_noise else "")
+                                    + "; every method starts RL from it"),
         ("RL", f"{t.total_steps} steps x {t.prompts_per_step} prompts x {r.n_samples_per_prompt} samples "
                f"(T={r.temperature:g}, <= {r.max_new_tokens} new tokens), Adam lr {lr_text} constant, grad clip {t.grad_clip:g}"),
         ("where the gate acts", f"{a.mini_batches} mini-batches x {a.ppo_epochs} PPO epochs = "
