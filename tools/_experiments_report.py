@@ -228,7 +228,8 @@ def _markdown(sweep, root, extra, runs_by_method, per_method, labels, warm, stat
         "synthetic task, small enough to rerun in about an hour on 2 CPU cores, meant to show whether the",
         "mechanisms behave as described, not to reproduce the paper's numbers.",
         "",
-        f"Reproduce: `.venv/bin/python tools/run_experiments.py --sweep {_shown_path(sweep.path)}` (resumable; "
+        f"Reproduce: `.venv/bin/python tools/run_experiments.py --sweep {_shown_path(sweep.path)}"
+        + (f" --set {' '.join(extra)}" if extra else "") + "` (resumable; "
         "`--report-only` rebuilds this page).",
         "",
         "## Setting",
