@@ -33,6 +33,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from maspo_megatron.checkpoint.dist_load import load_dist_checkpoint
 from maspo_megatron.models.wrappers import unwrap
+from maspo_megatron.utils.files import write_text_atomically
 
 LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"  # written by rank 0 after the dist checkpoint: marks completeness
@@ -148,20 +149,6 @@ def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_checkpoint(
     output_dir: str | Path,
     step: int,
@@ -192,13 +179,13 @@ def save_checkpoint(
     if _is_rank0():
         flat = {**driver_state, **driver_state.get("counters", {})}
         summary = {"step": step, "layout": _layout(), **{k: v for k, v in flat.items() if _is_json_scalar(v)}}
-        _write_atomic(tmp / STATE_FILE, json.dumps(summary, indent=1, sort_keys=True))
+        write_text_atomically(tmp / STATE_FILE, json.dumps(summary, indent=1, sort_keys=True))
         if final.exists():  # re-saving the same step (e.g. after a resume): keep the old one until the swap
             stale = root / f".old_{final.name}"
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(final, stale)
         os.replace(tmp, final)
-        _write_atomic(root / LATEST_FILE, final.name + "\n")
+        write_text_atomically(root / LATEST_FILE, final.name + "\n")
         prune_checkpoints(root, keep_last, keep=final)
     _barrier()
     return final

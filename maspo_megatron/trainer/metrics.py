@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, TextIO
 
+from maspo_megatron.utils.files import write_text_atomically
+
 # The summary line shows these keys (when present) in this order, with short labels.
 SUMMARY_KEYS = (
     ("rollout/reward_mean", "reward"),
@@ -49,11 +51,9 @@ def jsonable(value: Any) -> Any:
 
 
 def write_json_atomically(path: Path, record: dict) -> None:
-    """`record` as one strict-JSON file (values through `jsonable`), written to a temporary name and
-    renamed, so a reader never sees half a file (the sweep runner takes final_eval.json as "run done")."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({k: jsonable(v) for k, v in record.items()}, indent=1, sort_keys=True))
-    tmp.replace(path)
+    """`record` as one strict-JSON file (values through `jsonable`), written atomically
+    (utils/files.py), so a reader never sees half a file (the sweep runner takes final_eval.json as "run done")."""
+    write_text_atomically(path, json.dumps({k: jsonable(v) for k, v in record.items()}, indent=1, sort_keys=True))
 
 
 def format_summary(step: int, total_steps: int, metrics: Dict[str, Any]) -> str:
