@@ -139,6 +139,11 @@ def compute_loss(logits: torch.Tensor, batch: PackedMicroBatch, settings: LossSe
     return contribution, sums
 
 
+def batch_group(dims):
+    """The DP x CP group whose ranks hold the parts of one batch, or None when a single rank holds it all."""
+    return dims.dp_cp_group if dims.dp * dims.cp > 1 else None
+
+
 def megatron_loss_func(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, settings: LossSettings, dims,
                        num_microbatches: int, kept: Optional[KeptTokens] = None):
     """Megatron's loss_func(output_tensor) -> (scaled loss, num_tokens, {metric: SUM}); see the module doc.
@@ -148,7 +153,7 @@ def megatron_loss_func(batch: PackedMicroBatch, output_tensor: torch.Tensor, *, 
     whatever the aggregation divided by: it is undone exactly, and never divides by 0.
     """
     contribution, sums = compute_loss(output_tensor, batch, settings, dims.tp_group, dims.cp_group, dims.cp,
-                                      dp_cp_group=dims.dp_cp_group if dims.dp * dims.cp > 1 else None,
+                                      dp_cp_group=batch_group(dims),
                                       micro_batch_count=num_microbatches * dims.dp, kept=kept)
     return contribution * float(max(batch.global_token_count, 1)), batch.local_token_count, sums
 

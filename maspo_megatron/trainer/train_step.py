@@ -138,7 +138,7 @@ def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicro
     counted in train/skipped_steps.
     """
     from maspo_megatron.parallel.metrics import reduce_sums
-    from maspo_megatron.trainer.loss import LossSettings, finalize_metrics, megatron_loss_func
+    from maspo_megatron.trainer.loss import LossSettings, batch_group, finalize_metrics, megatron_loss_func
     from maspo_megatron.trainer.loss_terms import kept_tokens
     from maspo_megatron.trainer.optim import all_grads_finite, current_lr
 
@@ -150,8 +150,8 @@ def ppo_update(policy, optimizer, scheduler, mini_batches: List[List[PackedMicro
     skipped = 0
     # Tokens the rollout correction rejects leave the loss's token counts (of each whole mini-batch);
     # the rejection depends on pi_old and pi_rollout only, so the counts hold for every epoch.
-    dp_cp_group = dims.dp_cp_group if dims.dp * dims.cp > 1 else None
-    kept = [kept_tokens(batches, settings.correction, dims.cp_group, dims.cp, dp_cp_group) for batches in mini_batches]
+    kept = [kept_tokens(batches, settings.correction, dims.cp_group, dims.cp, batch_group(dims))
+            for batches in mini_batches]
     for _epoch in range(cfg.algorithm.ppo_epochs):
         for batches, mini_kept in zip(mini_batches, kept, strict=True):
             loss_fn = partial(megatron_loss_func, settings=settings, dims=dims, num_microbatches=len(batches),
