@@ -230,30 +230,30 @@ def evidence_section(sweep: Sweep, runs_by_method: Dict[str, List[RunData]], war
     summary = {"preconditions": {str(r): c for r, c in checks.items()},
                "preconditions_all_tokens": {str(r): c for r, c in checks_all.items()}, "best_lr": best,
                "metric": metric, "paired": {}, "arms": {}}
+    def compare(a: str, rate_a: float, b: str, rate_b: float, shown: str, rate_name: str) -> None:
+        """One paired row a - b (same seeds): AUC and final differences, the verdict where the
+        preconditions hold at both lrs; into the table and the summary."""
+        auc = paired_difference(column(a, rate_a, "auc"), column(b, rate_b, "auc"))
+        final = paired_difference(column(a, rate_a, "final"), column(b, rate_b, "final"))
+        hold = all_hold(checks[rate_a]) and all_hold(checks[rate_b])
+        verdict = ci_verdict(auc) if hold else "inconclusive (preconditions fail)"
+        summary["paired"][f"{a} - {b} @ {rate_name}"] = {"auc": auc, "final": final, "verdict": verdict}
+        out.append(f"| {shown} | {rate_name} | {describe_ci(auc)} | {describe_ci(final)} | {verdict} |")
+
     for base in COMPARED:
         if base not in metric or REFERENCE not in metric:
             continue
-        rows = [(f"{r:g}", r, r) for r in rates] + [(f"best: {best[base]:g} vs {best[REFERENCE]:g}", best[base],
-                                                      best[REFERENCE])]
-        for name, rate_a, rate_b in rows:
-            auc = paired_difference(column(base, rate_a, "auc"), column(REFERENCE, rate_b, "auc"))
-            final = paired_difference(column(base, rate_a, "final"), column(REFERENCE, rate_b, "final"))
-            hold = all_hold(checks[rate_a]) and all_hold(checks[rate_b])
-            verdict = ci_verdict(auc) if hold else "inconclusive (preconditions fail)"
-            summary["paired"][f"{base} - {REFERENCE} @ {name}"] = {"auc": auc, "final": final, "verdict": verdict}
-            out.append(f"| {labels.get(base, base)} − GRPO | {name} | {describe_ci(auc)} | {describe_ci(final)} | "
-                       f"{verdict} |")
+        shown = f"{labels.get(base, base)} − GRPO"
+        for rate in rates:
+            compare(base, rate, REFERENCE, rate, shown, f"{rate:g}")
+        compare(base, best[base], REFERENCE, best[REFERENCE], shown,
+                f"best: {best[base]:g} vs {best[REFERENCE]:g}")
     # MASPO against its own ablations: does the gate's shape (vs no gate) or the mass term (vs alpha = 0) matter?
     for base in ABLATIONS:
         if base not in metric or "maspo" not in metric:
             continue
         for rate in rates:
-            auc = paired_difference(column("maspo", rate, "auc"), column(base, rate, "auc"))
-            final = paired_difference(column("maspo", rate, "final"), column(base, rate, "final"))
-            verdict = ci_verdict(auc) if all_hold(checks[rate]) else "inconclusive (preconditions fail)"
-            summary["paired"][f"maspo - {base} @ {rate:g}"] = {"auc": auc, "final": final, "verdict": verdict}
-            out.append(f"| MASPO − {labels.get(base, base)} | {rate:g} | {describe_ci(auc)} | {describe_ci(final)} | "
-                       f"{verdict} |")
+            compare("maspo", rate, base, rate, f"MASPO − {labels.get(base, base)}", f"{rate:g}")
     out += ["", "The best lr of a method is the one with the highest mean AUC over its seeds (chosen on the same "
             "runs it is compared on: an optimistic choice, the same for every method).", "",
             f"![reward and held-out Avg vs step]({rel}/heldout_vs_step.png)", "",
