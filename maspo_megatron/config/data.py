@@ -20,7 +20,6 @@ class SyntheticTaskConfig:
         "boxed", choices=("boxed", "hash", "plain"),
         help="what the model should answer: \\boxed{7}, #### 7, or 7 alone (plain: set reward.answer_pattern, e.g. '^\\s*(\\d+)\\s*$')",
     )
-
     reference_noise: float = option(
         0.0, ge=0.0, lt=1.0,
         help="fraction of TRAIN problems whose warm-up reference has one answer digit replaced by another "
